@@ -1,0 +1,19 @@
+"""The codec: code tables and blockwise 8-bit quantization (CPU path compiled, GPU in q8.kernels)."""
+
+from .blockwise import AUTO_CODES, QTensor, QuantError, dequantize, quant_error, quantize
+from .codes import CODE_NAMES, Code, dynamic_code, get_code, linear_code, quantile_code
+
+__all__ = [
+    "AUTO_CODES",
+    "CODE_NAMES",
+    "Code",
+    "QTensor",
+    "QuantError",
+    "dequantize",
+    "dynamic_code",
+    "get_code",
+    "linear_code",
+    "quant_error",
+    "quantile_code",
+    "quantize",
+]

@@ -1,0 +1,230 @@
+"""Blockwise 8-bit quantization: `QTensor`, `quantize`, `dequantize` and error measures.
+
+A tensor is flattened (row-major) and cut into blocks of `blocksize` elements; the last
+block may be shorter. Each block stores absmax = max |x| (fp32) and one uint8 code per
+element: the exact nearest table entry to x / absmax, ties to the lower entry. Decoding
+is table[code] * absmax in fp32, then a cast to the requested dtype. The rule is
+specified in docs/CODEC.md; CPU tensors use the compiled path in `native`, CUDA tensors
+the Triton kernels in `q8.kernels`, and both give identical bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .codes import Code, get_code
+
+__all__ = ["AUTO_CODES", "QTensor", "QuantError", "dequantize", "quant_error", "quantize"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
+
+AUTO_CODES = {True: ("dynamic", "linear"), False: ("udynamic", "ulinear")}
+"""Candidates of code="auto", by whether the tensor has negative values, in tie order."""
+
+
+@dataclass(frozen=True, eq=False)
+class QTensor:
+    """A blockwise-quantized tensor.
+
+    Attributes:
+        codes: uint8, one per element, flat (numel,).
+        absmax: float32, one per block, (ceil(numel / blocksize),).
+        code: the `Code` table the codes index.
+        blocksize: elements per block (power of two, 64..4096).
+        shape: the original shape.
+        dtype: the original dtype (fp32, fp16 or bf16), restored by `dequantize`.
+    """
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    code: Code
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        _check_blocksize(self.blocksize)
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 1:
+            raise ValueError(
+                f"QTensor.codes must be a 1-D uint8 tensor, got {self.codes.dtype} {tuple(self.codes.shape)}"
+            )
+        if self.absmax.dtype != torch.float32 or self.absmax.dim() != 1:
+            raise ValueError(
+                f"QTensor.absmax must be a 1-D float32 tensor, got {self.absmax.dtype} {tuple(self.absmax.shape)}"
+            )
+        numel = math.prod(self.shape)
+        if self.codes.numel() != numel:
+            raise ValueError(f"QTensor: {self.codes.numel()} codes for shape {tuple(self.shape)} ({numel} elements)")
+        nblocks = -(-numel // self.blocksize)
+        if self.absmax.numel() != nblocks:
+            raise ValueError(
+                f"QTensor: {self.absmax.numel()} absmax values, expected {nblocks} blocks of {self.blocksize}"
+            )
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"QTensor.dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
+        if self.codes.device != self.absmax.device:
+            raise ValueError(f"QTensor: codes on {self.codes.device} but absmax on {self.absmax.device}")
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes plus absmax (the table is shared and not counted)."""
+        return self.codes.numel() + 4 * self.absmax.numel()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Decode; see `q8.dequantize`."""
+        return dequantize(self, dtype)
+
+    def to(self, device: torch.device | str) -> QTensor:
+        """The same QTensor with codes and absmax on `device`."""
+        return QTensor(self.codes.to(device), self.absmax.to(device), self.code, self.blocksize, self.shape, self.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"QTensor(shape={tuple(self.shape)}, dtype={self.dtype}, code={self.code.name!r}, "
+            f"blocksize={self.blocksize}, device={self.device})"
+        )
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if (
+        not isinstance(blocksize, int)
+        or isinstance(blocksize, bool)
+        or not MIN_BLOCKSIZE <= blocksize <= MAX_BLOCKSIZE
+        or blocksize & (blocksize - 1)
+    ):
+        raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize!r}")
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize supports {', '.join(map(str, FLOAT_DTYPES))} tensors, got {x.dtype}")
+
+
+def _flat_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _flat_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """x as a (nblocks, blocksize) fp32 tensor, the last block zero-padded; and numel."""
+    flat = _flat_fp32(x)
+    n = flat.numel()
+    pad = -n % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize), n
+
+
+def _backend(device: torch.device):
+    if device.type == "cpu":
+        from . import native
+
+        return native
+    if device.type == "cuda":
+        from .. import kernels
+
+        return kernels
+    raise NotImplementedError(f"q8 has no codec backend for device {device}")
+
+
+def quantize(x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 2048) -> QTensor:
+    """Quantize `x` blockwise to 8-bit codes plus one fp32 absmax per block.
+
+    Args:
+        x: fp32, fp16 or bf16 tensor of any shape (also empty, 0-d, non-contiguous), on
+            CPU or CUDA; the result stays on that device.
+        code: "dynamic" (signed), "udynamic" (non-negative data), "linear", "ulinear",
+            "auto" (per tensor, the candidate of `AUTO_CODES` with the lowest relative L2
+            error) or a `q8.Code`.
+        blocksize: elements per block, a power of two in [64, 4096].
+
+    Returns:
+        A `QTensor`. Encoding is exact nearest rounding, identical on every device.
+
+    Raises:
+        ValueError: bad blocksize or code, or `x` holds NaN/inf (named by block).
+        TypeError: `x` is not a floating tensor of a supported dtype.
+
+    Example:
+        >>> qt = q8.quantize(torch.randn(1000, 300), code="dynamic", blocksize=256)
+        >>> x2 = q8.dequantize(qt)
+    """
+    _check_input(x)
+    _check_blocksize(blocksize)
+    if isinstance(code, str) and code == "auto":
+        return _quantize_auto(x, blocksize)
+    table = get_code(code)
+    flat = _flat_fp32(x)
+    codes, absmax, bad = _backend(flat.device).encode(flat, table, blocksize)
+    if bad >= 0:
+        first = bad * blocksize
+        last = min(first + blocksize, flat.numel()) - 1
+        raise ValueError(
+            f"quantize: input has NaN or inf in block {bad} (flat elements {first}..{last}); "
+            "8-bit codes cannot represent non-finite values"
+        )
+    return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype)
+
+
+def _quantize_auto(x: torch.Tensor, blocksize: int) -> QTensor:
+    signed = bool((x < 0).any())
+    best, best_err = None, math.inf
+    for name in AUTO_CODES[signed]:
+        qt = quantize(x, name, blocksize)
+        err = quant_error(x, qt).rel_l2
+        if err < best_err or best is None:
+            best, best_err = qt, err
+    return best
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode a `QTensor`: table[code] * absmax in fp32, cast to `dtype` (default: the
+    original dtype), reshaped to the original shape, on the QTensor's device."""
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"dequantize expects a q8.QTensor, got {type(qt).__name__}")
+    dtype = qt.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize can produce {FLOAT_DTYPES}, got {dtype}")
+    out = _backend(qt.device).decode(qt.codes, qt.absmax, qt.code, qt.blocksize)
+    return out.to(dtype).view(qt.shape)
+
+
+class QuantError(NamedTuple):
+    """How far a reconstruction is from the original."""
+
+    rel_l2: float
+    """||x - x_hat||_2 / ||x||_2 (0.0 when both are zero, inf when only x is)."""
+    max_abs: float
+    """max |x - x_hat|."""
+    snr_db: float
+    """20 log10(||x|| / ||x - x_hat||); inf for an exact reconstruction."""
+
+
+def quant_error(x: torch.Tensor, approx: torch.Tensor | QTensor) -> QuantError:
+    """Error of `approx` (a tensor or a QTensor, decoded here) against `x`, in fp64."""
+    if isinstance(approx, QTensor):
+        approx = approx.dequantize(torch.float32)
+    if approx.shape != x.shape:
+        raise ValueError(f"quant_error: shapes differ, {tuple(x.shape)} vs {tuple(approx.shape)}")
+    ref = x.detach().double()
+    diff = ref - approx.detach().double()
+    err = float(torch.linalg.vector_norm(diff)) if diff.numel() else 0.0
+    norm = float(torch.linalg.vector_norm(ref)) if ref.numel() else 0.0
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    if err == 0.0:
+        return QuantError(0.0, max_abs, math.inf)
+    rel = err / norm if norm else math.inf
+    snr = 20 * math.log10(norm / err) if norm else -math.inf
+    return QuantError(rel, max_abs, snr)

@@ -1,0 +1,190 @@
+"""Code tables: the 256 sorted fp32 values an 8-bit code stands for.
+
+A `Code` is immutable and validated on construction. Every table is strictly increasing,
+finite and contains 0.0 exactly, so an all-zero block always decodes to +0.0. The
+encoding rule (exact nearest entry, ties to the lower entry) is expressed through the
+255 fp32 `thresholds` derived here once per table; see docs/CODEC.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from fractions import Fraction
+
+import torch
+
+__all__ = [
+    "CODE_NAMES",
+    "Code",
+    "dynamic_code",
+    "get_code",
+    "linear_code",
+    "quantile_code",
+]
+
+CODE_SIZE = 256
+
+
+class Code:
+    """A named 256-entry fp32 code table, sorted and strictly increasing.
+
+    Args:
+        name: identifier stored in files ("dynamic", "udynamic", "linear", "ulinear",
+            "quantile" or any user name).
+        values: 256 finite values, strictly increasing, containing 0.0.
+
+    Example:
+        >>> code = q8.Code("tiny", torch.linspace(-1, 1, 255).tolist() + [2.0])  # doctest: +SKIP
+    """
+
+    __slots__ = ("_thresholds", "name", "values")
+
+    def __init__(self, name: str, values: torch.Tensor | list[float]) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"code name must be a non-empty str, got {name!r}")
+        table = torch.as_tensor(values, dtype=torch.float32).detach().to("cpu").flatten().clone()
+        if table.numel() != CODE_SIZE:
+            raise ValueError(f"code {name!r}: needs {CODE_SIZE} values, got {table.numel()}")
+        if not bool(torch.isfinite(table).all()):
+            raise ValueError(f"code {name!r}: values must be finite")
+        if not bool((table[1:] > table[:-1]).all()):
+            raise ValueError(f"code {name!r}: values must be strictly increasing")
+        if not bool((table == 0).any()):
+            raise ValueError(f"code {name!r}: values must contain 0.0 (all-zero blocks decode to it)")
+        self.name = name
+        self.values = table
+        self._thresholds: torch.Tensor | None = None
+
+    @property
+    def signed(self) -> bool:
+        """True if the table has negative entries."""
+        return bool(self.values[0] < 0)
+
+    @property
+    def zero_index(self) -> int:
+        """Index of the 0.0 entry: the code of every element of an all-zero block."""
+        return int(torch.nonzero(self.values == 0)[0, 0])
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """255 fp32 decision thresholds: code(q) = number of thresholds t with t <= q.
+
+        threshold[i] is the smallest fp32 strictly above the exact midpoint of
+        values[i] and values[i+1], so a tie goes to the lower entry.
+        """
+        if self._thresholds is None:
+            self._thresholds = _thresholds(self.values)
+        return self._thresholds
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Code) and self.name == other.name and torch.equal(self.values, other.values)
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.values.tolist())))
+
+    def __repr__(self) -> str:
+        return f"Code({self.name!r}, [{self.values[0]:.6g} .. {self.values[-1]:.6g}])"
+
+
+def _thresholds(values: torch.Tensor) -> torch.Tensor:
+    out = []
+    v = values.tolist()  # fp32 -> Python float is exact
+    for lo, hi in itertools.pairwise(v):
+        mid = (Fraction(lo) + Fraction(hi)) / 2  # exact
+        t = torch.tensor(float(mid), dtype=torch.float32)
+        while Fraction(t.item()) <= mid:
+            t = torch.nextafter(t, _INF)
+        while Fraction(torch.nextafter(t, -_INF).item()) > mid:
+            t = torch.nextafter(t, -_INF)
+        out.append(t)
+    return torch.stack(out)
+
+
+_INF = torch.tensor(math.inf)
+
+
+def dynamic_code(signed: bool = True) -> Code:
+    """The dynamic (tree) code of Dettmers et al., bit-identical to bitsandbytes'.
+
+    For decade i = 0..6 with scale 10**(i-6) it takes k evenly spaced bucket midpoints of
+    linspace(0.1, 1, k+1) in fp32 (k = 2**i signed, with negatives; 2**(i+1) unsigned),
+    then adds 0 and 1.0. Signed: 127 negatives, 0, 128 positives (no -1.0).
+    """
+    return _named("dynamic" if signed else "udynamic")
+
+
+def linear_code(signed: bool = True) -> Code:
+    """Evenly spaced code. Signed: k/127 for k = -128..127 (0 and +-1 exact); unsigned:
+    k/255 for k = 0..255."""
+    return _named("linear" if signed else "ulinear")
+
+
+@functools.cache
+def _named(name: str) -> Code:
+    if name in ("dynamic", "udynamic"):
+        signed = name == "dynamic"
+        parts = [torch.tensor([0.0, 1.0])]
+        for i in range(7):
+            k = 2**i if signed else 2 ** (i + 1)
+            edges = torch.linspace(0.1, 1.0, k + 1, dtype=torch.float32)
+            means = (edges[:-1] + edges[1:]) / 2.0
+            scaled = means * torch.tensor(10.0 ** (i - 6), dtype=torch.float32)
+            parts.append(scaled)
+            if signed:
+                parts.append(-scaled)
+        return Code(name, torch.cat(parts).sort().values)
+    if name == "linear":
+        return Code(name, torch.arange(-128, 128, dtype=torch.float64) / 127)
+    if name == "ulinear":
+        return Code(name, torch.arange(0, 256, dtype=torch.float64) / 255)
+    raise ValueError(f"unknown code name {name!r}; expected one of {CODE_NAMES}")
+
+
+CODE_NAMES = ("dynamic", "udynamic", "linear", "ulinear")
+
+
+def get_code(code: str | Code) -> Code:
+    """Return `code` itself or the built-in table with that name."""
+    if isinstance(code, Code):
+        return code
+    if not isinstance(code, str):
+        raise TypeError(f"code must be a str or q8.Code, got {type(code).__name__}")
+    return _named(code)
+
+
+def quantile_code(x: torch.Tensor, blocksize: int = 2048, name: str = "quantile") -> Code:
+    """A code fitted to `x`: 255 quantiles of its block-normalised values, plus 0.0.
+
+    Duplicate quantiles (heavily repeated values) are spread to the nearest free fp32
+    neighbours so the table stays strictly increasing. Deterministic for a given `x`.
+    """
+    from .blockwise import _check_blocksize, _flat_blocks
+
+    _check_blocksize(blocksize)
+    blocks, _ = _flat_blocks(x, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    q = torch.where(absmax > 0, blocks / torch.where(absmax > 0, absmax, 1), 0.0).flatten()
+    if q.numel() == 0:
+        q = torch.zeros(1)
+    probs = torch.linspace(0, 1, CODE_SIZE - 1, dtype=torch.float64)
+    sample = q.double()
+    if sample.numel() > 1 << 24:  # torch.quantile's input limit; a strided sample suffices
+        sample = sample[:: sample.numel() // (1 << 24) + 1]
+    qs = torch.quantile(sample, probs).float()
+    values = torch.cat([qs, torch.zeros(1)]).sort().values
+    return Code(name, _strictly_increasing(values))
+
+
+def _strictly_increasing(values: torch.Tensor) -> torch.Tensor:
+    """Nudge repeated entries apart by whole fp32 steps, keeping 0.0 in place."""
+    out = values.clone()
+    zero = int(torch.nonzero(out == 0)[0, 0])
+    for i in range(zero + 1, out.numel()):  # above zero: push up
+        if out[i] <= out[i - 1]:
+            out[i] = torch.nextafter(out[i - 1], _INF)
+    for i in range(zero - 1, -1, -1):  # below zero: push down
+        if out[i] >= out[i + 1]:
+            out[i] = torch.nextafter(out[i + 1], -_INF)
+    return out

@@ -1,0 +1,80 @@
+"""CPU backend of the codec: thin, validated wrapper over the compiled `_native` module.
+
+Every function takes and returns contiguous CPU tensors; large inputs are split into
+block ranges that run on `torch.get_num_threads()` threads (the C code releases the GIL).
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import _native
+from .codes import Code
+
+_MIN_PARALLEL_ELEMENTS = 1 << 18
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q8-codec")
+
+
+def _run_blocks(fn, nblocks: int, blocksize: int, n: int) -> list:
+    """Call fn(b0, b1) over [0, nblocks) split into contiguous ranges, one per thread."""
+    workers = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL_ELEMENTS))
+    if workers == 1 or nblocks < 2:
+        return [fn(0, nblocks)]
+    step = -(-nblocks // workers)
+    ranges = [(b, min(b + step, nblocks)) for b in range(0, nblocks, step)]
+    return list(_pool(workers).map(lambda r: fn(*r), ranges))
+
+
+@functools.cache
+def search_lut(code: Code) -> torch.Tensor:
+    """uint8[65536]: for each top-16-bit pattern of an fp32 q, the code of the lowest q
+    sharing it (a lower bound the C scan starts from)."""
+    keys = torch.arange(1 << 16, dtype=torch.int64)
+    bits = torch.where(keys >= 1 << 15, (keys << 16) | 0xFFFF, keys << 16)
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
+    lowest = bits.view(torch.float32)
+    lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
+    counts = torch.searchsorted(code.thresholds, lowest, right=True)
+    return counts.clamp_(max=255).to(torch.uint8)
+
+
+def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Encode a contiguous 1-D fp32 CPU tensor. Returns (codes, absmax, bad_block) where
+    bad_block is -1, or the first block holding a NaN/inf (the outputs are then invalid)."""
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty(nblocks, dtype=torch.float32)
+    thresholds, lut = code.thresholds, search_lut(code)
+
+    def run(b0: int, b1: int) -> int:
+        return _native.encode(
+            x.data_ptr(), n, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
+            code.zero_index, codes.data_ptr(), absmax.data_ptr(),
+        )  # fmt: skip
+
+    bad = [b for b in _run_blocks(run, nblocks, blocksize, n) if b >= 0]
+    return codes, absmax, (min(bad) if bad else -1)
+
+
+def decode(codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int) -> torch.Tensor:
+    """Decode contiguous uint8 codes and fp32 absmax (CPU) to a 1-D fp32 tensor."""
+    n = codes.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    table = code.values
+
+    def run(b0: int, b1: int) -> None:
+        _native.decode(
+            codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), n, blocksize, b0, b1,
+            out.data_ptr(),
+        )  # fmt: skip
+
+    _run_blocks(run, absmax.numel(), blocksize, n)
+    return out

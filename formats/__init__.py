@@ -1,0 +1,1 @@
+"""q8.formats — see README.md."""

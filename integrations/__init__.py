@@ -1,0 +1,1 @@
+"""q8.integrations — see README.md."""

@@ -1,0 +1,1 @@
+"""q8.kernels — see README.md."""

@@ -1,0 +1,1 @@
+"""q8.optim — see README.md."""

@@ -1,0 +1,17 @@
+"""Build hook for the one compiled piece of q8: the CPU codec (codec/_native.c).
+
+Everything else is declared in pyproject.toml.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "q8.codec._native",
+            sources=["codec/_native.c"],
+            # Exactness: no fused multiply-add contraction, no fast-math.
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
+        )
+    ]
+)

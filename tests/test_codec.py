@@ -1,0 +1,294 @@
+"""The codec against its spec (docs/CODEC.md): tables, exact nearest rounding, edge cases."""
+
+import math
+from pathlib import Path
+
+import pytest
+import q8
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from q8.codec import AUTO_CODES, get_code
+
+DATA = Path(__file__).parent / "data"
+NAMES = ("dynamic", "udynamic", "linear", "ulinear")
+
+
+def brute_force_codes(x: torch.Tensor, code: q8.Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference encoder: argmin over the table of |x/absmax - v|, ties to the lower index."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    padded = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)
+    absmax = padded.abs().amax(1)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    q = (padded / scale[:, None]).reshape(-1)[:n]  # IEEE fp32 division, like the spec
+    dist = (q.double()[:, None] - code.values.double()[None, :]).abs()
+    return dist.argmin(1).to(torch.uint8), absmax  # argmin returns the first (lower) index
+
+
+def assert_exact(x: torch.Tensor, code_name: str | q8.Code, blocksize: int) -> q8.QTensor:
+    code = get_code(code_name)
+    qt = q8.quantize(x, code, blocksize)
+    ref_codes, ref_absmax = brute_force_codes(x, code, blocksize)
+    assert torch.equal(qt.absmax, ref_absmax)
+    mismatch = (qt.codes != ref_codes).nonzero()
+    assert mismatch.numel() == 0, (
+        f"{mismatch.numel()} codes differ from exact nearest, first at {mismatch[:5].tolist()}"
+    )
+    return qt
+
+
+@pytest.mark.parametrize("kind", ["signed", "unsigned"])
+def test_dynamic_tables_equal_bitsandbytes_bit_for_bit(kind):
+    ref = torch.tensor([float(v) for v in (DATA / f"bnb_dynamic_{kind}.txt").read_text().split()])
+    code = q8.dynamic_code(signed=kind == "signed")
+    assert torch.equal(code.values.view(torch.int32), ref.view(torch.int32))
+
+
+def test_signed_dynamic_table_shape():
+    v = q8.dynamic_code().values
+    assert (v < 0).sum() == 127 and (v == 0).sum() == 1 and (v > 0).sum() == 128
+    assert v[-1] == 1.0 and not (v == -1.0).any()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tables_are_valid(name):
+    code = get_code(name)
+    v = code.values
+    assert v.dtype == torch.float32 and v.numel() == 256
+    assert (v[1:] > v[:-1]).all() and v[code.zero_index] == 0
+    assert v.abs().max() >= 1.0
+
+
+def test_linear_tables():
+    assert torch.equal(q8.linear_code().values, (torch.arange(-128, 128, dtype=torch.float64) / 127).float())
+    assert torch.equal(q8.linear_code(signed=False).values, (torch.arange(256, dtype=torch.float64) / 255).float())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_thresholds_split_ties_to_the_lower_entry(name):
+    code = get_code(name)
+    v, t = code.values.double(), code.thresholds
+    mid = (v[:-1] + v[1:]) / 2
+    assert (t.double() > mid).all()
+    below = torch.nextafter(t, torch.tensor(-math.inf)).double()
+    assert (below <= mid).all()
+
+
+def test_code_validation():
+    good = q8.linear_code().values
+    with pytest.raises(ValueError, match="256 values"):
+        q8.Code("x", good[:-1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        q8.Code("x", good.flip(0))
+    with pytest.raises(ValueError, match=r"contain 0\.0"):
+        q8.Code("x", torch.linspace(-1, 1, 256))
+    with pytest.raises(ValueError, match="finite"):
+        q8.Code("x", torch.cat([good[:-1], torch.tensor([math.inf])]))
+    with pytest.raises(ValueError, match="unknown code"):
+        q8.quantize(torch.ones(4), code="nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_random_data_is_exact_nearest(name, blocksize):
+    g = torch.Generator().manual_seed(blocksize)
+    x = torch.randn(3 * blocksize + 17, generator=g) * torch.exp(4 * torch.randn(3 * blocksize + 17, generator=g))
+    if name.startswith("u"):
+        x = x.abs()
+    assert_exact(x, name, blocksize)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adversarial_values_are_exact_nearest(name):
+    """Exact midpoints, thresholds and their fp32 neighbours, table entries, 0, -0."""
+    code = get_code(name)
+    t = code.thresholds
+    inf = torch.tensor(math.inf)
+    mids = ((code.values.double()[:-1] + code.values.double()[1:]) / 2).float()
+    probes = torch.cat(
+        [t, torch.nextafter(t, -inf), torch.nextafter(t, inf), mids, code.values, torch.tensor([0.0, -0.0])]
+    )
+    if not code.signed:
+        probes = probes.abs()
+    probes = probes.clamp(-1, 1)
+    # One block per probe, each holding +1.0 so that absmax is 1 and q equals the probe.
+    blocks = torch.zeros(probes.numel(), 64)
+    blocks[:, 0] = 1.0
+    blocks[:, 1] = probes
+    assert_exact(blocks, code, 64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True), min_size=1, max_size=300
+    ),
+    name=st.sampled_from(NAMES),
+    blocksize=st.sampled_from([64, 128, 256]),
+)
+def test_property_exact_nearest(values, name, blocksize):
+    x = torch.tensor(values, dtype=torch.float32)
+    if name.startswith("u"):
+        x = x.abs()
+    qt = assert_exact(x, name, blocksize)
+    y = q8.dequantize(qt)
+    assert torch.isfinite(y).all()
+    assert (y.abs() <= qt.absmax.repeat_interleave(blocksize)[: x.numel()] * qt.code.values.abs().max()).all()
+
+
+def test_tiny_subnormal_and_huge_ranges():
+    tiny = torch.tensor([1e-45, -1e-45, 1e-40, 1e-38, -3e-39, 2e-44] * 20)
+    huge = torch.tensor([3e38, -1e-30, 1e-20, -3.4e38, 7.0, 1e-45] * 20)
+    for x in (tiny, huge, torch.cat([tiny, huge])):
+        for name in ("dynamic", "linear"):
+            assert_exact(x, name, 64)
+
+
+def test_flush_denormal_mode_does_not_change_codes():
+    x = torch.tensor([1e-38, 3e-39, -2e-39, 1e-45] * 64)
+    expected = q8.quantize(x, "dynamic", 64).codes
+    torch.set_flush_denormal(True)
+    try:
+        assert torch.equal(q8.quantize(x, "dynamic", 64).codes, expected)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_absmax_and_its_negative():
+    x = torch.tensor([2.0, -2.0, 1.0, 0.0] * 16)
+    qt = q8.quantize(x, "dynamic", 64)
+    assert qt.absmax.tolist() == [2.0]
+    y = q8.dequantize(qt)
+    assert y[0] == 2.0  # +1.0 is in the table
+    assert y[1] == pytest.approx(-2.0 * 0.992968738079071)  # -1.0 is not: nearest is -0.99297
+    assert qt.codes[1] == 0
+
+
+def test_all_zero_block_decodes_to_positive_zero():
+    x = torch.cat([torch.zeros(64), -torch.zeros(64), torch.randn(64)])
+    for name in NAMES:
+        y = q8.dequantize(q8.quantize(x.abs() if name.startswith("u") else x, name, 64))
+        assert (y[:128] == 0).all() and not torch.signbit(y[:128]).any()
+        assert not torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_input_raises_naming_the_block(bad):
+    x = torch.randn(1000)
+    x[700] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf in block 2 \(flat elements 512\.\.767\)"):
+        q8.quantize(x, "dynamic", 256)
+
+
+@pytest.mark.parametrize("blocksize", [0, 32, 100, 8192, 2048.0, True, "256"])
+def test_bad_blocksize(blocksize):
+    with pytest.raises(ValueError, match="blocksize"):
+        q8.quantize(torch.randn(10), blocksize=blocksize)
+
+
+def test_bad_input_types():
+    with pytest.raises(TypeError, match="float32"):
+        q8.quantize(torch.arange(10))
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        q8.quantize([1.0, 2.0])
+    with pytest.raises(TypeError, match="QTensor"):
+        q8.dequantize(torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.empty(0),
+        torch.empty(3, 0, 5),
+        torch.tensor(3.5),
+        torch.randn(7, 9).t(),  # non-contiguous
+        torch.randn(5, 300)[:, ::3],  # strided
+        torch.randn(2049),  # partial last block
+    ],
+    ids=["empty", "empty3d", "0d", "transposed", "strided", "partial"],
+)
+def test_shapes_round_trip(x):
+    qt = q8.quantize(x, "dynamic", 2048)
+    y = q8.dequantize(qt)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert qt.absmax.numel() == -(-x.numel() // 2048)
+    if x.numel():
+        assert q8.quant_error(x, y).rel_l2 < 0.02
+    assert_exact(x, "dynamic", 2048)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_encode_their_fp32_value(dtype):
+    x = torch.randn(1000).to(dtype)
+    qt = q8.quantize(x, "dynamic", 256)
+    assert torch.equal(qt.codes, q8.quantize(x.float(), "dynamic", 256).codes)
+    y = qt.dequantize()
+    assert y.dtype == dtype
+    assert torch.equal(y, q8.dequantize(qt, torch.float32).to(dtype))
+
+
+def test_decode_rule_is_table_times_absmax():
+    x = torch.randn(5000)
+    qt = q8.quantize(x, "linear", 512)
+    expected = qt.code.values[qt.codes.long()] * qt.absmax.repeat_interleave(512)[:5000]
+    assert torch.equal(q8.dequantize(qt), expected)
+
+
+def test_multithreaded_encode_matches_reference():
+    n = (1 << 20) + 333  # large enough to be split across threads
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+    qt = q8.quantize(x, "dynamic", 256)
+    head = (n - (1 << 14)) // 256 * 256  # the last thread's tail, incl. the partial block
+    ref, ref_absmax = brute_force_codes(x[head:], q8.dynamic_code(), 256)
+    assert torch.equal(qt.codes[head:], ref)
+    assert torch.equal(qt.absmax[head // 256 :], ref_absmax)
+    torch.set_num_threads(1)
+    try:
+        single = q8.quantize(x, "dynamic", 256)
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(single.codes, qt.codes) and torch.equal(single.absmax, qt.absmax)
+
+
+def test_auto_picks_lowest_error_deterministically():
+    g = torch.Generator().manual_seed(1)
+    weights = torch.rand(64, 256, generator=g) * 2 - 1  # uniform: linear wins
+    outliers = torch.randn(64, 256, generator=g) * torch.exp(3 * torch.randn(64, 256, generator=g))  # dynamic wins
+    for x, winner in ((weights, "linear"), (outliers, "dynamic"), (weights.abs(), "ulinear")):
+        qt = q8.quantize(x, "auto", 256)
+        errors = {name: q8.quant_error(x, q8.quantize(x, name, 256)).rel_l2 for name in AUTO_CODES[bool((x < 0).any())]}
+        assert qt.code.name == min(errors, key=errors.get) == winner
+        assert torch.equal(q8.quantize(x, "auto", 256).codes, qt.codes)
+
+
+def test_quant_error_measures():
+    x = torch.tensor([3.0, 4.0])
+    err = q8.quant_error(x, torch.tensor([3.0, 4.5]))
+    assert err.rel_l2 == pytest.approx(0.1) and err.max_abs == 0.5
+    assert err.snr_db == pytest.approx(20.0)
+    assert q8.quant_error(x, x).snr_db == math.inf
+    assert q8.quant_error(torch.zeros(0), torch.zeros(0)).rel_l2 == 0.0
+
+
+def test_quantile_code_uses_every_code_about_equally():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100_000, generator=g) ** 3
+    code = q8.quantile_code(x, blocksize=256)
+    assert (code.values[1:] > code.values[:-1]).all() and (code.values == 0).any()
+    usage = torch.bincount(q8.quantize(x, code, 256).codes.long(), minlength=256) / x.numel()
+    assert usage.max() < 2 / 256  # a linear code puts ~90/256 of this data in one code
+    assert_exact(x[:5000], code, 256)
+    constant = q8.quantile_code(torch.ones(1000))  # repeated quantiles are spread apart
+    assert (constant.values[1:] > constant.values[:-1]).all()
+
+
+def test_qtensor_validates_its_parts():
+    qt = q8.quantize(torch.randn(300), blocksize=64)
+    with pytest.raises(ValueError, match="absmax"):
+        q8.QTensor(qt.codes, qt.absmax[:-1], qt.code, 64, qt.shape, qt.dtype)
+    with pytest.raises(ValueError, match="codes"):
+        q8.QTensor(qt.codes.float(), qt.absmax, qt.code, 64, qt.shape, qt.dtype)
+    assert qt.nbytes == 300 + 4 * 5
+    assert "QTensor(shape=(300,)" in repr(qt)

@@ -1,0 +1,78 @@
+"""The q8 demo: `make demo`. Each section shows one capability on data it builds itself."""
+
+from __future__ import annotations
+
+import q8
+import torch
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def tiny_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small language-model-shaped checkpoint, briefly trained so its values are real:
+    embedding, attention and MLP weights, norms, and AdamW moments."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, dim = 512, 128
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(vocab, dim),
+            "attn": torch.nn.Linear(dim, 3 * dim),
+            "mlp_in": torch.nn.Linear(dim, 4 * dim),
+            "mlp_out": torch.nn.Linear(4 * dim, dim),
+            "norm": torch.nn.LayerNorm(dim),
+            "head": torch.nn.Linear(dim, vocab, bias=False),
+        }
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokens = torch.randint(0, vocab // 4, (64, 17), generator=g)  # a skewed vocabulary
+    for _ in range(20):
+        h = model["embed"](tokens[:, :-1])
+        h = h + model["attn"](h)[..., :dim]
+        h = h + model["mlp_out"](torch.relu(model["mlp_in"](h)))
+        logits = model["head"](model["norm"](h))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].clone()
+        tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].clone()
+    return tensors
+
+
+def section_codec(tensors: dict[str, torch.Tensor]) -> None:
+    print("== 1. Blockwise 8-bit codec: q8.quantize(x, code='auto', blocksize=256) ==")
+    rows, before, after = [], 0, 0
+    for name, x in tensors.items():
+        if x.numel() < 4096:
+            continue
+        qt = q8.quantize(x, code="auto", blocksize=256)
+        err = q8.quant_error(x, qt)
+        size = x.numel() * x.element_size()
+        before, after = before + size, after + qt.nbytes
+        shape = "x".join(map(str, x.shape))
+        rows.append((name, shape, qt.code.name, size, qt.nbytes, f"{size / qt.nbytes:.2f}x", f"{err.rel_l2:.2e}"))
+    print(_table(rows, ("tensor", "shape", "code", "bytes before", "bytes after", "ratio", "rel L2 error")))
+    print(f"total: {before:,} -> {after:,} bytes ({before / after:.2f}x), exact nearest rounding\n")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"q8 {q8.__version__} demo (torch {torch.__version__})\n")
+    tensors = tiny_checkpoint()
+    section_codec(tensors)
+
+
+if __name__ == "__main__":
+    main()
