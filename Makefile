@@ -5,12 +5,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The repository root is the package q8 itself: never let it land on sys.path, where its
+# subfolders (kernels/, formats/, ...) would shadow other packages' top-level modules.
+export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.q8-installed
 TORCH_PIN := torch==2.13.0
 
 .PHONY: demo test lint bench
 
-$(STAMP): pyproject.toml setup.py codec/_native.c
+$(STAMP): pyproject.toml setup.py $(wildcard */*.c)
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "q8: reusing the torch already installed for $(PYTHON)"; \
@@ -29,8 +32,8 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/codec_cpu.py
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
