@@ -39,7 +39,7 @@ class Code:
         >>> code = q8.Code("tiny", torch.linspace(-1, 1, 255).tolist() + [2.0])  # doctest: +SKIP
     """
 
-    __slots__ = ("_thresholds", "name", "values")
+    __slots__ = ("_hash", "_thresholds", "name", "values", "zero_index")
 
     def __init__(self, name: str, values: torch.Tensor | list[float]) -> None:
         if not isinstance(name, str) or not name:
@@ -55,17 +55,14 @@ class Code:
             raise ValueError(f"code {name!r}: values must contain 0.0 (all-zero blocks decode to it)")
         self.name = name
         self.values = table
+        self.zero_index = int(torch.nonzero(table == 0)[0, 0])  # the code of an all-zero block
+        self._hash = hash((name, tuple(table.tolist())))
         self._thresholds: torch.Tensor | None = None
 
     @property
     def signed(self) -> bool:
         """True if the table has negative entries."""
         return bool(self.values[0] < 0)
-
-    @property
-    def zero_index(self) -> int:
-        """Index of the 0.0 entry: the code of every element of an all-zero block."""
-        return int(torch.nonzero(self.values == 0)[0, 0])
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -82,7 +79,7 @@ class Code:
         return isinstance(other, Code) and self.name == other.name and torch.equal(self.values, other.values)
 
     def __hash__(self) -> int:
-        return hash((self.name, tuple(self.values.tolist())))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"Code({self.name!r}, [{self.values[0]:.6g} .. {self.values[-1]:.6g}])"
