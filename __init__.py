@@ -14,18 +14,27 @@ from .codec import (
     quantile_code,
     quantize,
 )
+from .formats import FormatError, Writer, load, load_file, safe_open, save, save_file, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Code",
+    "FormatError",
     "QTensor",
     "QuantError",
+    "Writer",
     "__version__",
     "dequantize",
     "dynamic_code",
     "linear_code",
+    "load",
+    "load_file",
     "quant_error",
     "quantile_code",
     "quantize",
+    "safe_open",
+    "save",
+    "save_file",
+    "verify",
 ]

@@ -1,1 +1,22 @@
-"""q8.formats — see README.md."""
+"""q8.formats: the q8 container file format (docs/FORMAT.md) and its save/load API."""
+
+from .api import MIN_QUANTIZE_NUMEL, ShardedReader, load, load_file, safe_open, save, save_file, verify
+from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer
+from .dtypes import DTYPES
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MIN_QUANTIZE_NUMEL",
+    "FormatError",
+    "Reader",
+    "ShardedReader",
+    "Writer",
+    "load",
+    "load_file",
+    "safe_open",
+    "save",
+    "save_file",
+    "verify",
+]

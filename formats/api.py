@@ -1,0 +1,342 @@
+"""The public save/load API of the q8 container (re-exported at `q8`).
+
+`save_file` / `load_file` / `safe_open` for flat dicts of tensors (like safetensors),
+`save` / `load` for nested state, `verify` for checksums. A sharded checkpoint is a set of
+q8 files plus a Hugging Face style `<path>.index.json`; every reader accepts either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..codec import Code, QTensor
+from ..codec.blockwise import FLOAT_DTYPES
+from .container import FormatError, Reader, Writer, _check_str_map, _fsync_dir, check_storable
+from .tree import pack_tree, unpack_tree
+
+__all__ = ["load", "load_file", "safe_open", "save", "save_file", "verify"]
+
+INDEX_SUFFIX = ".index.json"
+MIN_QUANTIZE_NUMEL = 4096
+"""save_file(quantize=True) keeps float tensors smaller than this exact (norms, biases)."""
+
+Tensors = Mapping[str, "torch.Tensor | QTensor"]
+
+
+# -- saving ------------------------------------------------------------------------------
+
+
+def save_file(
+    tensors: Tensors,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    quantize: bool | Callable[[str, torch.Tensor], bool] = False,
+    code: str | Code = "auto",
+    blocksize: int = 2048,
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Save a flat dict of tensors (and QTensors) to a q8 file, atomically.
+
+    Args:
+        tensors: name -> tensor of any supported dtype, or QTensor (stored as is).
+        path: destination; with sharding, the shards are `<stem>-00001-of-0000N<suffix>`
+            next to it and the index is `<path>.index.json`.
+        metadata: user str -> str metadata.
+        quantize: False (lossless: floats byte-plane + zstd compressed), True (float
+            tensors of at least `MIN_QUANTIZE_NUMEL` finite elements are quantized; small,
+            integer, bool and non-finite tensors stay exact), or a policy
+            `(name, tensor) -> bool` choosing which float tensors to quantize.
+        code, blocksize: the codec settings for quantized tensors (see `q8.quantize`).
+        max_shard_size: bytes per shard (int, or "500MB", "5GB", "2GiB"), counted before
+            zstd; None writes one file.
+
+    Raises:
+        TypeError / ValueError: an unsupported value, non-str key or bad argument, before
+            anything is written.
+
+    Example:
+        >>> q8.save_file({"w": torch.randn(1024, 1024)}, "m.q8", metadata={"step": "10"})
+        >>> q8.save_file({"w": torch.randn(1024, 1024)}, "m8.q8", quantize=True, blocksize=256)
+    """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"save_file expects a dict of tensors, got {type(tensors).__name__}")
+    metadata = _check_str_map(metadata, "metadata")
+    for name, x in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"save_file: tensor names must be non-empty str, got {name!r}")
+        if not isinstance(x, QTensor):
+            check_storable(x, f"save_file: tensor {name!r}")
+    Writer(path, code=code, blocksize=blocksize)  # validates code and blocksize
+    items = [(name, _plan(name, x, quantize)) for name, x in tensors.items()]
+    shards = _shard(items, _parse_size(max_shard_size))
+    path = Path(path)
+    if len(shards) == 1:
+        _write(path, shards[0], metadata, code, blocksize)
+        return
+    names = [
+        path.with_name(f"{path.stem}-{i:05d}-of-{len(shards):05d}{path.suffix}") for i in range(1, len(shards) + 1)
+    ]
+    for shard_path, shard in zip(names, shards, strict=True):
+        _write(shard_path, shard, metadata, code, blocksize)
+    index = {
+        "metadata": {**metadata, "format": "q8", "total_size": sum(_stored_estimate(x, q) for _, (x, q) in items)},
+        "weight_map": {name: p.name for p, shard in zip(names, shards, strict=True) for name, _ in shard},
+    }
+    _atomic_write_text(Path(f"{path}{INDEX_SUFFIX}"), json.dumps(index, indent=2))
+    if path.is_file():  # a stale single-file checkpoint would shadow the new shards
+        path.unlink()
+
+
+def _plan(name: str, x: torch.Tensor | QTensor, policy: bool | Callable) -> tuple[Any, bool]:
+    """(tensor, whether to quantize it) under the quantize policy."""
+    if isinstance(x, QTensor) or not policy or x.dtype not in FLOAT_DTYPES:
+        return x, False
+    wanted = policy(name, x) if callable(policy) else x.numel() >= MIN_QUANTIZE_NUMEL
+    return x, bool(wanted) and bool(torch.isfinite(x).all())
+
+
+def _stored_estimate(x: torch.Tensor | QTensor, quantized: bool) -> int:
+    if isinstance(x, QTensor):
+        return x.nbytes
+    if quantized:
+        return x.numel() + 4 * -(-x.numel() // 64)
+    return x.numel() * x.element_size()
+
+
+def _shard(items: list, limit: int | None) -> list[list]:
+    if limit is None:
+        return [items]
+    shards, size = [[]], 0
+    for item in items:
+        n = _stored_estimate(*item[1])
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _parse_size(size: int | str | None) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not isinstance(size, str) or not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size must be a positive int or a size like '5GB', got {size!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _write(path: Path, items: list, metadata: dict, code: str | Code, blocksize: int) -> None:
+    with Writer(path, metadata, code=code, blocksize=blocksize) as w:
+        for name, (x, quantized) in items:
+            w.add(name, x, lossless=not quantized)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Save nested state (dict/list/tuple/str/int/float/bool/None/bytes/Tensor/QTensor),
+    e.g. an optimizer `state_dict`, to one q8 file, atomically and without pickle.
+    Tensors are stored losslessly, QTensors as they are.
+
+    Raises:
+        TypeError / ValueError: an unsupported object or dict key (named by its key path),
+            before anything is written.
+
+    Example:
+        >>> q8.save({"step": 3, "state": {0: {"m": q8.quantize(torch.randn(4096))}}}, "s.q8")
+        >>> q8.load("s.q8")["state"][0]["m"]  # a QTensor again
+    """
+    tree, tensors = pack_tree(obj)
+    metadata = _check_str_map(metadata, "metadata")
+    with Writer(path, metadata) as w:
+        w.set_tree(tree)
+        for name, x in tensors.items():
+            w.add(name, x)
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+class ShardedReader:
+    """The readers' interface over a Hugging Face style index json and its shards."""
+
+    def __init__(self, index_path: Path, device: str | torch.device = "cpu") -> None:
+        self.path = index_path
+        self.device = device
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{index_path}: not a valid index json: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v and v not in (".", "..")
+            for k, v in weight_map.items()
+        ):
+            raise FormatError(f"{index_path}: 'weight_map' must map tensor names to shard file names in its folder")
+        self.weight_map: dict[str, str] = weight_map
+        self._readers: dict[str, Reader] = {}
+
+    def _reader(self, shard: str) -> Reader:
+        if shard not in self._readers:
+            path = self.path.parent / shard
+            if not path.is_file():
+                raise FormatError(f"{self.path}: shard {shard!r} is missing")
+            self._readers[shard] = Reader(path, self.device)
+        return self._readers[shard]
+
+    def _for(self, name: str) -> Reader:
+        if name not in self.weight_map:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        reader = self._reader(self.weight_map[name])
+        if name not in reader.records:
+            raise FormatError(f"{reader.path}, tensor {name!r}: listed in {self.path.name} but not in the shard")
+        return reader
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def metadata(self) -> dict[str, str]:
+        shards = sorted(set(self.weight_map.values()))
+        return self._reader(shards[0]).metadata() if shards else {}
+
+    def info(self, name: str) -> dict:
+        return self._for(name).info(name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._for(name).get_tensor(name)
+
+    def get_qtensor(self, name: str) -> QTensor:
+        return self._for(name).get_qtensor(name)
+
+    def verify(self) -> None:
+        for shard in sorted(set(self.weight_map.values())):
+            _verify_reader(self._reader(shard))
+        for name in self.weight_map:
+            self._for(name)
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self) -> ShardedReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def safe_open(path: str | os.PathLike, device: str | torch.device = "cpu") -> Reader | ShardedReader:
+    """Open a q8 file (or a sharded checkpoint's index json, or a path whose
+    `<path>.index.json` exists) for random access; use as a context manager.
+
+    The object has `keys()`, `metadata()`, `get_tensor(name)` (decoded, on `device`),
+    `get_qtensor(name)` (codes + absmax of a quantized tensor, no decoding) and
+    `info(name)` (shape, dtype, encoding, code, blocksize, stored_bytes, raw_bytes, extra).
+    Only the segments of the tensors asked for are read; every one is checksummed.
+
+    Example:
+        >>> with q8.safe_open("m.q8") as f:
+        ...     w = f.get_tensor("w"); print(f.info("w")["stored_bytes"])
+    """
+    torch.device(device)
+    path = Path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return ShardedReader(path, device)
+    if not path.exists() and Path(f"{path}{INDEX_SUFFIX}").is_file():
+        return ShardedReader(Path(f"{path}{INDEX_SUFFIX}"), device)
+    return Reader(path, device)
+
+
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load every tensor of a q8 file (or sharded checkpoint), decoded, on `device`.
+
+    On CUDA, quantized tensors travel as codes (1 byte per element) and are decoded on
+    the GPU. Raises `q8.FormatError` (naming file and tensor) on any corrupt input.
+
+    Example:
+        >>> tensors = q8.load_file("m.q8")
+    """
+    with safe_open(path, device) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    """Load what `q8.save` wrote (QTensors come back as QTensors); for a file written by
+    `save_file`, the dict of its tensors."""
+    with safe_open(path, device) as f:
+        tree = getattr(f, "tree", None)
+        if tree is None:
+            return {name: _load_one(f, name) for name in f.keys()}
+        loaded: dict[str, Any] = {}  # a tensor referenced twice loads once (tied weights stay tied)
+
+        def load_one(name: str) -> Any:
+            if name not in loaded:
+                loaded[name] = _load_one(f, name)
+            return loaded[name]
+
+        try:
+            return unpack_tree(tree, load_one)
+        except FormatError:
+            raise
+        except Exception as e:
+            raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
+
+
+def _load_one(f: Reader | ShardedReader, name: str) -> torch.Tensor | QTensor:
+    try:
+        encoding = f.info(name)["encoding"]
+    except KeyError:
+        raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}") from None
+    return f.get_qtensor(name) if encoding == "blockwise" else f.get_tensor(name)
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check every checksum and structure of a q8 file or sharded checkpoint; raise
+    `q8.FormatError` on the first problem. Reads the whole file.
+
+    Example:
+        >>> q8.verify("m.q8")
+    """
+    with safe_open(path) as f:
+        if isinstance(f, ShardedReader):
+            f.verify()
+        else:
+            _verify_reader(f)
+
+
+def _verify_reader(r: Reader) -> None:
+    r.verify()
+    if r.tree is not None:
+        try:
+            unpack_tree(r.tree, lambda name: r.record(name) and None)
+        except Exception as e:
+            raise FormatError(f"{r.path}: malformed nested structure: {e}") from None

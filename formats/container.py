@@ -1,0 +1,580 @@
+"""The q8 container: streaming `Writer` and random-access `Reader` of one file (docs/FORMAT.md).
+
+Layout: a 16-byte header, 64-byte aligned data segments written one tensor at a time, a
+msgpack index, and a 32-byte footer that points at the index. Every segment and the index
+carry a CRC-32 that the reader checks; every offset, length and size read from a file is
+validated before use, and anything wrong raises `FormatError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import mmap
+import os
+import struct
+import sys
+import tempfile
+import threading
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+import zstandard
+
+from ..codec import Code, QTensor, get_code, quantize
+from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
+from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
+from .planes import from_planes, to_planes
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
+
+MAGIC = b"\x89Q8F\r\n\x1a\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sII")  # magic, version, reserved (0)
+FOOTER = struct.Struct("<QQII8s")  # index offset, index length, index crc32, version, magic
+ALIGN = 64
+RAW, ZSTD = 0, 1  # segment compression
+MAX_NDIM = 64
+MAX_BYTES = 1 << 62
+MAX_INDEX_BYTES = 1 << 30
+MAX_NAME_BYTES = 1 << 16
+_ZSTD_MIN_SAVING = 0.03  # keep a zstd segment only if it saves at least 3%
+_ZSTD_PROBE = 1 << 16  # bytes per probe slice when deciding whether zstd pays
+_PLANES_MIN_NUMEL = 1024  # smaller float tensors: raw bytes (planes would not pay)
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("q8.formats assumes a little-endian host (the file format is little-endian)")
+
+
+class FormatError(ValueError):
+    """A q8 file (or index json) is malformed, corrupt or from a newer format version."""
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def _check_str_map(value: Any, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError(f"{what} must be a dict of str to str, got {value!r:.200}")
+    return dict(value)
+
+
+class Writer:
+    """Write a q8 file tensor by tensor, with bounded memory; atomic on success.
+
+    The file is built in a temporary file next to `path` and renamed over it only when
+    the `with` block exits without an exception (after flush and fsync); on an exception
+    the temporary file is removed and any previous file at `path` is untouched.
+
+    Args:
+        path: destination file.
+        metadata: user str -> str metadata, kept in the index.
+        code, blocksize: what `add(..., lossless=False)` quantizes with.
+        level: zstd level of compressed segments.
+
+    Example:
+        >>> with q8.Writer("m.q8", metadata={"step": "100"}) as w:
+        ...     w.add("weight", torch.randn(1024, 1024))
+        ...     w.add("state", q8.quantize(torch.randn(4096)), extra={"note": "8-bit"})
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        code: str | Code = "auto",
+        blocksize: int = 2048,
+        level: int = 1,
+    ) -> None:
+        self.path = Path(path)
+        self._metadata = _check_str_map(metadata, "metadata")
+        if not (isinstance(code, str) and code == "auto"):
+            get_code(code)
+        _check_blocksize(blocksize)
+        self._code, self._blocksize = code, blocksize
+        self._level = level
+        self._local = threading.local()  # a zstd context per thread: contexts are not thread-safe
+        self._file = None
+        self._tmp: str | None = None
+        self._pos = 0
+        self._records: list[dict] = []
+        self._names: set[str] = set()
+        self._codes: dict[Code, int] = {}
+        self._q8_meta: dict[str, str] = {}
+        self._tree: bytes | None = None
+
+    def __enter__(self) -> Writer:
+        self._open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open(self) -> None:
+        if self._file is not None:
+            raise RuntimeError(f"Writer for {self.path} is already open")
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._file = os.fdopen(fd, "wb")
+        self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._pos += memoryview(data).nbytes
+
+    def add(
+        self,
+        name: str,
+        tensor: torch.Tensor | QTensor,
+        *,
+        lossless: bool = True,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        """Append one tensor.
+
+        Args:
+            name: unique non-empty str.
+            tensor: a tensor of any dtype in `q8.formats.DTYPES` (stored exactly; floats
+                byte-plane + zstd compressed) or a `QTensor` (stored as is: codes + absmax).
+            lossless: False quantizes a float tensor with the writer's code and blocksize.
+            extra: per-tensor str -> str info kept in the index.
+        """
+        if self._file is None:
+            self._open()
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{self.path}: tensor names must be non-empty str, got {name!r}")
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(f"{self.path}: tensor name longer than {MAX_NAME_BYTES} bytes: {name[:80]!r}...")
+        if name in self._names:
+            raise ValueError(f"{self.path}: duplicate tensor name {name!r}")
+        extra = _check_str_map(extra, f"extra of tensor {name!r}")
+        if isinstance(tensor, torch.Tensor) and not lossless:
+            if tensor.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{self.path}: cannot quantize tensor {name!r} of dtype {tensor.dtype}")
+            tensor = quantize(tensor.detach().cpu(), self._code, self._blocksize)
+        if isinstance(tensor, QTensor):
+            record = self._add_qtensor(tensor)
+        elif isinstance(tensor, torch.Tensor):
+            record = self._add_tensor(name, tensor)
+        else:
+            raise TypeError(f"{self.path}: tensor {name!r} must be a torch.Tensor or q8.QTensor, not {type(tensor)}")
+        record = {"name": name, **record, "extra": extra}
+        self._records.append(record)
+        self._names.add(name)
+
+    def _add_tensor(self, name: str, x: torch.Tensor) -> dict:
+        check_storable(x, f"{self.path}: tensor {name!r}")
+        x = x.detach().cpu().contiguous()
+        record = {"dtype": dtype_name(x.dtype), "shape": list(x.shape)}
+        width = PLANE_WIDTH.get(x.dtype)
+        if width and x.numel() >= _PLANES_MIN_NUMEL:
+            planes = to_planes(x, width)
+            return {**record, "encoding": "planes", "segments": self._segments(list(planes))}
+        data = x.reshape(-1).view(torch.uint8)
+        return {**record, "encoding": "raw", "segments": self._segments([data])}
+
+    def _add_qtensor(self, qt: QTensor) -> dict:
+        qt = qt.to("cpu")
+        code = self._codes.setdefault(qt.code, len(self._codes))
+        segments = self._segments([qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)])
+        return {
+            "dtype": dtype_name(qt.dtype),
+            "shape": list(qt.shape),
+            "encoding": "blockwise",
+            "code": code,
+            "blocksize": qt.blocksize,
+            "segments": segments,
+        }
+
+    def _segments(self, parts: list[torch.Tensor]) -> list[list[int]]:
+        """Compress (where it pays) and checksum the parts in parallel, then write them."""
+        encoded = list(_pool().map(self._encode_segment, parts)) if len(parts) > 1 else [self._encode_segment(parts[0])]
+        out = []
+        for data, raw_length, compression, crc in encoded:
+            self._write(b"\0" * (-self._pos % ALIGN))
+            out.append([self._pos, len(data), raw_length, compression, crc])
+            self._write(data)
+        return out
+
+    def _zstd(self, data) -> bytes:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
+        return cctx.compress(data)
+
+    def _encode_segment(self, part: torch.Tensor) -> tuple[memoryview, int, int, int]:
+        raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
+        n = raw.nbytes
+        if n >= 64 and self._zstd_pays(raw):
+            packed = self._zstd(raw)
+            if len(packed) <= n * (1 - _ZSTD_MIN_SAVING):
+                return memoryview(packed), n, ZSTD, zlib.crc32(packed)
+        return raw, n, RAW, zlib.crc32(raw)
+
+    def _zstd_pays(self, raw: memoryview) -> bool:
+        n = raw.nbytes
+        if n <= 4 * _ZSTD_PROBE:
+            return True
+        probe = b"".join(raw[i : i + _ZSTD_PROBE] for i in (0, n // 2, n - _ZSTD_PROBE))
+        return len(self._zstd(probe)) <= len(probe) * (1 - _ZSTD_MIN_SAVING)
+
+    def set_q8_metadata(self, key: str, value: str) -> None:
+        """q8's own metadata (kept apart from the user's), e.g. what wrote the file."""
+        self._q8_meta.update(_check_str_map({key: value}, "q8 metadata"))
+
+    def set_tree(self, tree: bytes) -> None:
+        """The msgpack structure of a nested object (`q8.save`) referencing tensors by name."""
+        self._tree = bytes(tree)
+
+    def close(self) -> None:
+        """Write index and footer, fsync, and atomically rename onto `path`."""
+        if self._file is None:
+            self._open()
+        from .. import __version__
+
+        index = {
+            "tensors": self._records,
+            "codes": [{"name": c.name, "values": c.values.numpy().tobytes()} for c in self._codes],
+            "metadata": self._metadata,
+            "q8": {"writer": f"q8 {__version__}", **self._q8_meta},
+        }
+        if self._tree is not None:
+            index["tree"] = self._tree
+        blob = msgpack.packb(index, use_bin_type=True)
+        self._write(b"\0" * (-self._pos % ALIGN))
+        offset = self._pos
+        self._write(blob)
+        self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
+        f, tmp = self._file, self._tmp
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._file = self._tmp = None
+
+    def abort(self) -> None:
+        """Drop the temporary file; the previous file at `path`, if any, is untouched."""
+        f, tmp = self._file, self._tmp
+        self._file = self._tmp = None
+        if f is not None:
+            f.close()
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_storable(x: Any, what: str) -> None:
+    """TypeError/ValueError (naming `what`) if `x` is not a tensor the format can hold."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor or q8.QTensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{what} has layout {x.layout}; only dense (strided) tensors can be stored")
+    if x.is_quantized or x.is_nested or x.device.type == "meta":
+        raise TypeError(f"{what} is a quantized, nested or meta tensor, which the q8 format cannot hold")
+    dtype_name(x.dtype)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="q8-format")
+    return _POOL
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+class Reader:
+    """Random access to one q8 file: validates header, footer and index on open; reads
+    and checks only the segments of the tensor asked for. Use through `q8.safe_open`."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        self.path = Path(path)
+        self.device = torch.device(device)
+        with open(self.path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            if self.size < HEADER.size + FOOTER.size:
+                raise self.error(f"file too short for a q8 file ({self.size} bytes)")
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def error(self, msg: str, name: str | None = None) -> FormatError:
+        where = f"{self.path}" + (f", tensor {name!r}" if name is not None else "")
+        return FormatError(f"{where}: {msg}")
+
+    def close(self) -> None:
+        """Drop the map; zero-copy tensors keep it alive (they hold references) until freed."""
+        self._mm = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # - index -
+
+    def _parse(self) -> None:
+        magic, version, reserved = HEADER.unpack_from(self._mm, 0)
+        if magic != MAGIC:
+            raise self.error(f"not a q8 file (magic {magic!r}, expected {MAGIC!r})")
+        if version > FORMAT_VERSION:
+            raise self.error(f"format version {version} is newer than this reader's ({FORMAT_VERSION}); upgrade q8")
+        if version < 1 or reserved != 0:
+            raise self.error(f"bad header (version {version}, reserved {reserved})")
+        offset, length, crc, fversion, fmagic = FOOTER.unpack_from(self._mm, self.size - FOOTER.size)
+        if fmagic != MAGIC or fversion != version:
+            raise self.error("bad footer (truncated or not a q8 file)")
+        self.data_end = self.size - FOOTER.size - length
+        if length > MAX_INDEX_BYTES or offset != self.data_end or offset < HEADER.size or offset % ALIGN:
+            raise self.error(f"index at {offset} (+{length} bytes) does not fit a {self.size}-byte file")
+        blob = self._mm[offset : offset + length]
+        if zlib.crc32(blob) != crc:
+            raise self.error("index checksum mismatch (file corrupt)")
+        try:
+            index = msgpack.unpackb(blob, raw=False, strict_map_key=True, use_list=True)
+        except Exception as e:
+            raise self.error(f"index is not valid msgpack/UTF-8: {e}") from None
+        self._parse_index(index)
+
+    def _parse_index(self, index: Any) -> None:
+        if not isinstance(index, dict):
+            raise self.error("index is not a map")
+        self._metadata = self._str_map(index.get("metadata", {}), "metadata")
+        self.q8_metadata = self._str_map(index.get("q8", {}), "q8 metadata")
+        tree = index.get("tree")
+        if tree is not None and not isinstance(tree, bytes):
+            raise self.error("tree is not binary")
+        self.tree = tree
+        codes = index.get("codes", [])
+        if not isinstance(codes, list):
+            raise self.error("codes is not an array")
+        self.codes = [self._parse_code(i, c) for i, c in enumerate(codes)]
+        records = index.get("tensors")
+        if not isinstance(records, list):
+            raise self.error("tensors is not an array")
+        self.records: dict[str, dict] = {}
+        spans = []
+        for record in records:
+            name, rec = self._parse_record(record)
+            if name in self.records:
+                raise self.error("duplicate tensor name", name)
+            self.records[name] = rec
+            spans.extend((s[0], s[0] + s[1], name) for s in rec["segments"])
+        spans.sort()
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+            if start < end:
+                raise self.error(f"segments of {a!r} and {b!r} overlap", b)
+
+    def _str_map(self, value: Any, what: str, name: str | None = None) -> dict[str, str]:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise self.error(f"{what} is not a map of str to str", name)
+        return value
+
+    def _parse_code(self, i: int, c: Any) -> Code:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(c.get("values"), bytes):
+            raise self.error(f"code table {i} is malformed")
+        if len(c["values"]) != 1024:
+            raise self.error(f"code table {i} ({c['name']!r}) has {len(c['values'])} bytes, expected 1024")
+        try:
+            return Code(c["name"], torch.frombuffer(bytearray(c["values"]), dtype=torch.float32))
+        except ValueError as e:
+            raise self.error(f"code table {i} is invalid: {e}") from None
+
+    def _parse_record(self, record: Any) -> tuple[str, dict]:
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+            raise self.error("a tensor record has no name")
+        name = record["name"]
+        if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise self.error("tensor name is empty or too long", name)
+        dtype = DTYPES.get(record.get("dtype")) if isinstance(record.get("dtype"), str) else None
+        if dtype is None:
+            raise self.error(f"unknown dtype {record.get('dtype')!r}", name)
+        shape = record.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_BYTES for d in shape)
+        ):
+            raise self.error(f"bad shape {shape!r:.100}", name)
+        numel = math.prod(shape)
+        if numel * dtype.itemsize > MAX_BYTES:
+            raise self.error(f"shape {shape} is too large", name)
+        extra = self._str_map(record.get("extra", {}), "extra", name)
+        encoding = record.get("encoding")
+        segments = record.get("segments")
+        if not isinstance(segments, list):
+            raise self.error("segments is not an array", name)
+        rec = {"name": name, "dtype": dtype, "shape": torch.Size(shape), "encoding": encoding, "extra": extra}
+        if encoding == "raw":
+            expected = [numel * dtype.itemsize]
+        elif encoding == "planes" and dtype in PLANE_WIDTH:
+            width = PLANE_WIDTH[dtype]
+            expected = [numel * dtype.itemsize // width] * width
+        elif encoding == "blockwise" and dtype in FLOAT_DTYPES:
+            code, blocksize = record.get("code"), record.get("blocksize")
+            if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code < len(self.codes):
+                raise self.error(f"code reference {code!r} out of range ({len(self.codes)} tables)", name)
+            try:
+                _check_blocksize(blocksize)
+            except ValueError as e:
+                raise self.error(str(e), name) from None
+            rec.update(code=self.codes[code], blocksize=blocksize)
+            expected = [numel, 4 * -(-numel // blocksize)]
+        else:
+            raise self.error(f"unknown encoding {encoding!r} for dtype {dtype_name(dtype)}", name)
+        if len(segments) != len(expected):
+            raise self.error(f"{len(segments)} segments, expected {len(expected)}", name)
+        rec["segments"] = [self._parse_segment(s, n, name) for s, n in zip(segments, expected, strict=True)]
+        return name, rec
+
+    def _parse_segment(self, s: Any, raw_length: int, name: str) -> tuple[int, int, int, int, int]:
+        if not (isinstance(s, list) and len(s) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)):
+            raise self.error(f"malformed segment {s!r:.100}", name)
+        offset, stored, raw, compression, crc = s
+        if raw != raw_length:
+            raise self.error(f"segment holds {raw} bytes, the shape needs {raw_length}", name)
+        if not (HEADER.size <= offset and offset % ALIGN == 0 and 0 <= stored <= self.data_end - offset):
+            raise self.error(f"segment at {offset} (+{stored} bytes) lies outside the data area", name)
+        if compression not in (RAW, ZSTD) or (compression == RAW and stored != raw) or not 0 <= crc < 1 << 32:
+            raise self.error(f"bad segment header {s!r}", name)
+        return offset, stored, raw, compression, crc
+
+    # - tensors -
+
+    def keys(self) -> list[str]:
+        return list(self.records)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def record(self, name: str) -> dict:
+        try:
+            return self.records[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def info(self, name: str) -> dict:
+        rec = self.record(name)
+        code = rec.get("code")
+        return {
+            "shape": tuple(rec["shape"]),
+            "dtype": rec["dtype"],
+            "encoding": rec["encoding"],
+            "code": code.name if code is not None else None,
+            "blocksize": rec.get("blocksize"),
+            "stored_bytes": sum(s[1] for s in rec["segments"]),
+            "raw_bytes": math.prod(rec["shape"]) * rec["dtype"].itemsize,
+            "extra": dict(rec["extra"]),
+        }
+
+    def _segment(self, seg: tuple[int, int, int, int, int], name: str) -> torch.Tensor:
+        """The raw bytes of one segment as a uint8 tensor: zero-copy into the map if stored
+        uncompressed, else decompressed with memory bounded by the data actually present."""
+        offset, stored, raw, compression, crc = seg
+        view = memoryview(self._mm)[offset : offset + stored]
+        if zlib.crc32(view) != crc:
+            raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
+        if raw == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if compression == RAW:
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=raw, offset=offset)
+        return torch.frombuffer(self._unzstd(view, raw, name), dtype=torch.uint8)
+
+    def _unzstd(self, view: memoryview, raw: int, name: str) -> bytearray:
+        try:
+            params = zstandard.get_frame_parameters(view)
+        except zstandard.ZstdError as e:
+            raise self.error(f"bad zstd segment: {e}", name) from None
+        if params.content_size != raw:
+            raise self.error(f"zstd frame holds {params.content_size} bytes, index says {raw}", name)
+        # Grow the output with the data actually decoded, so a lying size costs no memory.
+        out = bytearray(min(raw, 32 * view.nbytes + (1 << 20)))
+        pos = 0
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=False) as r:
+                while True:
+                    if pos == len(out):
+                        if pos == raw:
+                            break
+                        out.extend(bytes(min(len(out), raw - len(out))))
+                    n = r.readinto(memoryview(out)[pos:])
+                    if n == 0:
+                        break
+                    pos += n
+                trailing = r.read(1)
+        except zstandard.ZstdError as e:
+            raise self.error(f"bad zstd segment: {e}", name) from None
+        if pos != raw or trailing:
+            raise self.error(f"zstd segment decodes to {'more' if trailing else pos} bytes, expected {raw}", name)
+        return out
+
+    def verify(self) -> None:
+        """Read and check every segment (checksum, and zstd frames decode to their size)."""
+        for name, rec in self.records.items():
+            for seg in rec["segments"]:
+                self._segment(seg, name)
+
+    def get_qtensor(self, name: str) -> QTensor:
+        """The codes + absmax of a quantized tensor, not decoded, on the reader's device."""
+        rec = self.record(name)
+        if rec["encoding"] != "blockwise":
+            raise ValueError(f"{self.path}: tensor {name!r} is stored exactly ({rec['encoding']}), not quantized")
+        codes, absmax = (self._segment(s, name) for s in rec["segments"])
+        absmax = absmax.view(torch.float32)
+        if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
+            raise self.error("absmax holds negative or non-finite values", name)
+        qt = QTensor(codes, absmax, rec["code"], rec["blocksize"], rec["shape"], rec["dtype"])
+        return qt if self.device.type == "cpu" else qt.to(self.device)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor, decoded, on the reader's device. Uncompressed exact tensors read on
+        CPU are zero-copy views of the memory-mapped file (copy-on-write)."""
+        rec = self.record(name)
+        dtype, shape = rec["dtype"], rec["shape"]
+        if rec["encoding"] == "blockwise":
+            return self.get_qtensor(name).dequantize()
+        parts = [self._segment(s, name) for s in rec["segments"]]
+        if rec["encoding"] == "planes":
+            width = PLANE_WIDTH[dtype]
+            x = from_planes(
+                torch.stack(parts) if parts[0].numel() else torch.empty(width, 0, dtype=torch.uint8),
+                width,
+                dtype,
+                shape,
+            )
+        else:
+            x = parts[0].view(dtype).view(shape)
+        return x if self.device.type == "cpu" else x.to(self.device)

@@ -1,0 +1,337 @@
+"""The q8 container: round trips, API, atomic saves, sharding, zero-copy, bad input."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+import zlib
+
+import msgpack
+import pytest
+import q8
+import torch
+from q8.formats import DTYPES, FORMAT_VERSION, MAGIC
+from q8.formats.container import FOOTER
+
+SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (33, 65), (2, 3, 4, 5)]
+
+
+def _sample(dtype: torch.dtype, shape: tuple, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+        y = x.to(dtype)
+        if y.numel() >= 4:  # specials must survive bit for bit
+            flat = y.view(-1)
+            flat[:4] = torch.tensor([float("nan"), float("-inf"), -0.0, float("inf")], dtype=dtype)
+        return y
+    # every other dtype (ints, fp8, fp4): random bytes are valid values
+    nbytes = dtype.itemsize * torch.Size(shape).numel()
+    return torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_round_trip_every_dtype_and_shape(tmp_path, dtype):
+    tensors = {f"t{i}": _sample(dtype, s, i) for i, s in enumerate(SHAPES)}
+    tensors["big"] = _sample(dtype, (5000,), 99)  # large enough for planes / zstd
+    tensors["strided"] = _sample(dtype, (40, 30), 7).t()[::2]  # non-contiguous
+    path = tmp_path / "m.q8"
+    q8.save_file(tensors, path)
+    out = q8.load_file(path)
+    assert list(out) == list(tensors)
+    for name, x in tensors.items():
+        assert _same(x.contiguous(), out[name]), name
+    q8.verify(path)
+
+
+def test_lossless_floats_use_planes_and_compress(tmp_path):
+    x = torch.randn(256, 1024) * 0.02
+    q8.save_file({"w": x, "b": x.bfloat16(), "small": x[0, :10]}, tmp_path / "m.q8")
+    with q8.safe_open(tmp_path / "m.q8") as f:
+        assert f.info("w")["encoding"] == "planes" and f.info("small")["encoding"] == "raw"
+        assert f.info("w")["stored_bytes"] < 0.9 * x.nbytes
+        assert f.info("b")["stored_bytes"] < 0.75 * x.bfloat16().nbytes
+
+
+def test_quantize_policy(tmp_path):
+    tensors = {
+        "w": torch.randn(128, 256),
+        "norm": torch.ones(256),
+        "ids": torch.arange(5000),
+        "mask": torch.ones(5000, dtype=torch.bool),
+        "inf": torch.full((5000,), float("inf")),
+        "qt": q8.quantize(torch.randn(4096), "dynamic", 256),
+    }
+    path = tmp_path / "m.q8"
+    q8.save_file(tensors, path, quantize=True, code="linear", blocksize=256)
+    with q8.safe_open(path) as f:
+        info = {n: f.info(n) for n in f.keys()}
+        assert info["w"]["encoding"] == "blockwise" and info["w"]["code"] == "linear" and info["w"]["blocksize"] == 256
+        assert info["qt"]["encoding"] == "blockwise" and info["qt"]["code"] == "dynamic"
+        for name in ("norm", "ids", "mask", "inf"):
+            assert info[name]["encoding"] != "blockwise", name
+            assert torch.equal(f.get_tensor(name), tensors[name])
+        qt = f.get_qtensor("qt")
+        assert torch.equal(qt.codes, tensors["qt"].codes) and torch.equal(qt.absmax, tensors["qt"].absmax)
+        expected = q8.quantize(tensors["w"], "linear", 256)
+        assert torch.equal(f.get_qtensor("w").codes, expected.codes)
+        assert torch.equal(f.get_tensor("w"), expected.dequantize())
+        with pytest.raises(ValueError, match="norm"):
+            f.get_qtensor("norm")
+    q8.save_file(tensors, tmp_path / "p.q8", quantize=lambda name, x: name == "norm")
+    with q8.safe_open(tmp_path / "p.q8") as f:
+        assert f.info("norm")["encoding"] == "blockwise" and f.info("w")["encoding"] == "planes"
+
+
+def test_code_tables_stored_once(tmp_path):
+    tensors = {f"q{i}": q8.quantize(torch.randn(1000), "dynamic", 64) for i in range(5)}
+    q8.save_file(tensors, tmp_path / "m.q8")
+    blob = (tmp_path / "m.q8").read_bytes()
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    index = msgpack.unpackb(blob[offset : offset + length])
+    assert len(index["codes"]) == 1 and all(r["code"] == 0 for r in index["tensors"])
+
+
+def test_writer_streams_metadata_and_extra(tmp_path):
+    path = tmp_path / "m.q8"
+    with q8.Writer(path, metadata={"step": "7"}) as w:
+        w.add("a", torch.randn(3000))
+        w.add("b", torch.randn(3000), lossless=False, extra={"rel_l2": "0.01"})
+        assert not path.exists()  # nothing under the final name until the writer closes
+    with q8.safe_open(path) as f:
+        assert f.metadata() == {"step": "7"}
+        assert f.info("b")["extra"] == {"rel_l2": "0.01"} and f.info("b")["encoding"] == "blockwise"
+        assert f.q8_metadata["writer"].startswith("q8 ")
+
+
+def test_nested_save_load(tmp_path):
+    qt = q8.quantize(torch.randn(5000), "dynamic", 256)
+    shared = torch.randn(10)
+    obj = {
+        "state": {0: {"exp_avg": qt, "step": torch.tensor(4.0)}, 1: {}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1], "name": None, "flag": True}],
+        "blob": b"\x00\x01",
+        "tied": [shared, shared],
+        "big": 2**63,
+    }
+    path = tmp_path / "s.q8"
+    q8.save(obj, path, metadata={"kind": "optimizer"})
+    out = q8.load(path)
+    assert out["param_groups"] == obj["param_groups"] and out["blob"] == b"\x00\x01" and out["big"] == 2**63
+    assert isinstance(out["param_groups"][0]["betas"], tuple)
+    got = out["state"][0]["exp_avg"]
+    assert isinstance(got, q8.QTensor) and torch.equal(got.codes, qt.codes) and got.code == qt.code
+    assert torch.equal(out["state"][0]["step"], obj["state"][0]["step"]) and out["state"][1] == {}
+    assert torch.equal(out["tied"][0], shared) and out["tied"][0] is out["tied"][1]
+    with q8.safe_open(path) as f:
+        assert len(f.keys()) == 3  # the tied tensor is stored once
+    q8.verify(path)
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        ({"a": object()}, "cannot store object at 'a'"),
+        ({1.5: 1}, "keys must be str or int"),
+        ({"x": [1, {2}]}, "cannot store set"),
+        ({"x": 2**64}, "64 bits"),
+        ({"q": torch.zeros(2).to_sparse()}, "layout"),
+    ],
+)
+def test_save_rejects_unsupported_before_writing(tmp_path, obj, match):
+    path = tmp_path / "s.q8"
+    with pytest.raises((TypeError, ValueError), match=match):
+        q8.save(obj, path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_file_rejects_bad_input_before_writing(tmp_path):
+    path = tmp_path / "m.q8"
+    for bad, match in [
+        ({1: torch.zeros(1)}, "non-empty str"),
+        ({"a": [1, 2]}, "must be a torch.Tensor"),
+        ({"a": torch.zeros(2, dtype=torch.uint1)}, "cannot hold dtype"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            q8.save_file(bad, path)
+    with pytest.raises(TypeError, match="metadata"):
+        q8.save_file({"a": torch.zeros(1)}, path, metadata={"a": 1})
+    with pytest.raises(ValueError, match="blocksize"):
+        q8.save_file({"a": torch.zeros(1)}, path, blocksize=100)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        q8.save_file({"a": torch.zeros(1)}, path, max_shard_size="lots")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="duplicate"), q8.Writer(path) as w:
+        w.add("a", torch.zeros(1))
+        w.add("a", torch.zeros(1))
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_save_keeps_previous_file(tmp_path):
+    path = tmp_path / "m.q8"
+    q8.save_file({"old": torch.arange(10)}, path)
+    before = path.read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), q8.Writer(path) as w:
+        w.add("new", torch.randn(100_000))
+        raise Boom
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.q8"]
+    # an exception from inside save (an unsupported object met mid-write) as well
+    with pytest.raises(TypeError):
+        with q8.Writer(path) as w:
+            w.add("new", torch.randn(100_000))
+            w.add("bad", "not a tensor")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.q8"]
+    assert torch.equal(q8.load_file(path)["old"], torch.arange(10))
+
+
+def test_sharding(tmp_path):
+    tensors = {f"layer{i}.w": torch.randn(64, 64) for i in range(10)}
+    tensors["ids"] = torch.arange(7)
+    path = tmp_path / "model.q8"
+    q8.save_file({"stale": torch.zeros(1)}, path)
+    q8.save_file(tensors, path, metadata={"m": "1"}, max_shard_size=40_000)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.q8" not in files and "model.q8.index.json" in files
+    shards = [f for f in files if f.endswith(".q8")]
+    assert len(shards) == 5 and shards[0] == "model-00001-of-00005.q8"  # two 16 KB tensors per shard
+    index = json.loads((tmp_path / "model.q8.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors) and index["metadata"]["format"] == "q8"
+    for p in (path, tmp_path / "model.q8.index.json"):
+        out = q8.load_file(p)
+        assert list(out) == list(tensors) and all(torch.equal(out[k], tensors[k]) for k in tensors)
+    with q8.safe_open(path) as f:
+        assert f.metadata() == {"m": "1"} and f.info("ids")["shape"] == (7,)
+    q8.verify(path)
+    (tmp_path / shards[2]).unlink()
+    with pytest.raises(q8.FormatError, match="missing"):
+        q8.load_file(path)
+
+
+def test_bad_index_json(tmp_path):
+    p = tmp_path / "m.q8.index.json"
+    for text in ["{", '{"weight_map": {"a": "../x.q8"}}', '{"weight_map": [1]}', "\xff"]:
+        p.write_bytes(text.encode("latin-1"))
+        with pytest.raises(q8.FormatError, match=r"m\.q8\.index\.json"):
+            q8.load_file(p)
+
+
+def test_uncompressed_tensors_are_zero_copy(tmp_path):
+    x = torch.randint(-(2**31), 2**31 - 1, (300, 70), dtype=torch.int32)  # incompressible: stored raw
+    path = tmp_path / "m.q8"
+    q8.save_file({"x": x}, path)
+    with q8.safe_open(path) as f:
+        y = f.get_tensor("x")
+        mm = f._mm
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        assert base <= y.data_ptr() < base + len(mm) and (y.data_ptr() - base) % 64 == 0
+    assert torch.equal(y, x)  # still valid after the reader closed
+    y[0, 0] = 5  # copy-on-write: the file is unchanged
+    assert torch.equal(q8.load_file(path)["x"], x)
+
+
+def test_random_access_reads_only_needed_segments(tmp_path):
+    path = tmp_path / "m.q8"
+    q8.save_file({"a": torch.randn(50_000), "b": torch.arange(1000)}, path)
+    with q8.safe_open(path) as f:
+        seg = f.records["a"]["segments"][3]  # the exponent plane of "a"
+    blob = bytearray(path.read_bytes())
+    blob[seg[0] + 5] ^= 0xFF  # corrupt "a" only
+    path.write_bytes(blob)
+    with q8.safe_open(path) as f:
+        assert torch.equal(f.get_tensor("b"), torch.arange(1000))
+        with pytest.raises(q8.FormatError, match=r"tensor 'a'.*checksum"):
+            f.get_tensor("a")
+    with pytest.raises(q8.FormatError, match="checksum"):
+        q8.verify(path)
+
+
+def _valid(tmp_path) -> bytes:
+    q8.save_file({"w": torch.randn(3000), "i": torch.arange(5)}, tmp_path / "v.q8")
+    return (tmp_path / "v.q8").read_bytes()
+
+
+def _rewrite_index(blob: bytes, edit) -> bytes:
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    index = msgpack.unpackb(blob[offset : offset + length])
+    edit(index)
+    new = msgpack.packb(index, use_bin_type=True)
+    return blob[:offset] + new + FOOTER.pack(offset, len(new), zlib.crc32(new), FORMAT_VERSION, MAGIC)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda b: b[:10], "too short"),
+        (lambda b: b[:-1], "footer"),
+        (lambda b: b"NOTQ8!!!" + b[8:], "not a q8 file"),
+        (lambda b: b[:8] + struct.pack("<I", 9) + b[12:], "newer"),
+        (lambda b: b[:-32] + bytes([b[-32] ^ 1]) + b[-31:], "index"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"].append(dict(i["tensors"][0]))), "duplicate"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][0].update(dtype="float128")), "unknown dtype"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][0].update(shape=[2**40, 2**40])), "too large"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][0].update(shape=[3001])), "the shape needs"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][1]["segments"][0].__setitem__(0, 1 << 40)), "outside"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][1]["segments"][0].__setitem__(0, 64)), "overlap"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][0].update(encoding="magic")), "unknown encoding"),
+        (lambda b: _rewrite_index(b, lambda i: i["metadata"].update(k=1)), "metadata"),
+        (lambda b: _rewrite_index(b, lambda i: i["tensors"][1].update(name=b"\xff\xfe")), "name"),
+    ],
+)
+def test_malformed_files_raise_format_error(tmp_path, mutate, match):
+    bad = tmp_path / "bad.q8"
+    bad.write_bytes(mutate(_valid(tmp_path)))
+    with pytest.raises(q8.FormatError, match=match) as e:
+        q8.load_file(bad)
+    assert "bad.q8" in str(e.value)
+
+
+def test_bad_utf8_in_index(tmp_path):
+    blob = _valid(tmp_path)
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    index = blob[offset : offset + length].replace(b"\xa1w", b"\xa1\xff")  # the name "w"
+    bad = tmp_path / "bad.q8"
+    bad.write_bytes(blob[:offset] + index + FOOTER.pack(offset, length, zlib.crc32(index), FORMAT_VERSION, MAGIC))
+    with pytest.raises(q8.FormatError, match="UTF-8"):
+        q8.load_file(bad)
+
+
+def test_zstd_bomb_and_lying_sizes(tmp_path):
+    """A zstd segment claiming more (or less) than it holds fails without allocating it."""
+    path = tmp_path / "m.q8"
+    q8.save_file({"z": torch.zeros(1 << 16, dtype=torch.int64)}, path)
+    with q8.safe_open(path) as f:
+        assert f.records["z"]["segments"][0][3] == 1  # zstd
+    blob = path.read_bytes()
+
+    def lie(i):
+        i["tensors"][0]["shape"] = [1 << 40]
+        i["tensors"][0]["segments"][0][2] = 8 << 40
+
+    bad = tmp_path / "bad.q8"
+    bad.write_bytes(_rewrite_index(blob, lie))
+    with pytest.raises(q8.FormatError, match="zstd frame holds"):
+        q8.load_file(bad)
+
+
+def test_missing_tensor_is_key_error(tmp_path):
+    q8.save_file({"a": torch.zeros(1)}, tmp_path / "m.q8")
+    with q8.safe_open(tmp_path / "m.q8") as f, pytest.raises(KeyError, match="'b'"):
+        f.get_tensor("b")
