@@ -1,1 +1,9 @@
-"""q8.kernels — see README.md."""
+"""q8.kernels: Triton GPU kernels of the codec, bit-identical to the CPU path (see README.md).
+
+`encode` / `decode` are the CUDA backend of `q8.quantize` / `q8.dequantize`; the
+`@triton.jit` building blocks they are made of live in `q8.kernels.quant`.
+"""
+
+from .blockwise import decode, encode
+
+__all__ = ["decode", "encode"]

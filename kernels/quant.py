@@ -1,0 +1,95 @@
+"""Reusable `@triton.jit` building blocks of the q8 codec (docs/CODEC.md), exact on GPU.
+
+Each helper works on a tile `[ROWS, BLOCKSIZE]`: one row per quantization block. A kernel
+built from them gives the bytes of the CPU path (codec/_native.c) when it follows three
+rules, which the encode/decode kernels here and the fused optimizer kernels share:
+
+1. Launch with `**EXACT` (`enable_fp_fusion=False`): Triton contracts `a * b + c` into
+   one fused multiply-add by default, which rounds once instead of twice.
+2. Divide with `tl.math.div_rn` (PTX `div.rn.f32`) and take square roots with
+   `tl.math.sqrt_rn`: a plain `/` compiles to an approximate division on NVIDIA GPUs.
+3. Nothing flushes subnormals: `div_rn`, `*`, `+` and comparisons compile to IEEE PTX
+   without `.ftz` (tests/test_kernels.py checks the PTX of every kernel).
+
+Tables live in device memory, loaded by the helpers: the 256 `values` of a code (fp32) and
+its 255 `thresholds` followed by `+inf` (fp32, 256 entries; see `q8.kernels.blockwise`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+EXACT = {"enable_fp_fusion": False}
+"""Launch options every q8 kernel uses: no multiply-add contraction."""
+
+
+@triton.jit
+def block_absmax(x):
+    """Per-row max |x| of an fp32 tile `[ROWS, BLOCKSIZE]`, and whether each row is finite.
+
+    Taken on the bit patterns (for |x|, the int32 bits order like the floats, NaN above
+    inf above every finite value), so it is exact whatever the hardware's float max does
+    with NaN or subnormals. Returns (absmax fp32 [ROWS], finite bool [ROWS]); absmax is
+    meaningless where finite is False.
+    """
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    top = tl.max(bits, axis=1)
+    return top.to(tl.float32, bitcast=True), top <= 0x7F7FFFFF
+
+
+@triton.jit
+def code_of(q, thresholds_ptr):
+    """The 8-bit code of normalised values `q` (fp32, any shape): #{j : thresholds[j] <= q}.
+
+    A branchless binary search over the 256-entry table at `thresholds_ptr` (255
+    thresholds, then +inf so the count stops at 255): eight loads, each step adding its
+    power of two when the threshold below it is <= q. Exact for every fp32 q, ties to the
+    lower code (the thresholds encode the tie rule), -0.0 like 0.0. Returns int32.
+    """
+    pos = tl.zeros(q.shape, tl.int32)
+    for level in tl.static_range(7, -1, -1):
+        t = tl.load(thresholds_ptr + pos + ((1 << level) - 1))
+        pos = tl.where(t <= q, pos + (1 << level), pos)
+    return pos
+
+
+@triton.jit
+def quantize_tile(x, absmax, thresholds_ptr, zero_code):
+    """Codes (uint8) of an fp32 tile `[ROWS, BLOCKSIZE]` given its per-row `absmax`.
+
+    code = code_of(x / absmax) with one correctly rounded division; rows with absmax 0
+    get `zero_code` (the index of the table's 0.0).
+    """
+    scale = tl.where(absmax == 0.0, 1.0, absmax)[:, None]
+    codes = code_of(tl.math.div_rn(x, scale), thresholds_ptr)
+    return tl.where(absmax[:, None] == 0.0, zero_code, codes).to(tl.uint8)
+
+
+@triton.jit
+def dequantize_tile(codes, absmax, values_ptr):
+    """fp32 values of a code tile `[ROWS, BLOCKSIZE]`: values[code] * absmax (one rounding)."""
+    return tl.load(values_ptr + codes.to(tl.int32)) * absmax[:, None]
+
+
+@triton.jit
+def to_bfloat16(y):
+    """fp32 -> bf16 rounded to nearest even (NaN -> 0x7FC0), computed on the bits.
+
+    Gives the bytes of torch's `.to(torch.bfloat16)` on every backend: the Triton
+    interpreter's own bf16 cast does not round to nearest even.
+    """
+    bits = y.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(y != y, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_float32(x):
+    """Widen fp32/fp16/bf16 values to fp32 exactly (bf16 on the bits: the Triton
+    interpreter's bf16 cast gets subnormals wrong)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
