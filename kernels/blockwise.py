@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ..codec.codes import Code
-from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, to_bfloat16, to_float32
+from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, search_tree, to_bfloat16, to_float32
 
 TILE = 4096
 """Elements per program (a tile of TILE // blocksize blocks, or one larger block)."""
@@ -26,7 +25,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _encode_kernel(
-    x_ptr, thresholds_ptr, codes_ptr, absmax_ptr, bad_ptr, n, nblocks, zero_code,
+    x_ptr, tree_ptr, codes_ptr, absmax_ptr, bad_ptr, n, nblocks, zero_code,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -35,7 +34,7 @@ def _encode_kernel(
     x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     absmax, finite = block_absmax(x)
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
-    tl.store(codes_ptr + offs, quantize_tile(x, absmax, thresholds_ptr, zero_code), mask=mask)
+    tl.store(codes_ptr + offs, quantize_tile(x, absmax, tree_ptr, zero_code), mask=mask)
     first_bad = tl.min(tl.where(finite, nblocks, rows))
     tl.atomic_min(bad_ptr, first_bad, mask=first_bad < nblocks)
 
@@ -59,13 +58,12 @@ def _decode_kernel(
 
 @functools.lru_cache(maxsize=64)
 def device_tables(code: Code, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(thresholds, values) of `code` on `device`, copied once per (code, device).
+    """(tree, values) of `code` on `device`, copied once per (code, device).
 
-    thresholds: fp32[256], the 255 thresholds then +inf (the layout `code_of` searches);
-    values: fp32[256], the table itself.
+    tree: fp32[255], the thresholds in the breadth-first order `code_of` descends
+    (`search_tree`); values: fp32[256], the table itself.
     """
-    thresholds = torch.cat([code.thresholds, torch.tensor([math.inf])])
-    return thresholds.to(device), code.values.to(device)
+    return search_tree(code.thresholds).to(device), code.values.to(device)
 
 
 def _interpreted() -> bool:
@@ -107,12 +105,12 @@ def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, t
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     if n == 0:
         return codes, absmax, -1
-    thresholds, _ = device_tables(code, x.device)
+    tree, _ = device_tables(code, x.device)
     bad = torch.full((1,), nblocks, dtype=torch.int64, device=x.device)
     rows, grid = _grid(nblocks, blocksize)
     with _launch_context(x.device):
         _encode_kernel[grid](
-            x, thresholds, codes, absmax, bad, n, nblocks, code.zero_index,
+            x, tree, codes, absmax, bad, n, nblocks, code.zero_index,
             BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
         )  # fmt: skip
     first_bad = int(bad.item())

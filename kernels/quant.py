@@ -12,16 +12,25 @@ rules, which the encode/decode kernels here and the fused optimizer kernels shar
    without `.ftz` (tests/test_kernels.py checks the PTX of every kernel).
 
 Tables live in device memory, loaded by the helpers: the 256 `values` of a code (fp32) and
-its 255 `thresholds` followed by `+inf` (fp32, 256 entries; see `q8.kernels.blockwise`).
+its 255 thresholds as a search tree (`search_tree`); `q8.kernels.device_tables` gives both,
+copied once per device.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 EXACT = {"enable_fp_fusion": False}
 """Launch options every q8 kernel uses: no multiply-add contraction."""
+
+
+def search_tree(thresholds: torch.Tensor) -> torch.Tensor:
+    """The 255 sorted thresholds in breadth-first order of a perfect binary search tree:
+    level k (k = 0..7) holds sorted indices (2j + 1) * 2**(7 - k) - 1, j = 0..2**k - 1."""
+    order = torch.cat([(2 * torch.arange(1 << k) + 1) * (1 << (7 - k)) - 1 for k in range(8)])
+    return thresholds[order]
 
 
 @triton.jit
@@ -39,30 +48,32 @@ def block_absmax(x):
 
 
 @triton.jit
-def code_of(q, thresholds_ptr):
+def code_of(q, tree_ptr):
     """The 8-bit code of normalised values `q` (fp32, any shape): #{j : thresholds[j] <= q}.
 
-    A branchless binary search over the 256-entry table at `thresholds_ptr` (255
-    thresholds, then +inf so the count stops at 255): eight loads, each step adding its
-    power of two when the threshold below it is <= q. Exact for every fp32 q, ties to the
-    lower code (the thresholds encode the tie rule), -0.0 like 0.0. Returns int32.
+    A branchless descent of a perfect binary search tree: `tree_ptr` holds the 255
+    thresholds in breadth-first (Eytzinger) order (`search_tree`), node i has children
+    2i+1 and 2i+2, and after eight steps the node index minus 255 is the count. Level k
+    reads 2**k neighbouring entries, so a warp touches few cache lines (sorted order would
+    scatter the first levels over the whole 1 KiB table). Exact for every fp32 q, ties to
+    the lower code (the thresholds encode the tie rule), -0.0 like 0.0. Returns int32.
     """
-    pos = tl.zeros(q.shape, tl.int32)
-    for level in tl.static_range(7, -1, -1):
-        t = tl.load(thresholds_ptr + pos + ((1 << level) - 1))
-        pos = tl.where(t <= q, pos + (1 << level), pos)
-    return pos
+    node = tl.zeros(q.shape, tl.int32)
+    for _ in tl.static_range(8):
+        t = tl.load(tree_ptr + node)
+        node = 2 * node + 1 + (t <= q).to(tl.int32)
+    return node - 255
 
 
 @triton.jit
-def quantize_tile(x, absmax, thresholds_ptr, zero_code):
+def quantize_tile(x, absmax, tree_ptr, zero_code):
     """Codes (uint8) of an fp32 tile `[ROWS, BLOCKSIZE]` given its per-row `absmax`.
 
     code = code_of(x / absmax) with one correctly rounded division; rows with absmax 0
     get `zero_code` (the index of the table's 0.0).
     """
     scale = tl.where(absmax == 0.0, 1.0, absmax)[:, None]
-    codes = code_of(tl.math.div_rn(x, scale), thresholds_ptr)
+    codes = code_of(tl.math.div_rn(x, scale), tree_ptr)
     return tl.where(absmax[:, None] == 0.0, zero_code, codes).to(tl.uint8)
 
 

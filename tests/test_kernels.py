@@ -194,10 +194,14 @@ def test_argument_errors():
 @runs_kernels
 def test_tables_are_copied_once_per_device():
     code = quantile_test_code()
-    thresholds, values = kernel_codec.device_tables(code, torch.device(DEVICE))
-    assert kernel_codec.device_tables(code, torch.device(DEVICE))[0] is thresholds
-    assert thresholds.device.type == DEVICE and thresholds.numel() == 256 and thresholds[-1] == math.inf
-    assert torch.equal(thresholds[:255].cpu(), code.thresholds) and torch.equal(values.cpu(), code.values)
+    tree, values = kernel_codec.device_tables(code, torch.device(DEVICE))
+    assert kernel_codec.device_tables(code, torch.device(DEVICE))[0] is tree
+    assert tree.device.type == DEVICE and values.device.type == DEVICE
+    assert torch.equal(values.cpu(), code.values)
+    # breadth-first order: the root is the median threshold, the deepest level the even ones
+    t = code.thresholds
+    assert tree[0] == t[127] and torch.equal(tree[1:3].cpu(), t[[63, 191]]) and torch.equal(tree[127:].cpu(), t[::2])
+    assert torch.equal(tree.sort().values.cpu(), t)
 
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="CPU tensors are valid input under the interpreter")
@@ -264,7 +268,7 @@ def test_compiled_ptx_is_exact(in_dtype):
     rows = kernel_codec.TILE // blocksize
     encode_ptx = kernel_ptx(
         kernel_codec._encode_kernel,
-        {"x_ptr": f"*{in_dtype}", "thresholds_ptr": "*fp32", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
+        {"x_ptr": f"*{in_dtype}", "tree_ptr": "*fp32", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
          "bad_ptr": "*i64", "n": "i32", "nblocks": "i32", "zero_code": "i32"},
         {"BLOCKSIZE": blocksize, "ROWS": rows},
     )  # fmt: skip
