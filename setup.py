@@ -5,8 +5,19 @@ Everything else is declared in pyproject.toml.
 """
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """The repository root is the package q8, so this script would ship as q8/setup.py."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != ("q8", "setup")]
+
 
 setup(
+    cmdclass={"build_py": BuildPy},
     ext_modules=[
         Extension(
             "q8.codec._native",
@@ -15,5 +26,5 @@ setup(
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
         ),
         Extension("q8.formats._planes", sources=["formats/_planes.c"], extra_compile_args=["-O3", "-std=c11"]),
-    ]
+    ],
 )

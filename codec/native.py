@@ -45,12 +45,20 @@ def search_lut(code: Code) -> torch.Tensor:
     return counts.clamp_(max=255).to(torch.uint8)
 
 
+def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised output tensor, backed by huge pages where the OS allows (see
+    `_native.advise_hugepages`: first-touch page faults dominate writing a large output)."""
+    out = torch.empty(n, dtype=dtype)
+    _native.advise_hugepages(out.data_ptr(), out.nbytes)
+    return out
+
+
 def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Encode a contiguous 1-D fp32 CPU tensor. Returns (codes, absmax, bad_block) where
     bad_block is -1, or the first block holding a NaN/inf (the outputs are then invalid)."""
     n = x.numel()
     nblocks = -(-n // blocksize)
-    codes = torch.empty(n, dtype=torch.uint8)
+    codes = _fresh(n, torch.uint8)
     absmax = torch.empty(nblocks, dtype=torch.float32)
     thresholds, lut = code.thresholds, search_lut(code)
 
@@ -67,7 +75,7 @@ def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, t
 def decode(codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int) -> torch.Tensor:
     """Decode contiguous uint8 codes and fp32 absmax (CPU) to a 1-D fp32 tensor."""
     n = codes.numel()
-    out = torch.empty(n, dtype=torch.float32)
+    out = _fresh(n, torch.float32)
     table = code.values
 
     def run(b0: int, b1: int) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import q8
 import torch
 
@@ -67,11 +71,51 @@ def section_codec(tensors: dict[str, torch.Tensor]) -> None:
     print(f"total: {before:,} -> {after:,} bytes ({before / after:.2f}x), exact nearest rounding\n")
 
 
+_KERNEL_CHECK = """
+import torch
+from q8 import kernels
+from q8.codec import get_code, native
+x = torch.randn(64_000, generator=torch.Generator().manual_seed(0)) ** 5
+same = []
+for code in map(get_code, ("dynamic", "udynamic", "linear", "ulinear")):
+    data = x if code.signed else x.abs()
+    for blocksize in (64, 2048):
+        codes, absmax, _ = kernels.encode(data, code, blocksize)
+        ref_codes, ref_absmax, _ = native.encode(data, code, blocksize)
+        out, ref = kernels.decode(codes, absmax, code, blocksize), native.decode(ref_codes, ref_absmax, code, blocksize)
+        same.append(torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax) and torch.equal(out, ref))
+print(all(same), len(same))
+"""
+
+
+def section_gpu_kernels(tensors: dict[str, torch.Tensor]) -> None:
+    print("== GPU kernels: q8.quantize / q8.dequantize on CUDA tensors give the CPU path's bytes ==")
+    if torch.cuda.is_available():
+        gpu = {name: q8.quantize(x.cuda(), blocksize=256) for name, x in tensors.items()}
+        same = all(
+            torch.equal(gpu[name].codes.cpu(), q8.quantize(x, blocksize=256).codes) for name, x in tensors.items()
+        )
+        print(
+            f"{len(tensors)} tensors quantized on {torch.cuda.get_device_name()} and on the CPU; same codes: {same}\n"
+        )
+        return
+    # No GPU: run the same kernels under the Triton interpreter, which must be switched on
+    # before triton is imported, hence a fresh process.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, check=True)
+    same, cases = proc.stdout.split()
+    print(
+        "no CUDA here: the same Triton kernels ran under the Triton interpreter on CPU tensors (64,000 values, "
+        f"{cases} code/blocksize cases); codes, absmax and decoded values identical to the CPU path: {same}\n"
+    )
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"q8 {q8.__version__} demo (torch {torch.__version__})\n")
     tensors = tiny_checkpoint()
     section_codec(tensors)
+    section_gpu_kernels(tensors)
 
 
 if __name__ == "__main__":
