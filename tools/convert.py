@@ -1,0 +1,604 @@
+"""q8convert: existing fp32 checkpoints into the q8 container and back; inspect and verify.
+
+    q8convert SRC -o DST          convert (file or folder); see `q8convert --help`
+    q8convert decode SRC -o DST   back to safetensors / a Hugging Face folder / optimizer.pt
+    q8convert info FILE [--json]  per tensor: shape, dtype, encoding, bytes, ratio, error
+    q8convert verify FILE         every checksum; exit code 1 if one fails
+
+Everything is written into a temporary folder next to DST and renamed into place at the
+end: a conversion that fails leaves no partial output (and any previous DST untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import q8
+import torch
+from tqdm import tqdm
+
+from .checkpoints import (
+    TORCH_SUFFIXES,
+    InputError,
+    SafetensorsFile,
+    TensorRef,
+    file_refs,
+    find_checkpoint,
+    is_flat_state_dict,
+    load_torch_file,
+    safetensors_name,
+    write_safetensors,
+)
+from .policy import Decision, Policy
+from .state import from_container, to_container
+
+__all__ = ["EXIT_CORRUPT", "EXIT_INPUT", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "main"]
+
+EXIT_OK, EXIT_CORRUPT, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT = 0, 1, 2, 3, 4
+KIND, SOURCE = "q8convert.kind", "q8convert.source"  # metadata: "weights" or "object"; the original file name
+INDEX_SUFFIX = ".index.json"
+
+EXAMPLES = """\
+examples:
+  q8convert ./checkpoint-500 -o ./checkpoint-500.q8       # a Trainer checkpoint folder
+  q8convert model.safetensors -o model.q8 --blocksize 256
+  q8convert model.safetensors.index.json -o model.q8 --max-shard-size 2GB
+  q8convert pytorch_model.bin -o model.q8 --keep 'lm_head.*' --max-error 0.01
+  q8convert model.safetensors -o model.q8 --lossless      # exact, compressed only
+  q8convert decode ./checkpoint-500.q8 -o ./checkpoint-500-restored
+  q8convert info model.q8 [--json]
+  q8convert verify model.q8
+
+exit codes: 0 ok; 1 a q8 file is corrupt (verify, decode, info); 2 bad arguments;
+3 an input cannot be read or converted; 4 the output cannot be written (or exists)."""
+
+
+class OutputError(Exception):
+    """The output cannot be written (it exists, or the disk refused)."""
+
+
+# -- staging: all or nothing -------------------------------------------------------------
+
+
+@contextmanager
+def staged(dst: Path, folder: bool, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder next to `dst` to build the output in, removed whatever happens.
+
+    On success a `folder` output replaces `dst` as a whole; otherwise the files built
+    (`dst`, or its shards and index) are moved next to `dst`, each atomically.
+    """
+    index = Path(f"{dst}{INDEX_SUFFIX}")
+    if (dst.exists() or index.exists()) and not overwrite:
+        raise OutputError(f"{dst if dst.exists() else index}: already exists (pass --overwrite to replace it)")
+    if not dst.parent.is_dir():
+        raise OutputError(f"{dst.parent}: no such folder")
+    tmp = dst.parent / f".{dst.name}.q8convert-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.q8convert-old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if folder:
+            if dst.exists():
+                dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            built = {p.name for p in tmp.iterdir()}
+            for stale in (dst, index):  # a single file and an index would shadow each other
+                if stale.is_file() and stale.name not in built:
+                    stale.unlink()
+            for name in sorted(built, key=lambda n: n.endswith(INDEX_SUFFIX)):  # the index last
+                os.replace(tmp / name, dst.parent / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ShardedWriter:
+    """`q8.Writer` over consecutive shards of at most `max_shard_size` stored bytes, named
+    and indexed like `q8.save_file(max_shard_size=...)` once their number is known."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], max_shard_size: int | None) -> None:
+        self.path, self.metadata, self.limit = path, metadata, max_shard_size
+        self.parts: list[Path] = []
+        self.weight_map: dict[str, int] = {}
+        self.size = 0
+        self.total = 0
+        self.writer: q8.Writer | None = None
+
+    def add(self, name: str, x: torch.Tensor | q8.QTensor, extra: dict[str, str]) -> None:
+        n = x.nbytes
+        if self.writer is None or (self.limit and self.size and self.size + n > self.limit):
+            self._next()
+        self.writer.add(name, x, extra=extra)
+        self.weight_map[name] = len(self.parts) - 1
+        self.size += n
+        self.total += n
+
+    def _next(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.parts.append(self.path.with_name(f".part{len(self.parts)}{self.path.suffix}"))
+        self.writer = q8.Writer(self.parts[-1], self.metadata)
+        self.size = 0
+
+    def close(self) -> list[Path]:
+        """Finish the last shard; rename the shards and write the index. The files written."""
+        if self.writer is None:
+            self._next()
+        self.writer.close()
+        if len(self.parts) == 1:
+            self.parts[0].rename(self.path)
+            return [self.path]
+        n = len(self.parts)
+        names = [self.path.with_name(f"{self.path.stem}-{i:05d}-of-{n:05d}{self.path.suffix}") for i in range(1, n + 1)]
+        for part, name in zip(self.parts, names, strict=True):
+            part.rename(name)
+        index = Path(f"{self.path}{INDEX_SUFFIX}")
+        weight_map = {k: names[i].name for k, i in self.weight_map.items()}
+        meta = {**self.metadata, "format": "q8", "total_size": self.total}
+        index.write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
+        return [*names, index]
+
+
+# -- convert -----------------------------------------------------------------------------
+
+
+def _convert_weights(
+    refs: list[TensorRef], out: Path | None, metadata: dict, policy: Policy, args, bar: tqdm
+) -> list[Decision]:
+    """Stream tensors through the policy into `out` (None: dry run)."""
+    writer = ShardedWriter(out, metadata, args.max_shard_size) if out else None
+    decisions = []
+    try:
+        for ref in refs:
+            bar.set_postfix_str(ref.name[-40:], refresh=False)
+            x = ref.load()
+            stored, d = policy.apply(ref.name, x, "")
+            d.stored_bytes = stored.nbytes
+            if writer:
+                writer.add(ref.name, stored, d.extra())
+            decisions.append(d)
+            del x, stored
+            bar.update(ref.nbytes)
+        if writer:
+            _record_stored_bytes(writer.close()[-1], decisions)
+    except BaseException:
+        if writer and writer.writer:
+            writer.writer.abort()
+        raise
+    return decisions
+
+
+def _record_stored_bytes(path: Path, decisions: list[Decision]) -> None:
+    """The bytes each tensor really takes in the file (after zstd), from its index."""
+    with q8.safe_open(path) as f:
+        for d in decisions:
+            d.stored_bytes = f.info(d.name)["stored_bytes"]
+
+
+def _convert_object(src: Path, obj: Any, out: Path | None, policy: Policy, bar: tqdm) -> list[Decision]:
+    """A nested checkpoint (optimizer state ...) through the policy into `out` via `q8.save`."""
+    converted, decisions = to_container(obj, policy, str(src))
+    for d in decisions:
+        d.stored_bytes = d.raw_bytes if d.encoding != "quantized" else None
+    if out:
+        choices = {d.name: d.extra() for d in decisions}
+        metadata = {KIND: "object", SOURCE: src.name, "q8convert.choices": json.dumps(choices)}
+        try:
+            q8.save(converted, out, metadata)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{src}: cannot be stored: {e}") from e
+        _record_stored_bytes(out, decisions)
+    bar.update(src.stat().st_size)
+    return decisions
+
+
+def _weights_metadata(refs_source: Path, source_name: str) -> dict[str, str]:
+    meta = {}
+    if refs_source.suffix == ".safetensors":
+        meta = dict(SafetensorsFile(refs_source).metadata)
+    return {**meta, KIND: "weights", SOURCE: source_name}
+
+
+def _convert_file(src: Path, out: Path | None, policy: Policy, args, bar_args: dict) -> list[tuple[str, list]]:
+    """One checkpoint file: weights (safetensors, index, flat .pt) or a nested .pt object."""
+    if src.suffix in TORCH_SUFFIXES:
+        obj = load_torch_file(src)
+        if not is_flat_state_dict(obj):
+            with tqdm(total=src.stat().st_size, desc=src.name, **bar_args) as bar:
+                return [(src.name, _convert_object(src, obj, out, policy, bar))]
+        del obj
+    refs = file_refs(src)
+    with tqdm(total=sum(r.nbytes for r in refs), desc=src.name, **bar_args) as bar:
+        meta = _weights_metadata(src, src.name)
+        return [(src.name, _convert_weights(refs, out, meta, policy, args, bar))]
+
+
+def _convert_folder(src: Path, out: Path | None, policy: Policy, args, bar_args: dict) -> tuple[list, list[str]]:
+    """A Hugging Face model or Trainer folder: weights to model.q8, optimizer.pt to
+    optimizer.q8, every other file carried over unchanged."""
+    ckpt = find_checkpoint(src)
+    results = []
+    if ckpt.weights:
+        refs = file_refs(src / ckpt.weights)
+        meta = _weights_metadata(src / ckpt.weights, ckpt.weights)
+        with tqdm(total=sum(r.nbytes for r in refs), desc="weights", **bar_args) as bar:
+            results.append((ckpt.weights, _convert_weights(refs, out and out / "model.q8", meta, policy, args, bar)))
+    if ckpt.optimizer:
+        path = src / ckpt.optimizer
+        with tqdm(total=path.stat().st_size, desc="optimizer", **bar_args) as bar:
+            obj = load_torch_file(path)
+            results.append((ckpt.optimizer, _convert_object(path, obj, out and out / "optimizer.q8", policy, bar)))
+    if out:
+        for name in ckpt.copies:
+            (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, out / name)
+    return results, ckpt.copies
+
+
+def cmd_convert(args) -> int:
+    src = Path(args.src)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
+    dst = Path(args.output) if args.output else _default_output(src)
+    policy = Policy(args.lossless, args.blocksize, args.code, tuple(args.keep), args.max_error)
+    bar_args = {"unit": "B", "unit_scale": True, "disable": args.quiet or args.json or None, "leave": False}
+    if args.dry_run:
+        results, copies = _run_convert(src, None, policy, args, bar_args)
+    else:
+        with staged(dst, src.is_dir(), args.overwrite) as tmp:
+            out = tmp if src.is_dir() else tmp / dst.name
+            results, copies = _run_convert(src, out, policy, args, bar_args)
+    _report(results, copies, src, None if args.dry_run else dst, args)
+    return EXIT_OK
+
+
+def _run_convert(src: Path, out: Path | None, policy: Policy, args, bar_args: dict) -> tuple[list, list[str]]:
+    if src.is_dir():
+        return _convert_folder(src, out, policy, args, bar_args)
+    return _convert_file(src, out, policy, args, bar_args), []
+
+
+def _default_output(src: Path) -> Path:
+    """checkpoint-500 -> checkpoint-500.q8; model.safetensors(.index.json) -> model.q8."""
+    if src.is_dir():
+        return src.with_name(src.name + ".q8")
+    return src.with_name(Path(src.name.removesuffix(INDEX_SUFFIX)).stem + ".q8")
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    cells = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _report(results: list, copies: list[str], src: Path, dst: Path | None, args) -> None:
+    if args.json:
+        doc = {
+            "input": str(src),
+            "output": str(dst) if dst else None,
+            "dry_run": bool(args.dry_run),
+            "files": [{"source": name, "tensors": [vars(d) for d in ds]} for name, ds in results],
+            "copied": copies,
+        }
+        raw = sum(d.raw_bytes for _, ds in results for d in ds)
+        stored = sum(d.stored_bytes or 0 for _, ds in results for d in ds)
+        doc["totals"] = {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None}
+        print(json.dumps(doc, indent=2))
+        return
+    if args.quiet:
+        return
+    groups: dict[tuple, list[Decision]] = {}
+    for name, ds in results:
+        for d in ds:
+            what = f"{d.encoding} {d.code} (bs {d.blocksize})" if d.code else d.encoding
+            groups.setdefault((name, what, d.reason), []).append(d)
+    rows = []
+    for (name, what, reason), ds in groups.items():
+        raw = sum(d.raw_bytes for d in ds)
+        stored = sum(d.stored_bytes or 0 for d in ds)
+        worst = max(d.rel_l2 for d in ds)
+        ratio = f"{raw / stored:.2f}x" if stored else "-"
+        err = f"{worst:.2e}" if any(d.encoding == "quantized" for d in ds) or "error" in reason else "0"
+        rows.append((name, f"{what}: {reason}", len(ds), _fmt_bytes(raw), _fmt_bytes(stored), ratio, err))
+    raw = sum(d.raw_bytes for _, ds in results for d in ds)
+    stored = sum(d.stored_bytes or 0 for _, ds in results for d in ds)
+    count = sum(len(ds) for _, ds in results)
+    rows.append(
+        ("total", "", count, _fmt_bytes(raw), _fmt_bytes(stored), f"{raw / stored:.2f}x" if stored else "-", "")
+    )
+    print(_table(rows, ("source", "what: why", "tensors", "input", "stored", "ratio", "max rel L2")))
+    if copies:
+        print(f"carried over unchanged: {', '.join(copies)}")
+    print(f"dry run: nothing written (would write {dst or _default_output(src)})" if args.dry_run else f"wrote {dst}")
+
+
+# -- decode ------------------------------------------------------------------------------
+
+
+def _q8_files(folder: Path) -> list[Path]:
+    """The q8 checkpoints in a folder: index files, and .q8 files that no index lists."""
+    indexes = sorted(folder.glob(f"*.q8{INDEX_SUFFIX}"))
+    sharded = set()
+    for index in indexes:
+        try:
+            sharded |= set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise q8.FormatError(f"{index}: not a valid index json: {e}") from e
+    return indexes + [p for p in sorted(folder.glob("*.q8")) if p.name not in sharded]
+
+
+def _decode_one(src: Path, dst_folder: Path, dst_name: str | None) -> str:
+    """Decode one q8 checkpoint into `dst_folder`; returns the file name written."""
+    with q8.safe_open(src) as f:
+        meta = f.metadata()
+        kind = meta.get(KIND, "object" if getattr(f, "tree", None) is not None else "weights")
+        source = meta.get(SOURCE, src.name.removesuffix(INDEX_SUFFIX))
+        if kind == "weights":
+            name = dst_name or safetensors_name(source)
+            entries = [(k, f.info(k)["dtype"], tuple(f.info(k)["shape"])) for k in f.keys()]
+            user_meta = {k: v for k, v in meta.items() if not k.startswith("q8convert.")}
+            user_meta.setdefault("format", "pt")  # Hugging Face refuses safetensors without it
+            write_safetensors(dst_folder / name, entries, (f.get_tensor(k) for k, _, _ in entries), user_meta)
+            return name
+    name = dst_name or source
+    torch.save(from_container(q8.load(src)), dst_folder / name)
+    return name
+
+
+def cmd_decode(args) -> int:
+    src, dst = Path(args.src), Path(args.output)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or folder")
+    written = []
+    with staged(dst, src.is_dir(), args.overwrite) as tmp:
+        if src.is_dir():
+            files = _q8_files(src)
+            if not files:
+                raise InputError(f"{src}: no .q8 files in this folder")
+            parts = {
+                src / n
+                for p in files
+                if p.name.endswith(INDEX_SUFFIX)
+                for n in json.loads(p.read_text())["weight_map"].values()
+            }
+            for p in tqdm(files, desc="decode", disable=args.quiet or None, leave=False):
+                written.append(_decode_one(p, tmp, None))
+            for p in sorted(src.iterdir()):
+                if p not in files and p not in parts:
+                    (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+                    written.append(p.name)
+        else:
+            written.append(_decode_one(src, tmp, dst.name))
+    if not args.quiet:
+        print(f"wrote {dst}" + (f": {', '.join(written)}" if src.is_dir() else ""))
+    return EXIT_OK
+
+
+# -- info / verify -----------------------------------------------------------------------
+
+
+def _info_rows(path: Path) -> list[dict]:
+    with q8.safe_open(path) as f:
+        choices = json.loads(f.metadata().get("q8convert.choices", "{}"))
+        rows = []
+        for k in f.keys():
+            info = f.info(k)
+            extra = {**choices.get(k, {}), **info["extra"]}
+            rows.append(
+                {
+                    "name": k,
+                    "shape": list(info["shape"]),
+                    "dtype": str(info["dtype"]).removeprefix("torch."),
+                    "encoding": info["encoding"],
+                    "code": info["code"],
+                    "blocksize": info["blocksize"],
+                    "raw_bytes": info["raw_bytes"],
+                    "stored_bytes": info["stored_bytes"],
+                    "rel_l2": float(extra["rel_l2"]) if "rel_l2" in extra else None,
+                    "extra": extra,
+                }
+            )
+        return rows
+
+
+def cmd_info(args) -> int:
+    path = Path(args.file)
+    files = _q8_files(path) if path.is_dir() else [path]
+    if not all(p.exists() for p in files) or not files:
+        raise InputError(f"{path}: no such q8 file")
+    per_file = {str(p): _info_rows(p) for p in files}
+    raw = sum(r["raw_bytes"] for rows in per_file.values() for r in rows)
+    stored = sum(r["stored_bytes"] for rows in per_file.values() for r in rows)
+    if args.json:
+        totals = {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None}
+        print(json.dumps({"files": per_file, "totals": totals}, indent=2))
+        return EXIT_OK
+    for p, rows in per_file.items():
+        print(p)
+        table = []
+        for r in rows:
+            ratio = f"{r['raw_bytes'] / r['stored_bytes']:.2f}x" if r["stored_bytes"] else "-"
+            err = f"{r['rel_l2']:.2e}" if r["rel_l2"] is not None else ""
+            enc = f"{r['encoding']} {r['code']}/{r['blocksize']}" if r["code"] else r["encoding"]
+            shape = "x".join(map(str, r["shape"])) or "scalar"
+            table.append((r["name"], shape, r["dtype"], enc, r["stored_bytes"], ratio, err))
+        print(_table(table, ("tensor", "shape", "dtype", "encoding", "stored bytes", "ratio", "rel L2")))
+    print(
+        f"total: {len(files)} file(s), {_fmt_bytes(raw)} -> {_fmt_bytes(stored)} ({raw / stored:.2f}x)"
+        if stored
+        else "total: empty"
+    )
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    path = Path(args.file)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    files = _q8_files(path) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"{path}: no .q8 files in this folder")
+    bad = 0
+    for p in files:
+        try:
+            q8.verify(p)
+            status = "OK"
+        except q8.FormatError as e:
+            bad += 1
+            status = f"FAILED: {e}"
+        if not args.quiet or bad:
+            print(f"{p}: {status}")
+    return EXIT_CORRUPT if bad else EXIT_OK
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?", text.strip(), re.IGNORECASE)
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GB, got {text!r}")
+    return int(float(m.group(1)) * units[(m.group(2) or "b").lower()])
+
+
+def _blocksize(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        b = 0
+    if not 64 <= b <= 4096 or b & (b - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two in [64, 4096], got {text!r}")
+    return b
+
+
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number (relative L2 error, e.g. 0.01), got {text!r}")
+    return x
+
+
+COMMANDS = ("decode", "info", "verify")
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    fmt = argparse.RawDescriptionHelpFormatter
+    convert = argparse.ArgumentParser(
+        prog="q8convert",
+        description="Convert a checkpoint (file or folder) to q8. Other commands: q8convert {decode,info,verify} -h",
+        epilog=EXAMPLES,
+        formatter_class=fmt,
+    )
+    convert.add_argument("src", help=".safetensors, *.index.json, .pt/.bin, or a Hugging Face model/Trainer folder")
+    convert.add_argument("-o", "--output", help="destination (default: SRC with .q8)")
+    convert.add_argument("--lossless", action="store_true", help="keep every tensor exact (lossless compression only)")
+    convert.add_argument("--blocksize", type=_blocksize, default=2048, help="elements per block (default 2048)")
+    convert.add_argument(
+        "--code",
+        choices=("auto", "dynamic", "linear"),
+        default="auto",
+        help="table for weights; auto: lowest measured error per tensor (default)",
+    )
+    convert.add_argument(
+        "--keep", action="append", default=[], metavar="GLOB", help="keep tensors whose name matches exact (repeatable)"
+    )
+    convert.add_argument(
+        "--max-error", type=_fraction, metavar="X", help="keep a tensor exact if its relative L2 error would exceed X"
+    )
+    convert.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="split the weights, e.g. 5GB")
+    convert.add_argument("--dry-run", action="store_true", help="decide and measure everything, write nothing")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no report")
+    convert.set_defaults(func=cmd_convert)
+
+    decode = argparse.ArgumentParser(
+        prog="q8convert decode",
+        formatter_class=fmt,
+        description="Decode a q8 file or folder back to safetensors / optimizer.pt.",
+        epilog="example:\n  q8convert decode ./checkpoint-500.q8 -o ./checkpoint-500-restored",
+    )
+    decode.add_argument("src", help="a .q8 file, a *.q8.index.json, or a folder written by q8convert")
+    decode.add_argument("-o", "--output", required=True, help="destination file (.safetensors, .pt) or folder")
+    decode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    decode.add_argument("-q", "--quiet", action="store_true")
+    decode.set_defaults(func=cmd_decode)
+
+    info = argparse.ArgumentParser(
+        prog="q8convert info",
+        description="Per tensor: shape, dtype, encoding, bytes, ratio, error.",
+        epilog="example:\n  q8convert info model.q8 --json",
+        formatter_class=fmt,
+    )
+    info.add_argument("file", help="a .q8 file, *.q8.index.json or folder")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    verify = argparse.ArgumentParser(
+        prog="q8convert verify",
+        description="Check every checksum. Exit code 1 if one fails.",
+        epilog="example:\n  q8convert verify model.q8",
+        formatter_class=fmt,
+    )
+    verify.add_argument("file", help="a .q8 file, *.q8.index.json or folder")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print failures only")
+    verify.set_defaults(func=cmd_verify)
+    return {"convert": convert, "decode": decode, "info": info, "verify": verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run q8convert with `argv` (default: sys.argv[1:]); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
+    try:
+        args = _parsers()[command].parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"q8convert: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except q8.FormatError as e:
+        print(f"q8convert: error: {e}", file=sys.stderr)
+        return EXIT_CORRUPT
+    except OutputError as e:
+        print(f"q8convert: error: {e}", file=sys.stderr)
+        return EXIT_OUTPUT
+    except OSError as e:
+        print(f"q8convert: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_OUTPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

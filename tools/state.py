@@ -1,0 +1,120 @@
+"""Nested checkpoints (optimizer.pt and other torch.save'd objects) into the container and back.
+
+Every tensor leaf goes through the `Policy` under its dotted path ("state.0.exp_avg").
+bitsandbytes 8-bit state (uint8 `state1`/`state2` with `absmax1`/`absmax2` and a `qmap`)
+already is blockwise 8-bit: it is stored as is, as a QTensor with the matching q8 code
+(the dynamic tables equal bitsandbytes' bit for bit) and the blocksize inferred from the
+number of absmax values. Decoding gives back bitsandbytes' layout with identical codes,
+and fp32 tensors for everything q8convert quantized, which torch's optimizers load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import q8
+import torch
+from q8.codec import get_code
+
+from .checkpoints import InputError
+from .policy import Decision, Policy
+
+__all__ = ["BNB_TABLES", "from_container", "infer_blocksize", "to_container"]
+
+BNB_TABLES = ("dynamic", "udynamic")
+"""The q8 tables a bitsandbytes `qmap` may equal (its create_dynamic_map, signed and not)."""
+_BNB_8BIT_KEYS = ("state1", "state2")
+_BLOCKSIZES = [1 << k for k in range(6, 13)]
+
+
+def infer_blocksize(numel: int, nblocks: int) -> int | None:
+    """The blocksize that cuts `numel` elements into `nblocks` blocks (bitsandbytes does not
+    store it). When several fit (a single block) they decode alike; the smallest is taken."""
+    return next((b for b in _BLOCKSIZES if -(-numel // b) == nblocks), None)
+
+
+def _bnb_qtensor(where: str, i: int, d: dict) -> q8.QTensor:
+    """bitsandbytes' state{i}, absmax{i}, qmap{i} as one QTensor, codes untouched."""
+    codes, absmax, qmap = d[f"state{i}"], d.get(f"absmax{i}"), d.get(f"qmap{i}")
+    if not isinstance(absmax, torch.Tensor) or not isinstance(qmap, torch.Tensor):
+        raise InputError(
+            f"{where}: 8-bit state{i} needs absmax{i} and qmap{i} (blockwise bitsandbytes state; "
+            "the older non-blockwise layout is not supported)"
+        )
+    code = next((get_code(n) for n in BNB_TABLES if torch.equal(qmap.float().cpu(), get_code(n).values)), None)
+    if code is None or qmap.dtype != torch.float32:
+        raise InputError(f"{where}: qmap{i} is not bitsandbytes' dynamic table (signed or unsigned), cannot keep as is")
+    blocksize = infer_blocksize(codes.numel(), absmax.numel())
+    if blocksize is None:
+        raise InputError(
+            f"{where}: {absmax.numel()} absmax{i} values fit no blocksize for {codes.numel()} codes of state{i}"
+        )
+    try:
+        return q8.QTensor(codes.reshape(-1), absmax.reshape(-1), code, blocksize, codes.shape, torch.float32)
+    except ValueError as e:
+        raise InputError(f"{where}: state{i}: {e}") from e
+
+
+def _is_bnb_8bit(d: dict, key: str) -> bool:
+    v = d.get(key)
+    return key in _BNB_8BIT_KEYS and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+
+
+def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decision]]:
+    """`obj` with each tensor replaced by what the policy stores for it; and the decisions.
+
+    `where` names the source file in errors.
+    """
+    decisions: list[Decision] = []
+
+    def walk(x: Any, path: str, key: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            if key in _BNB_8BIT_KEYS:  # bitsandbytes 32-bit state: kept exact, so decoding cannot mistake it for 8-bit
+                d = Decision(path, tuple(x.shape), str(x.dtype).removeprefix("torch."), "exact", "", x.nbytes)
+                d.reason = "bitsandbytes 32-bit state"
+                decisions.append(d)
+                return x
+            stored, d = policy.apply(path, x, key)
+            decisions.append(d)
+            return stored
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if _is_bnb_8bit(x, k):
+                    qt = _bnb_qtensor(f"{where}: {sub}", int(k[-1]), x)
+                    d = Decision(sub, tuple(v.shape), "uint8", "8-bit as is", "bitsandbytes 8-bit state", 0)
+                    d.raw_bytes, d.code, d.blocksize = qt.nbytes, qt.code.name, qt.blocksize
+                    decisions.append(d)
+                    out[k] = qt
+                elif k in ("absmax1", "absmax2", "qmap1", "qmap2") and _is_bnb_8bit(x, f"state{k[-1]}"):
+                    continue  # inside the QTensor
+                else:
+                    out[k] = walk(v, sub, str(k))
+            return out
+        if isinstance(x, list | tuple):
+            return type(x)(walk(v, f"{path}.{i}", "") for i, v in enumerate(x))
+        return x
+
+    return walk(obj, "", ""), decisions
+
+
+def from_container(obj: Any) -> Any:
+    """The inverse of `to_container`: bitsandbytes layout for its 8-bit state, fp32 (or the
+    original dtype) for what q8convert quantized."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(v, q8.QTensor) and k in _BNB_8BIT_KEYS:
+                i = k[-1]
+                out[k] = v.codes.reshape(v.shape)
+                out[f"qmap{i}"] = v.code.values.clone()
+                out[f"absmax{i}"] = v.absmax
+            else:
+                out[k] = from_container(v)
+        return out
+    if isinstance(obj, list | tuple):
+        return type(obj)(from_container(v) for v in obj)
+    if isinstance(obj, q8.QTensor):
+        return q8.dequantize(obj)
+    return obj
