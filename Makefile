@@ -13,7 +13,7 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: demo test lint bench
 
-$(STAMP): pyproject.toml setup.py $(wildcard */*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard */*.c */*.h)
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "q8: reusing the torch already installed for $(PYTHON)"; \
