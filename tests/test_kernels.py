@@ -10,8 +10,8 @@ Where each test runs:
   late (another test file may have imported triton already) and too wide (it would change
   every later file's triton code). So `test_kernels_under_the_triton_interpreter` runs
   this file again in a child pytest with TRITON_INTERPRET=1 and reports its outcome; here
-  the kernel tests are skipped. `TRITON_INTERPRET=1 pytest tests/test_kernels.py` shows
-  them one by one.
+  the kernel tests are skipped. It runs tests/test_kernels_optim.py the same way.
+  `TRITON_INTERPRET=1 pytest tests/test_kernels.py` shows them one by one.
 - `test_compiled_ptx_is_exact` compiles the kernels for sm_90 without a GPU and checks the
   PTX for the exactness rules (no FMA, no flush-to-zero, IEEE division, int64 indexing).
 """
@@ -287,11 +287,32 @@ def test_compiled_ptx_is_exact(in_dtype):
         assert "cvt.rn.f16.f32" in decode_ptx, "fp16 output is not rounded to nearest even"
 
 
+@compiled_only
+@pytest.mark.parametrize("p_dtype", ["fp32", "bf16"])
+def test_compiled_adam_ptx_is_exact(p_dtype):
+    """The fused Adam kernel: no FMA (Triton contracts by default), IEEE division and sqrt."""
+    from q8.kernels import optim as kernel_optim
+
+    signature = {"p_ptr": f"*{p_dtype}", "g_ptr": f"*{p_dtype}"}
+    for s in "mv":
+        signature.update({f"{s}_codes_ptr": "*u8", f"{s}_absmax_ptr": "*fp32", f"{s}_values_ptr": "*fp32",
+                          f"{s}_tree_ptr": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
+    signature.update({"bad_ptr": "*i64", "n": "i32", "nblocks": "i32"})
+    signature.update(
+        dict.fromkeys(["beta1", "c1", "beta2", "c2", "eps", "step_size", "bc2_sqrt", "decay", "l2"], "fp32")
+    )
+    ptx = kernel_ptx(kernel_optim._adam_kernel, signature, {"BLOCKSIZE": 256, "ROWS": kernel_codec.TILE // 256})
+    assert_exact_ptx(ptx)
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+
+
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernels_under_the_triton_interpreter():
-    """Without CUDA: run this file's kernel tests in a child process under TRITON_INTERPRET=1."""
+    """Without CUDA: run the kernel tests (tests/test_kernels*.py) in a child process
+    under TRITON_INTERPRET=1."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONSAFEPATH": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
+    files = sorted(str(f) for f in Path(__file__).parent.glob("test_kernels*.py"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files]
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (

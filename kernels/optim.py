@@ -1,0 +1,131 @@
+"""Fused 8-bit optimizer updates on the GPU, bit-identical to the CPU path (optim/_native.c).
+
+One pass per tile of whole blocks: decode the 8-bit moments, apply the update rule in
+fp32, write the parameter, take the new absmax of each block and requantize, without
+materialising fp32 state in memory. Built from the codec blocks of `q8.kernels.quant`
+under the same exactness rules (`EXACT` launch, `div_rn`, `sqrt_rn`), so the bytes are
+those of the CPU path and of the generic path (`q8.optim.fused.generic_update`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codec import QTensor
+from .blockwise import DTYPES, NUM_WARPS, _check, _grid, _launch_context, device_tables
+from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, to_bfloat16, to_float32
+
+
+@triton.jit
+def adam_rule(p, g, m, v, beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2):
+    """One Adam/AdamW step on fp32 values, in the operation order of optim/_native.c.
+
+    Hyperparameters are the binary32 per-step constants of `q8.optim.fused.adam_hyper`:
+    l2 != 0 adds Adam's L2 term to the gradient, decay != 1 is AdamW's decoupled decay.
+    Every product and sum rounds on its own (launch with `EXACT`). Returns (p, m, v).
+    """
+    g = tl.where(l2 != 0.0, g + l2 * p, g)
+    m = beta1 * m + c1 * g
+    v = beta2 * v + c2 * (g * g)
+    p = tl.where(decay != 1.0, p * decay, p)
+    p = p - step_size * tl.math.div_rn(m, tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt) + eps)
+    return p, m, v
+
+
+@triton.jit
+def _requantize(x, codes_ptr, absmax_ptr, tree_ptr, zero_code, offs, rows, mask, nblocks):
+    """Store the new absmax and codes of fp32 state `x`; returns which rows are finite."""
+    x = tl.where(mask, x, 0.0)  # elements past the end never count towards absmax
+    absmax, finite = block_absmax(x)
+    tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
+    tl.store(codes_ptr + offs, quantize_tile(x, absmax, tree_ptr, zero_code), mask=mask)
+    return finite
+
+
+@triton.jit
+def _adam_kernel(
+    p_ptr, g_ptr,
+    m_codes_ptr, m_absmax_ptr, m_values_ptr, m_tree_ptr, m_zero,
+    v_codes_ptr, v_absmax_ptr, v_values_ptr, v_tree_ptr, v_zero,
+    bad_ptr, n, nblocks,
+    beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    mask = offs < n
+    row_ok = rows < nblocks
+    p = to_float32(tl.load(p_ptr + offs, mask=mask, other=0.0))
+    g = to_float32(tl.load(g_ptr + offs, mask=mask, other=0.0))
+    m_codes = tl.load(m_codes_ptr + offs, mask=mask, other=0)
+    v_codes = tl.load(v_codes_ptr + offs, mask=mask, other=0)
+    m = dequantize_tile(m_codes, tl.load(m_absmax_ptr + rows, mask=row_ok, other=0.0), m_values_ptr)
+    v = dequantize_tile(v_codes, tl.load(v_absmax_ptr + rows, mask=row_ok, other=0.0), v_values_ptr)
+
+    p, m, v = adam_rule(p, g, m, v, beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2)
+
+    if p_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(p_ptr + offs, to_bfloat16(p), mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    m_ok = _requantize(m, m_codes_ptr, m_absmax_ptr, m_tree_ptr, m_zero, offs, rows, mask, nblocks)
+    v_ok = _requantize(v, v_codes_ptr, v_absmax_ptr, v_tree_ptr, v_zero, offs, rows, mask, nblocks)
+    first_bad = tl.min(tl.where(m_ok & v_ok, nblocks, rows))
+    tl.atomic_min(bad_ptr, first_bad, mask=first_bad < nblocks)
+
+
+def _state_args(qt: QTensor, name: str, n: int, blocksize: int) -> tuple:
+    if qt.numel() != n or qt.blocksize != blocksize:
+        raise ValueError(
+            f"q8.kernels.adam_update: {name} has {qt.numel()} elements in blocks of {qt.blocksize}, "
+            f"expected {n} in blocks of {blocksize}"
+        )
+    _check(qt.codes, f"{name}.codes", (torch.uint8,))
+    _check(qt.absmax, f"{name}.absmax", (torch.float32,))
+    tree, values = device_tables(qt.code, qt.device)
+    return qt.codes, qt.absmax, values, tree, qt.code.zero_index
+
+
+def adam_update(p: torch.Tensor, grad: torch.Tensor, m: QTensor, v: QTensor, hyper: Sequence[float]) -> int:
+    """One fused Adam/AdamW step, in place on `p` and the 8-bit moments `m` and `v`.
+
+    Args:
+        p: contiguous fp32/fp16/bf16 CUDA parameter (updated in fp32, written back
+            rounded to nearest even, as `p.copy_(p32)` would).
+        grad: gradient, same numel and device, any of those dtypes (widened exactly).
+        m, v: first and second moments, QTensors of `p`'s numel on its device (codes and
+            absmax overwritten).
+        hyper: the nine binary32 constants of `q8.optim.fused.adam_hyper`.
+
+    Returns:
+        -1, or the first block whose new m or v is not finite (fp32 overflow); the state
+        is then invalid, as on the CPU path.
+    """
+    n, blocksize = p.numel(), m.blocksize
+    for name, t in (("p", p), ("grad", grad)):
+        if not t.is_contiguous() or t.numel() != n:
+            raise ValueError(f"q8.kernels.adam_update: {name} must be contiguous with {n} elements")
+        _check(t.view(-1), name, DTYPES)
+    if grad.device != p.device or m.device != p.device or v.device != p.device:
+        raise ValueError(
+            f"q8.kernels.adam_update: p on {p.device}, grad on {grad.device}, state on {m.device}/{v.device}"
+        )
+    if len(hyper) != 9:
+        raise ValueError(f"q8.kernels.adam_update: hyper must hold 9 values, got {len(hyper)}")
+    m_args, v_args = _state_args(m, "m", n, blocksize), _state_args(v, "v", n, blocksize)
+    nblocks = m.absmax.numel()
+    if n == 0:
+        return -1
+    bad = torch.full((1,), nblocks, dtype=torch.int64, device=p.device)
+    rows, grid = _grid(nblocks, blocksize)
+    with _launch_context(p.device):
+        _adam_kernel[grid](
+            p, grad, *m_args, *v_args, bad, n, nblocks, *(float(h) for h in hyper),
+            BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
+        )  # fmt: skip
+    first_bad = int(bad.item())
+    return first_bad if first_bad < nblocks else -1
