@@ -1,0 +1,304 @@
+"""Hugging Face Trainer integration.
+
+Two pieces, both clients of the public q8 API:
+
+- `q8_optimizer_cls_and_kwargs(name, args, model)`: a q8 8-bit optimizer for any `transformers.Trainer`
+  through its `optimizer_cls_and_kwargs` argument, with the hyperparameters of `TrainingArguments` and
+  32-bit state for embedding tables (the Trainer does the same for bitsandbytes' 8-bit optimizers).
+- `Q8Trainer`: a drop-in `Trainer` whose checkpoints keep the optimizer state in `optimizer.q8` (8-bit
+  state as is, fp32 state losslessly unless asked to quantize it) and whose resume fails loudly instead
+  of silently restarting the optimizer from zero.
+
+Importing this module imports transformers; `import q8` never does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from typing import Any
+
+import q8
+import q8.optim
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import reissue_pt_warnings
+from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.q8"
+"""Where `Q8Trainer` keeps the optimizer state in a checkpoint folder."""
+TORCH_OPTIMIZER_FILE = "optimizer.pt"  # transformers' name; in a Q8Trainer checkpoint: the placeholder below
+SCHEDULER_FILE = "scheduler.pt"  # written and read as transformers does
+
+# Name -> class name in q8.optim. The names follow bitsandbytes' (AdamW8bit -> "adamw8bit").
+OPTIMIZERS = {
+    "adam8bit": "Adam8bit",
+    "adamw8bit": "AdamW8bit",
+    "lion8bit": "Lion8bit",
+    "sgd8bit": "SGD8bit",
+    "rmsprop8bit": "RMSprop8bit",
+    "adagrad8bit": "Adagrad8bit",
+    "lamb8bit": "LAMB8bit",
+    "lars8bit": "LARS8bit",
+}
+# With `quantize_optimizer_state=True`, fp32 state tensors smaller than this stay lossless, as q8's 8-bit
+# optimizers keep small tensors in 32 bits (default `min_8bit_size`): there the absmax overhead and the
+# error would not pay off. Scalars such as Adam's `step` and non-finite tensors are never quantized.
+MIN_QUANTIZED_NUMEL = 4096
+QUANTIZE_BLOCKSIZE = 256
+
+
+def q8_optimizer_cls_and_kwargs(
+    name: str, args: TrainingArguments, model: torch.nn.Module | None = None, *, embeddings_32bit: bool = True
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The `(cls, kwargs)` pair for `Trainer(optimizer_cls_and_kwargs=...)` that trains with a q8 8-bit optimizer.
+
+    The Trainer itself splits the parameters into a weight-decay group (`args.weight_decay`) and a no-decay
+    group (biases, norms); this adds `lr`, the betas and eps (Adam, AdamW, LAMB; betas only for Lion) from
+    `args`, and any `args.optim_args` ("momentum=0.9,alpha=0.99") the optimizer accepts.
+
+    Args:
+        name: one of `OPTIMIZERS` ("adamw8bit", "adam8bit", "lion8bit", "sgd8bit", "rmsprop8bit",
+            "adagrad8bit", "lamb8bit", "lars8bit"), case-insensitive.
+        args: the `TrainingArguments` the Trainer is built with.
+        model: the model to train; needed for `embeddings_32bit`.
+        embeddings_32bit: keep the optimizer state of every `nn.Embedding` weight of `model` in 32 bits
+            (`q8.optim.override_32bit`), as the Trainer does for bitsandbytes' 8-bit optimizers and the
+            8-bit optimizers paper recommends for language models.
+
+    Example:
+        >>> trainer = Trainer(model, args, train_dataset=ds,
+        ...                   optimizer_cls_and_kwargs=q8_optimizer_cls_and_kwargs("adamw8bit", args, model))
+    """
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown q8 optimizer {name!r}: expected one of {sorted(OPTIMIZERS)}")
+    cls = getattr(q8.optim, OPTIMIZERS[key])
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {"lr": args.learning_rate}
+    if "betas" in accepted:
+        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
+        if "eps" in accepted:
+            kwargs["eps"] = args.adam_epsilon
+    kwargs.update(_parse_optim_args(args.optim_args, cls, accepted))
+    if embeddings_32bit:
+        if model is None:
+            raise ValueError("q8_optimizer_cls_and_kwargs: embeddings_32bit=True needs the model (or pass False)")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                q8.optim.override_32bit(module.weight)
+    return cls, kwargs
+
+
+def _parse_optim_args(optim_args: str | None, cls: type, accepted: dict[str, inspect.Parameter]) -> dict[str, Any]:
+    """`TrainingArguments.optim_args` ("k=v,k=v") as keyword arguments of `cls`, typed like their defaults."""
+    parsed: dict[str, Any] = {}
+    for item in (optim_args or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, text = item.partition("=")
+        if not sep or key not in accepted or key in ("self", "params"):
+            raise ValueError(f"optim_args: {item!r} is not a `key=value` keyword argument of {cls.__name__}")
+        default = accepted[key].default
+        if isinstance(default, bool):
+            parsed[key] = text.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            parsed[key] = int(text)
+        elif isinstance(default, tuple):
+            parsed[key] = tuple(float(v) for v in text.split(":"))
+        else:
+            parsed[key] = float(text)
+    return parsed
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str, *, quantize: bool = False) -> None:
+    """Write an optimizer's state to a q8 file: 8-bit q8 state as is, any other state losslessly.
+
+    With `quantize=True`, the floating-point state tensors of a non-q8 optimizer with at least
+    `MIN_QUANTIZED_NUMEL` elements are stored as 8-bit blockwise codes (dynamic code; unsigned for
+    non-negative tensors such as Adam's second moment). This loses precision once, at each save; the
+    largest relative L2 error is logged and recorded in the file's metadata.
+    """
+    state = optimizer.state_dict()
+    metadata = {"optimizer": _class_name(optimizer)}
+    if quantize and not isinstance(optimizer, q8.optim.Optimizer8bit):
+        state, worst = _quantize_state(state)
+        metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
+        logger.warning(f"{path}: fp32 optimizer state stored as 8-bit codes, max relative L2 error {worst:.3e}")
+    q8.save(state, path, metadata=metadata)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Load a file written by `save_optimizer_state` into `optimizer`.
+
+    Raises FileNotFoundError if the file is missing, `q8.FormatError` if it is corrupt, and ValueError
+    (naming the file) if it was written by another optimizer class or for other parameters.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: optimizer state file not found")
+    with q8.safe_open(path) as f:
+        saved = f.metadata().get("optimizer")
+    if saved != _class_name(optimizer):
+        raise ValueError(
+            f"{path}: optimizer state was written by {saved}, cannot load it into {_class_name(optimizer)}"
+        )
+    state = _dequantize_state(q8.load(path))
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: optimizer state does not match the optimizer's parameters: {e}") from e
+
+
+def _quantize_state(state: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """A copy of a torch optimizer state dict with its large floating-point tensors as QTensors."""
+    worst = 0.0
+    quantized: dict[Any, dict[str, Any]] = {}
+    for index, tensors in state["state"].items():
+        quantized[index] = {}
+        for key, t in tensors.items():
+            if _quantizable(t):
+                code = "udynamic" if bool((t >= 0).all()) else "dynamic"
+                qt = q8.quantize(t, code=code, blocksize=QUANTIZE_BLOCKSIZE)
+                worst = max(worst, q8.quant_error(t, qt).rel_l2)
+                t = qt
+            quantized[index][key] = t
+    return {**state, "state": quantized}, worst
+
+
+def _quantizable(t: Any) -> bool:
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.numel() >= MIN_QUANTIZED_NUMEL
+        and bool(torch.isfinite(t).all())
+    )
+
+
+def _dequantize_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_quantize_state` (a no-op on lossless state)."""
+    restored = {
+        index: {key: t.dequantize() if isinstance(t, q8.QTensor) else t for key, t in tensors.items()}
+        for index, tensors in state["state"].items()
+    }
+    return {**state, "state": restored}
+
+
+def resume_requires_q8trainer(optimizer_file: str) -> None:
+    """Raise: called when `torch.load` reads the placeholder `optimizer.pt` of a Q8Trainer checkpoint."""
+    raise RuntimeError(
+        f"this checkpoint keeps its optimizer state in {optimizer_file}, which transformers.Trainer cannot read: "
+        "resume it with q8.integrations.hf.Q8Trainer. Its optimizer.pt is only a placeholder that makes a plain "
+        "Trainer fail here instead of silently restarting the optimizer from zero."
+    )
+
+
+class _PlaceholderOptimizerState:
+    """What `Q8Trainer` pickles as `optimizer.pt`: unpickling it calls `resume_requires_q8trainer`."""
+
+    def __reduce__(self):
+        return resume_requires_q8trainer, (OPTIMIZER_FILE,)
+
+
+# Loaded with weights_only=True (as transformers does), the placeholder fails at once with an error naming
+# `q8.integrations.hf.resume_requires_q8trainer`; once this module is imported the call is allowed and
+# raises the explanation above. The function only raises, so allowing it is safe.
+torch.serialization.add_safe_globals([resume_requires_q8trainer])
+
+
+class Q8Trainer(Trainer):
+    """A drop-in `transformers.Trainer` that keeps checkpoint optimizer state in q8 files.
+
+    Each checkpoint gets `optimizer.q8` instead of the Trainer's `optimizer.pt`; scheduler, RNG, trainer
+    state and model files are written as the Trainer writes them. `optimizer.pt` becomes a small
+    placeholder that makes a plain `Trainer` fail on resume (it would otherwise skip the missing state
+    without a word). On `train(resume_from_checkpoint=...)` the state is loaded back exactly; a checkpoint
+    without optimizer or scheduler state, or with state for other parameters, raises an error naming the file.
+    Checkpoints of a plain Trainer (`optimizer.pt`) resume as the Trainer would.
+
+    DeepSpeed, FSDP, XLA and SageMaker model parallelism save their own sharded optimizer state: under
+    them Q8Trainer behaves exactly like Trainer.
+
+    Args (besides the Trainer's):
+        q8_optim: train with this q8 8-bit optimizer ("adamw8bit", ...; see `q8_optimizer_cls_and_kwargs`)
+            instead of `args.optim`.
+        embeddings_32bit: with `q8_optim`, keep embedding weights' optimizer state in 32 bits.
+        quantize_optimizer_state: store the state of a non-q8 (fp32) optimizer as 8-bit codes, about 4x
+            smaller; a one-time loss at each save, logged with its error. q8 optimizers' state is 8-bit
+            already and always stored as is.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        q8_optim: str | None = None,
+        embeddings_32bit: bool = True,
+        quantize_optimizer_state: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if q8_optim is not None and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
+            raise ValueError(
+                "Q8Trainer: pass q8_optim or an optimizer (optimizers, optimizer_cls_and_kwargs), not both"
+            )
+        self.q8_optim = q8_optim
+        self.embeddings_32bit = embeddings_32bit
+        self.quantize_optimizer_state = quantize_optimizer_state
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.q8_optim is not None and self.optimizer is None:
+            self.optimizer_cls_and_kwargs = q8_optimizer_cls_and_kwargs(
+                self.q8_optim, self.args, self.model if model is None else model, embeddings_32bit=self.embeddings_32bit
+            )
+        return super().create_optimizer(model)
+
+    def _saves_its_own_optimizer_state(self) -> bool:
+        """True where the parent's distributed engines write (sharded) optimizer state themselves."""
+        return (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or is_torch_xla_available() or is_sagemaker_mp_enabled()
+        )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self._saves_its_own_optimizer_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        save_optimizer_state(
+            optimizer, os.path.join(output_dir, OPTIMIZER_FILE), quantize=self.quantize_optimizer_state
+        )
+        torch.save(_PlaceholderOptimizerState(), os.path.join(output_dir, TORCH_OPTIMIZER_FILE))
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+        reissue_pt_warnings(caught_warnings)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self._saves_its_own_optimizer_state():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        q8_file = os.path.join(checkpoint, OPTIMIZER_FILE)
+        torch_file = os.path.join(checkpoint, TORCH_OPTIMIZER_FILE)
+        scheduler_file = os.path.join(checkpoint, SCHEDULER_FILE)
+        if not (os.path.isfile(q8_file) or os.path.isfile(torch_file)):
+            raise FileNotFoundError(
+                f"cannot resume from {checkpoint}: it has no optimizer state ({OPTIMIZER_FILE} or "
+                f"{TORCH_OPTIMIZER_FILE}), so training would silently restart the optimizer from zero "
+                "(written with save_only_model=True?)"
+            )
+        if not os.path.isfile(scheduler_file):
+            raise FileNotFoundError(
+                f"cannot resume from {checkpoint}: {SCHEDULER_FILE} is missing, so the learning-rate schedule would "
+                "silently restart from zero"
+            )
+        if not os.path.isfile(q8_file):
+            return super()._load_optimizer_and_scheduler(checkpoint)  # a plain Trainer's checkpoint
+        load_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer), q8_file)
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+        reissue_pt_warnings(caught_warnings)

@@ -1,0 +1,294 @@
+"""Q8Trainer and q8 optimizers in transformers.Trainer: exact resume, smaller checkpoints, loud failures.
+
+A tiny GPT-2 built from a config trains on text generated here (bytes as tokens), on CPU, deterministically
+(seeded data order, no dropout), so a resumed run must match the uninterrupted one bit for bit.
+"""
+
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import q8
+import torch
+
+transformers = pytest.importorskip("transformers")
+from q8.integrations.hf import (  # noqa: E402
+    OPTIMIZER_FILE,
+    Q8Trainer,
+    load_optimizer_state,
+    q8_optimizer_cls_and_kwargs,
+)
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+STEPS, SAVE_EVERY, BATCH, SEQ = 20, 10, 4, 32
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxing frogs".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster, and far faster on a busy machine (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=SEQ, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    return GPT2LMHeadModel(config)
+
+
+class ByteText(torch.utils.data.Dataset):
+    """Generated sentences, UTF-8 bytes as token ids, cut into SEQ-token samples."""
+
+    def __init__(self, samples: int = STEPS * BATCH) -> None:
+        rng = random.Random(0)
+        text = " ".join(rng.choice(WORDS) for _ in range(samples * SEQ)).encode()
+        self.ids = torch.tensor(list(text[: samples * SEQ])).view(samples, SEQ)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        max_steps=STEPS,
+        save_steps=SAVE_EVERY,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(str(output_dir), **{**kwargs, **overrides})
+
+
+def train(output_dir, trainer_cls=Q8Trainer, resume=None, model=None, args=None, **trainer_kwargs):
+    trainer = trainer_cls(
+        model or make_model(), args or training_args(output_dir), train_dataset=ByteText(), **trainer_kwargs
+    )
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return trainer
+
+
+def loss_at(trainer, step: int) -> float:
+    return next(e["loss"] for e in trainer.state.log_history if e.get("step") == step and "loss" in e)
+
+
+def test_optimizer_from_training_args(tmp_path):
+    args = training_args(tmp_path, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6, weight_decay=0.05)
+    model = make_model()
+    cls_and_kwargs = q8_optimizer_cls_and_kwargs("AdamW8bit", args, model)
+    opt = Trainer(model, args, optimizer_cls_and_kwargs=cls_and_kwargs).create_optimizer()
+    assert type(opt) is q8.optim.AdamW8bit
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(p is model.transformer.h[0].ln_1.bias for p in no_decay["params"])
+    for group in opt.param_groups:
+        assert (group["lr"], group["betas"], group["eps"]) == (1e-3, (0.8, 0.99), 1e-6)
+
+
+def test_embeddings_keep_32bit_state(tmp_path):
+    for embeddings_32bit, wte_state in ((True, torch.Tensor), (False, q8.QTensor)):
+        model = make_model()
+        cls, kwargs = q8_optimizer_cls_and_kwargs(
+            "adamw8bit", training_args(tmp_path), model, embeddings_32bit=embeddings_32bit
+        )
+        opt = cls(model.parameters(), **kwargs)
+        model(**ByteText()[0:BATCH]).loss.backward()
+        opt.step()
+        assert type(opt.state[model.transformer.wte.weight]["exp_avg"]) is wte_state
+        assert type(opt.state[model.transformer.h[0].mlp.c_fc.weight]["exp_avg"]) is q8.QTensor
+
+
+def test_every_optimizer_name(tmp_path):
+    model = make_model()
+    for name, class_name in q8.integrations.hf.OPTIMIZERS.items():
+        cls, kwargs = q8_optimizer_cls_and_kwargs(name, training_args(tmp_path), model)
+        assert cls is getattr(q8.optim, class_name)
+        cls(model.parameters(), **kwargs)  # the kwargs fit the optimizer
+        assert ("betas" in kwargs) == (name in ("adam8bit", "adamw8bit", "lamb8bit", "lion8bit"))
+        assert ("eps" in kwargs) == (name in ("adam8bit", "adamw8bit", "lamb8bit"))
+    args = training_args(tmp_path, optim_args="momentum=0.5, nesterov=true, blocksize=128")
+    _, kwargs = q8_optimizer_cls_and_kwargs("sgd8bit", args, model)
+    assert (kwargs["momentum"], kwargs["nesterov"], kwargs["blocksize"]) == (0.5, True, 128)
+    with pytest.raises(ValueError, match=r"betas=0\.9.*SGD8bit"):
+        q8_optimizer_cls_and_kwargs("sgd8bit", training_args(tmp_path, optim_args="betas=0.9"), model)
+    with pytest.raises(ValueError, match="unknown q8 optimizer 'adamw32bit'"):
+        q8_optimizer_cls_and_kwargs("adamw32bit", training_args(tmp_path), model)
+
+
+OPTIMIZERS = {"adamw_torch": {}, "adamw8bit": {"q8_optim": "adamw8bit"}}
+
+
+@pytest.fixture(scope="module")
+def run_of(tmp_path_factory):
+    """name -> an uninterrupted 20-step Q8Trainer run with checkpoints at steps 10 and 20 (made once)."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name)
+            runs[name] = train(out, **OPTIMIZERS[name]), out, name
+        return runs[name]
+
+    return get
+
+
+@pytest.fixture(params=list(OPTIMIZERS))
+def full_run(request, run_of):
+    return run_of(request.param)
+
+
+@pytest.fixture
+def fp32_run(run_of):
+    return run_of("adamw_torch")
+
+
+def test_resume_is_bit_exact(full_run, tmp_path):
+    trainer, out, name = full_run
+    resumed = train(tmp_path, resume=out / f"checkpoint-{SAVE_EVERY}", **OPTIMIZERS[name])
+    assert loss_at(resumed, STEPS) == loss_at(trainer, STEPS)
+    for (key, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    # the optimizer state itself came back exactly: the resumed run's final state equals the full run's
+    full_state = q8.load(str(out / f"checkpoint-{STEPS}" / OPTIMIZER_FILE))
+    resumed_state = q8.load(str(tmp_path / f"checkpoint-{STEPS}" / OPTIMIZER_FILE))
+    for index, tensors in full_state["state"].items():
+        for key, value in tensors.items():
+            other = resumed_state["state"][index][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (index, key)
+
+
+def test_checkpoint_layout(full_run):
+    _, out, _ = full_run
+    files = set(os.listdir(out / f"checkpoint-{SAVE_EVERY}"))
+    assert {OPTIMIZER_FILE, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= files
+    assert "model.safetensors" in files
+    assert os.path.getsize(out / f"checkpoint-{SAVE_EVERY}" / "optimizer.pt") < 2048  # only the placeholder
+    q8.verify(str(out / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE))
+
+
+def test_fp32_state_is_lossless(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**ByteText()[0:4]).loss.backward()
+    opt.step()
+    path = str(tmp_path / OPTIMIZER_FILE)
+    q8.integrations.hf.save_optimizer_state(opt, path)
+    restored = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    load_optimizer_state(restored, path)
+    for p in model.parameters():
+        for key, t in opt.state[p].items():
+            assert torch.equal(t, restored.state[p][key]), key
+    assert restored.param_groups == opt.param_groups
+
+
+def test_plain_trainer_refuses_a_q8_checkpoint(fp32_run, tmp_path):
+    _, out, _ = fp32_run
+    with pytest.raises(RuntimeError, match=r"optimizer\.q8.*Q8Trainer"):
+        train(tmp_path, trainer_cls=Trainer, resume=out / f"checkpoint-{SAVE_EVERY}")
+
+
+def test_placeholder_fails_without_q8_imported(fp32_run):
+    """A process that never imported q8 (a plain transformers script) cannot load the placeholder either."""
+    _, out, _ = fp32_run
+    code = (
+        "import sys, torch\n"
+        "try:\n"
+        "    torch.load(sys.argv[1], weights_only=True)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+        "assert 'q8' not in sys.modules\n"
+    )
+    path = str(out / f"checkpoint-{SAVE_EVERY}" / "optimizer.pt")
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    result = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, check=True)
+    assert "UnpicklingError" in result.stdout and "resume_requires_q8trainer" in result.stdout
+
+
+def test_import_q8_does_not_import_transformers():
+    code = "import sys, q8, q8.integrations; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONSAFEPATH": "1"}, check=True)
+
+
+@pytest.mark.parametrize(
+    ("remove", "error", "match"),
+    [
+        ((OPTIMIZER_FILE, "optimizer.pt"), FileNotFoundError, "no optimizer state"),
+        (("scheduler.pt",), FileNotFoundError, "scheduler.pt is missing"),
+        ((OPTIMIZER_FILE,), RuntimeError, r"optimizer\.q8.*Q8Trainer"),  # the placeholder alone
+    ],
+)
+def test_resume_without_optimizer_state_raises(full_run, tmp_path, remove, error, match):
+    _, out, name = full_run
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(out / f"checkpoint-{SAVE_EVERY}", checkpoint)
+    for file in remove:
+        os.remove(checkpoint / file)
+    with pytest.raises(error, match=match):
+        train(tmp_path / "out", resume=checkpoint, **OPTIMIZERS[name])
+
+
+def test_resume_with_other_parameters_raises(full_run, tmp_path):
+    _, out, name = full_run
+    model = make_model()
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)  # one parameter fewer in the optimizer
+    with pytest.raises(ValueError, match=f"{OPTIMIZER_FILE}.*does not match"):
+        train(tmp_path, resume=out / f"checkpoint-{SAVE_EVERY}", model=model, **OPTIMIZERS[name])
+
+
+def test_resume_with_another_optimizer_raises(full_run, tmp_path):
+    _, out, name = full_run
+    other = OPTIMIZERS["adamw8bit" if name == "adamw_torch" else "adamw_torch"]
+    with pytest.raises(ValueError, match=f"{OPTIMIZER_FILE}: optimizer state was written by"):
+        train(tmp_path, resume=out / f"checkpoint-{SAVE_EVERY}", **other)
+
+
+def test_quantized_fp32_state(fp32_run, tmp_path, caplog):
+    """quantize_optimizer_state=True: ~4x smaller fp32 state, a logged one-time error, and a working resume."""
+    _, out, _ = fp32_run
+    with caplog.at_level(logging.WARNING, logger="q8.integrations.hf"):
+        train(tmp_path, quantize_optimizer_state=True)
+    assert "max relative L2 error" in caplog.text
+    lossless = os.path.getsize(out / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE)
+    quantized = tmp_path / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE
+    assert lossless / os.path.getsize(quantized) > 3.0
+    with q8.safe_open(str(quantized)) as f:
+        assert float(f.metadata()["quantized_rel_l2_max"]) < 0.05
+
+    exact = Q8Trainer(make_model(), training_args(tmp_path)).create_optimizer()
+    load_optimizer_state(exact, str(out / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE))
+    approx = Q8Trainer(make_model(), training_args(tmp_path)).create_optimizer()
+    load_optimizer_state(approx, str(quantized))
+    for p, r in zip(exact.param_groups[0]["params"], approx.param_groups[0]["params"], strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert q8.quant_error(exact.state[p][key], approx.state[r][key]).rel_l2 < 0.05
+        assert exact.state[p]["exp_avg"].dtype == approx.state[r]["exp_avg"].dtype == torch.float32
+    resumed = train(tmp_path / "resumed", resume=quantized.parent)
+    assert abs(loss_at(resumed, STEPS) - loss_at(fp32_run[0], STEPS)) < 0.05
+
+
+def test_optimizer_file_is_4x_smaller_than_torch(run_of, tmp_path):
+    """AdamW8bit's checkpoint optimizer state (optimizer.q8 plus the placeholder optimizer.pt) against the
+    optimizer.pt of a plain Trainer with torch AdamW, for the same model."""
+    train(tmp_path, trainer_cls=Trainer, args=training_args(tmp_path, max_steps=SAVE_EVERY))
+    torch_bytes = os.path.getsize(tmp_path / f"checkpoint-{SAVE_EVERY}" / "optimizer.pt")
+    checkpoint = run_of("adamw8bit")[1] / f"checkpoint-{SAVE_EVERY}"
+    q8_bytes = os.path.getsize(checkpoint / OPTIMIZER_FILE) + os.path.getsize(checkpoint / "optimizer.pt")
+    print(f"optimizer state: torch {torch_bytes:,} B, q8 {q8_bytes:,} B, {torch_bytes / q8_bytes:.2f}x")
+    assert torch_bytes / q8_bytes >= 3.9
