@@ -23,13 +23,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _run_blocks(fn, nblocks: int, blocksize: int, n: int) -> list:
-    """Call fn(b0, b1) over [0, nblocks) split into contiguous ranges, one per thread."""
+    """Call fn(b0, b1) over [0, nblocks) split into contiguous ranges, one per thread; the
+    calling thread takes the first range itself."""
     workers = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL_ELEMENTS))
     if workers == 1 or nblocks < 2:
         return [fn(0, nblocks)]
     step = -(-nblocks // workers)
     ranges = [(b, min(b + step, nblocks)) for b in range(0, nblocks, step)]
-    return list(_pool(workers).map(lambda r: fn(*r), ranges))
+    others = [_pool(len(ranges) - 1).submit(fn, *r) for r in ranges[1:]]
+    return [fn(*ranges[0]), *(f.result() for f in others)]
 
 
 @functools.cache
