@@ -15,7 +15,6 @@ import os
 import struct
 import sys
 import tempfile
-import threading
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ import zstandard
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
-from .planes import from_planes, to_planes
+from .planes import from_planes, huffman_decode, huffman_encode, to_planes
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
 
@@ -38,12 +37,13 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sII")  # magic, version, reserved (0)
 FOOTER = struct.Struct("<QQII8s")  # index offset, index length, index crc32, version, magic
 ALIGN = 64
-RAW, ZSTD = 0, 1  # segment compression
+RAW, ZSTD, HUFFMAN = 0, 1, 2  # segment compression
 MAX_NDIM = 64
 MAX_BYTES = 1 << 62
 MAX_INDEX_BYTES = 1 << 30
 MAX_NAME_BYTES = 1 << 16
-_ZSTD_MIN_SAVING = 0.03  # keep a zstd segment only if it saves at least 3%
+_MIN_SAVING = 0.03  # keep a compressed segment only if it saves at least 3%
+_MIN_COMPRESS_BYTES = 256
 _ZSTD_PROBE = 1 << 16  # bytes per probe slice when deciding whether zstd pays
 _PLANES_MIN_NUMEL = 1024  # smaller float tensors: raw bytes (planes would not pay)
 
@@ -101,7 +101,7 @@ class Writer:
         _check_blocksize(blocksize)
         self._code, self._blocksize = code, blocksize
         self._level = level
-        self._local = threading.local()  # a zstd context per thread: contexts are not thread-safe
+        self._threads = max(1, torch.get_num_threads())
         self._file = None
         self._tmp: str | None = None
         self._pos = 0
@@ -197,36 +197,43 @@ class Writer:
         }
 
     def _segments(self, parts: list[torch.Tensor]) -> list[list[int]]:
-        """Compress (where it pays) and checksum the parts in parallel, then write them."""
-        encoded = list(_pool().map(self._encode_segment, parts)) if len(parts) > 1 else [self._encode_segment(parts[0])]
+        """Compress (where it pays), checksum and write the parts, one after another."""
         out = []
-        for data, raw_length, compression, crc in encoded:
+        for part in parts:
+            data, raw_length, compression = self._encode_segment(part)
             self._write(b"\0" * (-self._pos % ALIGN))
-            out.append([self._pos, len(data), raw_length, compression, crc])
+            out.append([self._pos, memoryview(data).nbytes, raw_length, compression, zlib.crc32(data)])
             self._write(data)
         return out
 
-    def _zstd(self, data) -> bytes:
-        cctx = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
-        return cctx.compress(data)
-
-    def _encode_segment(self, part: torch.Tensor) -> tuple[memoryview, int, int, int]:
+    def _encode_segment(self, part: torch.Tensor) -> tuple[Any, int, int]:
+        """(stored bytes, raw length, compression): the smallest of raw, Huffman and zstd
+        that saves at least 3%. Huffman (fast) is tried first; zstd only where Huffman does
+        not pay or where the data is so skewed (> 4x) that repeats may beat it."""
         raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
         n = raw.nbytes
-        if n >= 64 and self._zstd_pays(raw):
-            packed = self._zstd(raw)
-            if len(packed) <= n * (1 - _ZSTD_MIN_SAVING):
-                return memoryview(packed), n, ZSTD, zlib.crc32(packed)
-        return raw, n, RAW, zlib.crc32(raw)
+        best, best_size, compression = raw, n * (1 - _MIN_SAVING), RAW
+        if n >= _MIN_COMPRESS_BYTES:
+            packed = huffman_encode(part)
+            if packed is not None and len(packed) <= best_size:
+                best, best_size, compression = packed, len(packed), HUFFMAN
+            if best_size < n / 4 if compression == HUFFMAN else self._zstd_pays(raw):
+                packed = self._zstd(raw)
+                if len(packed) <= best_size:
+                    best, compression = packed, ZSTD
+        return best, n, compression
+
+    def _zstd(self, data) -> bytes:
+        return zstandard.ZstdCompressor(level=self._level, write_content_size=True, threads=self._threads).compress(
+            data
+        )
 
     def _zstd_pays(self, raw: memoryview) -> bool:
         n = raw.nbytes
         if n <= 4 * _ZSTD_PROBE:
             return True
         probe = b"".join(raw[i : i + _ZSTD_PROBE] for i in (0, n // 2, n - _ZSTD_PROBE))
-        return len(self._zstd(probe)) <= len(probe) * (1 - _ZSTD_MIN_SAVING)
+        return len(self._zstd(probe)) <= len(probe) * (1 - _MIN_SAVING)
 
     def set_q8_metadata(self, key: str, value: str) -> None:
         """q8's own metadata (kept apart from the user's), e.g. what wrote the file."""
@@ -468,7 +475,7 @@ class Reader:
             raise self.error(f"segment holds {raw} bytes, the shape needs {raw_length}", name)
         if not (HEADER.size <= offset and offset % ALIGN == 0 and 0 <= stored <= self.data_end - offset):
             raise self.error(f"segment at {offset} (+{stored} bytes) lies outside the data area", name)
-        if compression not in (RAW, ZSTD) or (compression == RAW and stored != raw) or not 0 <= crc < 1 << 32:
+        if compression not in (RAW, ZSTD, HUFFMAN) or (compression == RAW and stored != raw) or not 0 <= crc < 1 << 32:
             raise self.error(f"bad segment header {s!r}", name)
         return offset, stored, raw, compression, crc
 
@@ -511,6 +518,11 @@ class Reader:
             return torch.empty(0, dtype=torch.uint8)
         if compression == RAW:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=raw, offset=offset)
+        if compression == HUFFMAN:
+            out = huffman_decode(view, raw)
+            if isinstance(out, str):
+                raise self.error(out, name)
+            return out
         return torch.frombuffer(self._unzstd(view, raw, name), dtype=torch.uint8)
 
     def _unzstd(self, view: memoryview, raw: int, name: str) -> bytearray:
@@ -568,13 +580,7 @@ class Reader:
             return self.get_qtensor(name).dequantize()
         parts = [self._segment(s, name) for s in rec["segments"]]
         if rec["encoding"] == "planes":
-            width = PLANE_WIDTH[dtype]
-            x = from_planes(
-                torch.stack(parts) if parts[0].numel() else torch.empty(width, 0, dtype=torch.uint8),
-                width,
-                dtype,
-                shape,
-            )
+            x = from_planes(parts, dtype, shape)
         else:
             x = parts[0].view(dtype).view(shape)
         return x if self.device.type == "cpu" else x.to(self.device)

@@ -335,3 +335,42 @@ def test_missing_tensor_is_key_error(tmp_path):
     q8.save_file({"a": torch.zeros(1)}, tmp_path / "m.q8")
     with q8.safe_open(tmp_path / "m.q8") as f, pytest.raises(KeyError, match="'b'"):
         f.get_tensor("b")
+
+
+def _huffman_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    fib = torch.cat([torch.full((int(1.6**i) + 1,), i, dtype=torch.uint8) for i in range(30)])  # lengths > 11
+    mixed = torch.cat([torch.zeros(1 << 20, dtype=torch.uint8), torch.randint(0, 256, (1 << 20,), generator=g)])
+    return [
+        torch.full((5000,), 7, dtype=torch.uint8),  # one symbol
+        (torch.randn(300_000, generator=g).abs() * 4).to(torch.uint8),
+        (torch.rand(9999, generator=g) ** 8 * 256).to(torch.uint8),
+        fib,
+        mixed.to(torch.uint8),  # a chunk that is stored as is
+    ]
+
+
+def test_huffman_round_trip_and_corruption():
+    from q8.formats.planes import huffman_decode, huffman_encode
+
+    g = torch.Generator().manual_seed(2)
+    for x in _huffman_cases():
+        packed = huffman_encode(x)
+        assert packed is not None and len(packed) < x.numel()
+        assert torch.equal(huffman_decode(memoryview(packed), x.numel()), x)
+        for _ in range(50):  # corrupt chunks decode to an error message or to something, never crash
+            bad = bytearray(packed)
+            bad[int(torch.randint(0, len(bad), (1,), generator=g))] ^= 1 << int(torch.randint(0, 8, (1,), generator=g))
+            out = huffman_decode(memoryview(bytes(bad)), x.numel())
+            assert isinstance(out, str) or out.numel() == x.numel()
+        assert isinstance(huffman_decode(memoryview(packed)[:-1], x.numel()), str)
+        assert isinstance(huffman_decode(memoryview(packed), 8 * len(packed) + 1), str)  # cannot hold it
+    assert huffman_encode(torch.randint(0, 256, (10_000,), dtype=torch.uint8, generator=g)) is None
+
+
+def test_exponent_planes_use_huffman(tmp_path):
+    path = tmp_path / "m.q8"
+    q8.save_file({"w": torch.randn(512, 512) * 0.02}, path)
+    with q8.safe_open(path) as f:
+        compressions = [s[3] for s in f.records["w"]["segments"]]
+    assert compressions == [0, 0, 0, 2]  # mantissa planes raw, the exponent plane Huffman coded
