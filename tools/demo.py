@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import q8
 import torch
@@ -110,12 +112,53 @@ def section_gpu_kernels(tensors: dict[str, torch.Tensor]) -> None:
     )
 
 
+def section_formats(tensors: dict[str, torch.Tensor]) -> None:
+    print("== The container: q8.save_file lossless and quantized, q8.load_file, q8.verify ==")
+    raw = sum(x.numel() * x.element_size() for x in tensors.values())
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for label, kwargs in [("lossless", {}), ("quantized", {"quantize": True, "blocksize": 256})]:
+            path = Path(d) / f"{label}.q8"
+            q8.save_file(tensors, path, metadata={"demo": "tiny_checkpoint"}, **kwargs)
+            q8.verify(path)  # every segment and index checksum
+            loaded = q8.load_file(path)
+            exact = sum(torch.equal(loaded[k], x) for k, x in tensors.items())
+            worst = max(q8.quant_error(x, loaded[k]).rel_l2 for k, x in tensors.items())
+            size = path.stat().st_size
+            rows.append((label, f"{size:,}", f"{raw / size:.2f}x", f"{exact}/{len(tensors)}", f"{worst:.2e}"))
+    print(_table(rows, ("file", "bytes", "vs raw", "tensors bit-exact", "worst rel L2")))
+    print(f"raw tensors: {raw:,} bytes; both files verified and reloaded\n")
+
+
+def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
+    print("== q8convert: a safetensors checkpoint into q8 and back (in-process: q8.tools.convert.main) ==")
+    from safetensors.torch import load_file, save_file
+
+    from q8.tools.convert import main as q8convert
+
+    weights = {k.removeprefix("model."): x for k, x in tensors.items() if k.startswith("model.")}
+    with tempfile.TemporaryDirectory() as d:
+        src, dst, back = Path(d) / "model.safetensors", Path(d) / "model.q8", Path(d) / "restored.safetensors"
+        save_file(weights, src, metadata={"format": "pt"})
+        print(f"$ q8convert model.safetensors -o model.q8 --blocksize 256   ({src.stat().st_size:,} bytes in)")
+        q8convert([str(src), "-o", str(dst), "--blocksize", "256"])
+        print("$ q8convert verify model.q8")
+        q8convert(["verify", str(dst)])
+        print("$ q8convert decode model.q8 -o restored.safetensors")
+        q8convert(["decode", str(dst), "-o", str(back)])
+        restored = load_file(back)
+        worst = max(q8.quant_error(x, restored[k]).rel_l2 for k, x in weights.items())
+        print(f"restored {len(restored)} tensors with safetensors; worst relative L2 error {worst:.2e}\n")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"q8 {q8.__version__} demo (torch {torch.__version__})\n")
     tensors = tiny_checkpoint()
     section_codec(tensors)
     section_gpu_kernels(tensors)
+    section_formats(tensors)
+    section_q8convert(tensors)
 
 
 if __name__ == "__main__":
