@@ -15,6 +15,7 @@ Run: PYTHONSAFEPATH=1 .venv/bin/python benchmarks/codec_cpu.py
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -104,7 +105,8 @@ def main() -> None:
 
     print(
         f"q8 vs bitsandbytes {bitsandbytes.__version__} CPU codec, {N} fp32 elements, "
-        f"{torch.get_num_threads()} torch threads, medians of {REPEATS} after warm-up"
+        f"{torch.get_num_threads()} torch threads, medians of {REPEATS} after warm-up, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
     )
     print()
     print(f"{'op':<7} {'block':>5} {'q8 ms':>8} {'bnb ms':>8} {'q8 MB/s':>9} {'bnb MB/s':>9} {'q8/bnb':>7}")
