@@ -162,13 +162,12 @@ def _convert_weights(
     try:
         for ref in refs:
             bar.set_postfix_str(ref.name[-40:], refresh=False)
-            x = ref.load()
-            stored, d = policy.apply(ref.name, x, "")
+            stored, d = policy.apply(ref.name, ref.load(), "")  # the fp32 original is freed once quantized
             d.stored_bytes = stored.nbytes
             if writer:
                 writer.add(ref.name, stored, d.extra())
             decisions.append(d)
-            del x, stored
+            del stored
             bar.update(ref.nbytes)
         if writer:
             _record_stored_bytes(writer.close()[-1], decisions)

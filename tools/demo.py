@@ -132,9 +132,8 @@ def section_formats(tensors: dict[str, torch.Tensor]) -> None:
 
 def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
     print("== q8convert: a safetensors checkpoint into q8 and back (in-process: q8.tools.convert.main) ==")
-    from safetensors.torch import load_file, save_file
-
     from q8.tools.convert import main as q8convert
+    from safetensors.torch import load_file, save_file
 
     weights = {k.removeprefix("model."): x for k, x in tensors.items() if k.startswith("model.")}
     with tempfile.TemporaryDirectory() as d:
@@ -151,38 +150,6 @@ def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
         print(f"restored {len(restored)} tensors with safetensors; worst relative L2 error {worst:.2e}\n")
 
 
-def section_distributed(tensors: dict[str, torch.Tensor]) -> None:
-    print("== torch.distributed.checkpoint: Q8StorageWriter vs DCP's FileSystemWriter (1 process) ==")
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from q8.integrations.distributed import Q8StorageReader, Q8StorageWriter
-    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-    from torch.distributed.checkpoint._extension import ZStandard
-
-    storages = [
-        ("FileSystemWriter", lambda p: FileSystemWriter(p), FileSystemReader),
-        ("FileSystemWriter + zstd", lambda p: FileSystemWriter(p, _extensions=[ZStandard()]), FileSystemReader),
-        ("Q8StorageWriter", lambda p: Q8StorageWriter(p), Q8StorageReader),
-        ("Q8StorageWriter(quantize=True)", lambda p: Q8StorageWriter(p, quantize=True, blocksize=256), Q8StorageReader),
-    ]
-    rows, base = [], None
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
-        for label, writer, reader in storages:
-            folder = Path(d) / label.replace(" ", "_")
-            dcp.save(tensors, storage_writer=writer(folder), no_dist=True)
-            loaded = {k: torch.zeros_like(x) for k, x in tensors.items()}
-            dcp.load(loaded, storage_reader=reader(folder), no_dist=True)
-            size = sum(f.stat().st_size for f in folder.iterdir())
-            base = base or size
-            exact = sum(torch.equal(loaded[k], x) for k, x in tensors.items())
-            worst = max(q8.quant_error(x, loaded[k]).rel_l2 for k, x in tensors.items())
-            rows.append((label, f"{size:,}", f"{base / size:.2f}x", f"{exact}/{len(tensors)}", f"{worst:.2e}"))
-    print(_table(rows, ("storage", "bytes", "vs FileSystemWriter", "tensors bit-exact", "worst rel L2")))
-    print("FSDP2 + 8-bit optimizers across 2 ranks: README 'torch.distributed', tests/test_distributed*.py\n")
-
-
 def main() -> None:
     torch.manual_seed(0)
     print(f"q8 {q8.__version__} demo (torch {torch.__version__})\n")
@@ -191,7 +158,6 @@ def main() -> None:
     section_gpu_kernels(tensors)
     section_formats(tensors)
     section_q8convert(tensors)
-    section_distributed(tensors)
 
 
 if __name__ == "__main__":

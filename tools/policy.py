@@ -12,6 +12,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import q8
 import torch
 from q8.codec import AUTO_CODES
@@ -25,7 +26,7 @@ MOMENT_CODES = {"exp_avg": "dynamic", "exp_avg_sq": "udynamic", "max_exp_avg_sq"
 """Adam state by key: the dynamic table for its sign (Dettmers et al. 2022)."""
 
 QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)
-_ERROR_CHUNK = 1 << 22  # elements per step of the error measurement: bounded temporaries
+_ERROR_CHUNK = 1 << 20  # elements per step of the error measurement: bounded temporaries
 
 
 @dataclass
@@ -53,20 +54,25 @@ class Decision:
 
 
 def measure_error(x: torch.Tensor, qt: q8.QTensor) -> tuple[float, float]:
-    """(relative L2, max abs) error of `qt` against `x`, decoded a few million elements at a
-    time so a huge tensor never needs an fp64 copy of itself."""
-    flat = x.reshape(-1)
+    """(relative L2, max abs) error of `qt` against `x`.
+
+    Decoded a million elements at a time, so a huge tensor never needs a decoded or fp64
+    copy of itself; the arithmetic is numpy's, single-threaded, which stays fast on a
+    busy machine where small multi-threaded torch ops stall (sums of squares are
+    accumulated in fp64 across chunks).
+    """
+    flat = x.detach().reshape(-1)
     bs = qt.blocksize
     step = max(bs, _ERROR_CHUNK // bs * bs)
     err2 = ref2 = max_abs = 0.0
     for a in range(0, flat.numel(), step):
         b = min(a + step, flat.numel())
         part = q8.QTensor(qt.codes[a:b], qt.absmax[a // bs : -(-b // bs)], qt.code, bs, (b - a,), torch.float32)
-        ref = flat[a:b].double()
-        diff = ref - q8.dequantize(part).double()
-        err2 += float(diff.square().sum())
-        ref2 += float(ref.square().sum())
-        max_abs = max(max_abs, float(diff.abs().max()))
+        ref = flat[a:b].float().numpy()
+        diff = ref - q8.dequantize(part).numpy()
+        err2 += float(diff @ diff)
+        ref2 += float(ref @ ref)
+        max_abs = max(max_abs, float(np.abs(diff, out=diff).max()))
     if err2 == 0.0:
         return 0.0, max_abs
     return (math.sqrt(err2 / ref2) if ref2 else math.inf), max_abs
@@ -93,7 +99,12 @@ class Policy:
         d.reason = self._exact_reason(name, x, moment)
         if d.reason:
             return x, d
-        candidates = [moment] if moment else self._candidates(x)
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: NaN and inf propagate, and the sign
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            d.reason = "has NaN/inf"
+            return x, d
+        signed = lo < 0
+        candidates = [moment] if moment else self._candidates(signed)
         best, best_err = None, (math.inf, math.inf)
         for code in candidates:
             qt = q8.quantize(x, code, self.blocksize)
@@ -109,10 +120,8 @@ class Policy:
         d.reason = f"Adam {key}" if moment else f"--code {self.code}"
         return best, d
 
-    def _candidates(self, x: torch.Tensor) -> tuple[str, ...]:
-        if self.code == "auto":
-            return AUTO_CODES[bool((x < 0).any())]
-        return (self.code,)
+    def _candidates(self, signed: bool) -> tuple[str, ...]:
+        return AUTO_CODES[signed] if self.code == "auto" else (self.code,)
 
     def _exact_reason(self, name: str, x: torch.Tensor, moment: str | None) -> str:
         """Why `x` stays exact, or "" if it is quantized."""
@@ -128,6 +137,4 @@ class Policy:
             return f"small (< {MIN_QUANT_NUMEL} elements)"
         if x.dim() < 2 and moment is None:
             return "1-D (norm/bias)"
-        if not bool(torch.isfinite(x).all()):
-            return "has NaN/inf"
         return ""
