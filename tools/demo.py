@@ -150,6 +150,38 @@ def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
         print(f"restored {len(restored)} tensors with safetensors; worst relative L2 error {worst:.2e}\n")
 
 
+def section_distributed(tensors: dict[str, torch.Tensor]) -> None:
+    print("== torch.distributed.checkpoint: Q8StorageWriter vs DCP's FileSystemWriter (1 process) ==")
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from q8.integrations.distributed import Q8StorageReader, Q8StorageWriter
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    storages = [
+        ("FileSystemWriter", lambda p: FileSystemWriter(p), FileSystemReader),
+        ("FileSystemWriter + zstd", lambda p: FileSystemWriter(p, _extensions=[ZStandard()]), FileSystemReader),
+        ("Q8StorageWriter", lambda p: Q8StorageWriter(p), Q8StorageReader),
+        ("Q8StorageWriter(quantize=True)", lambda p: Q8StorageWriter(p, quantize=True, blocksize=256), Q8StorageReader),
+    ]
+    rows, base = [], None
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        for label, writer, reader in storages:
+            folder = Path(d) / label.replace(" ", "_")
+            dcp.save(tensors, storage_writer=writer(folder), no_dist=True)
+            loaded = {k: torch.zeros_like(x) for k, x in tensors.items()}
+            dcp.load(loaded, storage_reader=reader(folder), no_dist=True)
+            size = sum(f.stat().st_size for f in folder.iterdir())
+            base = base or size
+            exact = sum(torch.equal(loaded[k], x) for k, x in tensors.items())
+            worst = max(q8.quant_error(x, loaded[k]).rel_l2 for k, x in tensors.items())
+            rows.append((label, f"{size:,}", f"{base / size:.2f}x", f"{exact}/{len(tensors)}", f"{worst:.2e}"))
+    print(_table(rows, ("storage", "bytes", "vs FileSystemWriter", "tensors bit-exact", "worst rel L2")))
+    print("FSDP2 + 8-bit optimizers across 2 ranks: README 'torch.distributed', tests/test_distributed*.py\n")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"q8 {q8.__version__} demo (torch {torch.__version__})\n")
@@ -158,6 +190,7 @@ def main() -> None:
     section_gpu_kernels(tensors)
     section_formats(tensors)
     section_q8convert(tensors)
+    section_distributed(tensors)
 
 
 if __name__ == "__main__":
