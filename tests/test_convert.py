@@ -76,6 +76,7 @@ def gpt2(tmp_path_factory):
     torch.save(sched.state_dict(), folder / "scheduler.pt")
     torch.save({"python": random.getstate(), "cpu": torch.get_rng_state()}, folder / "rng_state.pth")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 6, "log_history": []}))
+    torch.save(NotAStateDict(), folder / "training_args.bin")  # a pickle needing code: carried over, never loaded
     return folder, model
 
 
@@ -124,7 +125,7 @@ def test_trainer_checkpoint_resumes(gpt2, gpt2_converted):
     folder = gpt2[0]
     converted, restored = gpt2_converted
     # the other files are carried over byte for byte, there and back
-    for name in ("config.json", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+    for name in ("config.json", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
         assert (converted / name).read_bytes() == (folder / name).read_bytes()
         assert (restored / name).read_bytes() == (folder / name).read_bytes()
     # Adam moments are stored with the dynamic codes, signed and unsigned
@@ -256,6 +257,10 @@ def test_dry_run_and_sharded_output(gpt2, tmp_path, capsys):
     assert run(folder / "model.safetensors", "-o", tmp_path / "m.q8", "--dry-run") == EXIT_OK
     assert "dry run: nothing written" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+    assert run(folder, "--dry-run", "--json") == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["output"] is None and report["totals"]["ratio"] > 3.9  # estimated from the 8-bit sizes
+    assert not folder.with_name(folder.name + ".q8").exists()
     assert run(folder / "model.safetensors", "-o", tmp_path / "m.q8", "--max-shard-size", "1MB", "-q") == EXIT_OK
     shards = sorted(p.name for p in tmp_path.iterdir())
     n = len(shards) - 1

@@ -179,17 +179,17 @@ def _convert_weights(
 
 
 def _record_stored_bytes(path: Path, decisions: list[Decision]) -> None:
-    """The bytes each tensor really takes in the file (after zstd), from its index."""
+    """The bytes each tensor really takes in the file (after compression), from its index.
+    (`q8.save` stores a tensor that appears twice once, under its first name.)"""
     with q8.safe_open(path) as f:
+        names = set(f.keys())
         for d in decisions:
-            d.stored_bytes = f.info(d.name)["stored_bytes"]
+            d.stored_bytes = f.info(d.name)["stored_bytes"] if d.name in names else 0
 
 
 def _convert_object(src: Path, obj: Any, out: Path | None, policy: Policy, bar: tqdm) -> list[Decision]:
     """A nested checkpoint (optimizer state ...) through the policy into `out` via `q8.save`."""
     converted, decisions = to_container(obj, policy, str(src))
-    for d in decisions:
-        d.stored_bytes = d.raw_bytes if d.encoding != "quantized" else None
     if out:
         choices = {d.name: d.extra() for d in decisions}
         metadata = {KIND: "object", SOURCE: src.name, "q8convert.choices": json.dumps(choices)}
@@ -257,7 +257,7 @@ def cmd_convert(args) -> int:
         with staged(dst, src.is_dir(), args.overwrite) as tmp:
             out = tmp if src.is_dir() else tmp / dst.name
             results, copies = _run_convert(src, out, policy, args, bar_args)
-    _report(results, copies, src, None if args.dry_run else dst, args)
+    _report(results, copies, src, dst, args)
     return EXIT_OK
 
 
@@ -296,18 +296,18 @@ def _table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _report(results: list, copies: list[str], src: Path, dst: Path | None, args) -> None:
+def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> None:
+    """The summary table (one row per source file, encoding and reason), or JSON with every tensor."""
+    every = [d for _, ds in results for d in ds]
+    raw, stored = sum(d.raw_bytes for d in every), sum(d.stored_bytes for d in every)
     if args.json:
         doc = {
             "input": str(src),
-            "output": str(dst) if dst else None,
-            "dry_run": bool(args.dry_run),
+            "output": None if args.dry_run else str(dst),
             "files": [{"source": name, "tensors": [vars(d) for d in ds]} for name, ds in results],
             "copied": copies,
+            "totals": {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None},
         }
-        raw = sum(d.raw_bytes for _, ds in results for d in ds)
-        stored = sum(d.stored_bytes or 0 for _, ds in results for d in ds)
-        doc["totals"] = {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None}
         print(json.dumps(doc, indent=2))
         return
     if args.quiet:
@@ -318,38 +318,35 @@ def _report(results: list, copies: list[str], src: Path, dst: Path | None, args)
             what = f"{d.encoding} {d.code} (bs {d.blocksize})" if d.code else d.encoding
             groups.setdefault((name, what, d.reason), []).append(d)
     rows = []
-    for (name, what, reason), ds in groups.items():
-        raw = sum(d.raw_bytes for d in ds)
-        stored = sum(d.stored_bytes or 0 for d in ds)
-        worst = max(d.rel_l2 for d in ds)
-        ratio = f"{raw / stored:.2f}x" if stored else "-"
-        err = f"{worst:.2e}" if any(d.encoding == "quantized" for d in ds) or "error" in reason else "0"
-        rows.append((name, f"{what}: {reason}", len(ds), _fmt_bytes(raw), _fmt_bytes(stored), ratio, err))
-    raw = sum(d.raw_bytes for _, ds in results for d in ds)
-    stored = sum(d.stored_bytes or 0 for _, ds in results for d in ds)
-    count = sum(len(ds) for _, ds in results)
-    rows.append(
-        ("total", "", count, _fmt_bytes(raw), _fmt_bytes(stored), f"{raw / stored:.2f}x" if stored else "-", "")
-    )
+    for (name, what, reason), ds in [*groups.items(), (("total", "", ""), every)]:
+        n_raw, n_stored = sum(d.raw_bytes for d in ds), sum(d.stored_bytes for d in ds)
+        err = f"{max(d.rel_l2 for d in ds):.2e}" if any(d.rel_l2 for d in ds) else "0"
+        ratio = f"{n_raw / n_stored:.2f}x" if n_stored else "-"
+        why = f"{what}: {reason}" if what else ""
+        rows.append((name, why, len(ds), _fmt_bytes(n_raw), _fmt_bytes(n_stored), ratio, err))
     print(_table(rows, ("source", "what: why", "tensors", "input", "stored", "ratio", "max rel L2")))
     if copies:
         print(f"carried over unchanged: {', '.join(copies)}")
-    print(f"dry run: nothing written (would write {dst or _default_output(src)})" if args.dry_run else f"wrote {dst}")
+    if args.dry_run:
+        print(f"dry run: nothing written (would write {dst}; stored sizes above are before lossless compression)")
+    else:
+        print(f"wrote {dst}")
 
 
 # -- decode ------------------------------------------------------------------------------
 
 
-def _q8_files(folder: Path) -> list[Path]:
-    """The q8 checkpoints in a folder: index files, and .q8 files that no index lists."""
+def _q8_files(folder: Path) -> tuple[list[Path], set[str]]:
+    """The q8 checkpoints in a folder (index files, and .q8 files that no index lists), and
+    the names of the shards the indexes list."""
     indexes = sorted(folder.glob(f"*.q8{INDEX_SUFFIX}"))
-    sharded = set()
+    shards: set[str] = set()
     for index in indexes:
         try:
-            sharded |= set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+            shards |= set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise q8.FormatError(f"{index}: not a valid index json: {e}") from e
-    return indexes + [p for p in sorted(folder.glob("*.q8")) if p.name not in sharded]
+    return indexes + [p for p in sorted(folder.glob("*.q8")) if p.name not in shards], shards
 
 
 def _decode_one(src: Path, dst_folder: Path, dst_name: str | None) -> str:
@@ -377,19 +374,13 @@ def cmd_decode(args) -> int:
     written = []
     with staged(dst, src.is_dir(), args.overwrite) as tmp:
         if src.is_dir():
-            files = _q8_files(src)
+            files, shards = _q8_files(src)
             if not files:
                 raise InputError(f"{src}: no .q8 files in this folder")
-            parts = {
-                src / n
-                for p in files
-                if p.name.endswith(INDEX_SUFFIX)
-                for n in json.loads(p.read_text())["weight_map"].values()
-            }
             for p in tqdm(files, desc="decode", disable=args.quiet or None, leave=False):
                 written.append(_decode_one(p, tmp, None))
             for p in sorted(src.iterdir()):
-                if p not in files and p not in parts:
+                if p not in files and p.name not in shards:
                     (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
                     written.append(p.name)
         else:
@@ -428,7 +419,7 @@ def _info_rows(path: Path) -> list[dict]:
 
 def cmd_info(args) -> int:
     path = Path(args.file)
-    files = _q8_files(path) if path.is_dir() else [path]
+    files = _q8_files(path)[0] if path.is_dir() else [path]
     if not all(p.exists() for p in files) or not files:
         raise InputError(f"{path}: no such q8 file")
     per_file = {str(p): _info_rows(p) for p in files}
@@ -460,7 +451,7 @@ def cmd_verify(args) -> int:
     path = Path(args.file)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    files = _q8_files(path) if path.is_dir() else [path]
+    files = _q8_files(path)[0] if path.is_dir() else [path]
     if not files:
         raise InputError(f"{path}: no .q8 files in this folder")
     bad = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import q8
@@ -43,7 +43,7 @@ class Decision:
     blocksize: int | None = None
     rel_l2: float = 0.0
     max_abs: float = 0.0
-    stored_bytes: int | None = field(default=None)
+    stored_bytes: int | None = None  # what the file holds for it (after compression, once written)
 
     def extra(self) -> dict[str, str]:
         """The per-tensor record kept in the file's index (`q8.Writer.add(extra=...)`)."""

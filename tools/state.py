@@ -71,10 +71,10 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
         if isinstance(x, torch.Tensor):
             if key in _BNB_8BIT_KEYS:  # bitsandbytes 32-bit state: kept exact, so decoding cannot mistake it for 8-bit
                 d = Decision(path, tuple(x.shape), str(x.dtype).removeprefix("torch."), "exact", "", x.nbytes)
-                d.reason = "bitsandbytes 32-bit state"
-                decisions.append(d)
-                return x
-            stored, d = policy.apply(path, x, key)
+                d.reason, stored = "bitsandbytes 32-bit state", x
+            else:
+                stored, d = policy.apply(path, x, key)
+            d.stored_bytes = stored.nbytes
             decisions.append(d)
             return stored
         if isinstance(x, dict):
@@ -84,7 +84,8 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
                 if _is_bnb_8bit(x, k):
                     qt = _bnb_qtensor(f"{where}: {sub}", int(k[-1]), x)
                     d = Decision(sub, tuple(v.shape), "uint8", "8-bit as is", "bitsandbytes 8-bit state", 0)
-                    d.raw_bytes, d.code, d.blocksize = qt.nbytes, qt.code.name, qt.blocksize
+                    d.raw_bytes = d.stored_bytes = qt.nbytes
+                    d.code, d.blocksize = qt.code.name, qt.blocksize
                     decisions.append(d)
                     out[k] = qt
                 elif k in ("absmax1", "absmax2", "qmap1", "qmap2") and _is_bnb_8bit(x, f"state{k[-1]}"):
