@@ -6,8 +6,8 @@ Two pieces, both clients of the public q8 API:
   through its `optimizer_cls_and_kwargs` argument, with the hyperparameters of `TrainingArguments` and
   32-bit state for embedding tables (the Trainer does the same for bitsandbytes' 8-bit optimizers).
 - `Q8Trainer`: a drop-in `Trainer` whose checkpoints keep the optimizer state in `optimizer.q8` (8-bit
-  state as is, fp32 state losslessly unless asked to quantize it) and whose resume fails loudly instead
-  of silently restarting the optimizer from zero.
+  state as is, fp32 state losslessly unless asked to quantize it), optionally the model weights in
+  `model.q8`, and whose resume fails loudly instead of silently restarting the optimizer from zero.
 
 Importing this module imports transformers; `import q8` never does.
 """
@@ -23,7 +23,8 @@ from typing import Any
 import q8
 import q8.optim
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
@@ -33,6 +34,9 @@ OPTIMIZER_FILE = "optimizer.q8"
 """Where `Q8Trainer` keeps the optimizer state in a checkpoint folder."""
 TORCH_OPTIMIZER_FILE = "optimizer.pt"  # transformers' name; in a Q8Trainer checkpoint: the placeholder below
 SCHEDULER_FILE = "scheduler.pt"  # written and read as transformers does
+MODEL_FILE = "model.q8"
+"""Where `Q8Trainer(model_weights="q8" | "q8-8bit")` keeps the model weights in a checkpoint folder."""
+MODEL_WEIGHTS = ("safetensors", "q8", "q8-8bit")
 
 # Name -> class name in q8.optim. The names follow bitsandbytes' (AdamW8bit -> "adamw8bit").
 OPTIMIZERS = {
@@ -158,19 +162,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
 
 
 def _quantize_state(state: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    """A copy of a torch optimizer state dict with its large floating-point tensors as QTensors."""
+    """A copy of a torch optimizer state dict with its large floating-point tensors as QTensors (dynamic
+    code; unsigned for non-negative tensors), and the largest relative L2 error this caused."""
     worst = 0.0
     quantized: dict[Any, dict[str, Any]] = {}
     for index, tensors in state["state"].items():
         quantized[index] = {}
         for key, t in tensors.items():
             if _quantizable(t):
-                code = "udynamic" if bool((t >= 0).all()) else "dynamic"
-                qt = q8.quantize(t, code=code, blocksize=QUANTIZE_BLOCKSIZE)
-                worst = max(worst, q8.quant_error(t, qt).rel_l2)
-                t = qt
+                t, error = _quantize(t, "udynamic" if bool((t >= 0).all()) else "dynamic")
+                worst = max(worst, error)
             quantized[index][key] = t
     return {**state, "state": quantized}, worst
+
+
+def _quantize(t: torch.Tensor, code: str) -> tuple[q8.QTensor, float]:
+    qt = q8.quantize(t, code=code, blocksize=QUANTIZE_BLOCKSIZE)
+    return qt, q8.quant_error(t, qt).rel_l2
 
 
 def _quantizable(t: Any) -> bool:
@@ -189,6 +197,53 @@ def _dequantize_state(state: dict[str, Any]) -> dict[str, Any]:
         for index, tensors in state["state"].items()
     }
     return {**state, "state": restored}
+
+
+def save_model_weights(weights: dict[str, torch.Tensor], path: str, *, quantize: bool = False) -> None:
+    """Write a model state dict to a q8 file: losslessly, or with `quantize=True` as 8-bit codes (the code
+    with the lowest error per tensor; small tensors stay exact; the largest error is logged and recorded).
+    Tied weights (one storage under several names) are stored once, under their first name."""
+    unique: dict[str, torch.Tensor | q8.QTensor] = {}
+    seen = set()
+    worst = 0.0
+    for name, t in weights.items():
+        if _storage_key(t) in seen:
+            continue
+        seen.add(_storage_key(t))
+        if quantize and _quantizable(t):
+            t, error = _quantize(t, "auto")
+            worst = max(worst, error)
+        unique[name] = t
+    metadata = {}
+    if quantize:
+        metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
+        logger.warning(f"{path}: model weights stored as 8-bit codes, max relative L2 error {worst:.3e}")
+    q8.save_file(unique, path, metadata=metadata)
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a q8 weights file into `model`, strictly: every parameter and buffer must be in the file
+    (tied weights may be stored under any one of their names), with its shape.
+    Raises ValueError naming the file otherwise, `q8.FormatError` if the file is corrupt."""
+    weights = q8.load_file(path)
+    expected = model.state_dict()
+    by_storage: dict[tuple, list[str]] = {}
+    for name, t in expected.items():
+        by_storage.setdefault(_storage_key(t), []).append(name)
+    for names in by_storage.values():  # fill the other names of tied weights
+        present = [n for n in names if n in weights]
+        for name in names:
+            if present and name not in weights:
+                weights[name] = weights[present[0]]
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: model weights do not match the model: {e}") from e
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Equal for tensors that are views of the same memory with the same layout (tied weights)."""
+    return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
 
 
 def resume_requires_q8trainer(optimizer_file: str) -> None:
@@ -233,6 +288,10 @@ class Q8Trainer(Trainer):
         quantize_optimizer_state: store the state of a non-q8 (fp32) optimizer as 8-bit codes, about 4x
             smaller; a one-time loss at each save, logged with its error. q8 optimizers' state is 8-bit
             already and always stored as is.
+        model_weights: how checkpoints store the model: "safetensors" (the Trainer's files), "q8"
+            (`model.q8`, lossless, resume exact) or "q8-8bit" (`model.q8`, 8-bit codes, about 4x smaller;
+            a resume continues from the quantized weights; the error is logged). Only checkpoints:
+            `trainer.save_model()` still writes files `from_pretrained` reads.
     """
 
     def __init__(
@@ -241,8 +300,11 @@ class Q8Trainer(Trainer):
         q8_optim: str | None = None,
         embeddings_32bit: bool = True,
         quantize_optimizer_state: bool = False,
+        model_weights: str = "safetensors",
         **kwargs: Any,
     ) -> None:
+        if model_weights not in MODEL_WEIGHTS:
+            raise ValueError(f"Q8Trainer: model_weights must be one of {MODEL_WEIGHTS}, got {model_weights!r}")
         super().__init__(*args, **kwargs)
         if q8_optim is not None and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
             raise ValueError(
@@ -251,6 +313,8 @@ class Q8Trainer(Trainer):
         self.q8_optim = q8_optim
         self.embeddings_32bit = embeddings_32bit
         self.quantize_optimizer_state = quantize_optimizer_state
+        self.model_weights = model_weights
+        self._saving_checkpoint = False
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.q8_optim is not None and self.optimizer is None:
@@ -302,3 +366,48 @@ class Q8Trainer(Trainer):
         with warnings.catch_warnings(record=True) as caught_warnings:
             self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
         reissue_pt_warnings(caught_warnings)
+
+    def _writes_q8_model(self) -> bool:
+        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return (
+            self._saving_checkpoint
+            and self.model_weights != "safetensors"
+            and isinstance(unwrapped, PreTrainedModel)
+            and not self._saves_its_own_optimizer_state()
+        )
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._writes_q8_model():
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        weights = state_dict if state_dict is not None else model.state_dict()
+        save_model_weights(weights, os.path.join(output_dir, MODEL_FILE), quantize=self.model_weights == "q8-8bit")
+        model.config.save_pretrained(output_dir)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        path = os.path.join(resume_from_checkpoint, MODEL_FILE)
+        if not os.path.isfile(path):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_model_weights(self.model if model is None else model, path)
+
+    def _load_best_model(self) -> None:
+        path = os.path.join(self.state.best_model_checkpoint, MODEL_FILE)
+        if not os.path.isfile(path):
+            return super()._load_best_model()
+        load_model_weights(self.model, path)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import q8
+import safetensors.torch
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -292,3 +293,47 @@ def test_optimizer_file_is_4x_smaller_than_torch(run_of, tmp_path):
     q8_bytes = os.path.getsize(checkpoint / OPTIMIZER_FILE) + os.path.getsize(checkpoint / "optimizer.pt")
     print(f"optimizer state: torch {torch_bytes:,} B, q8 {q8_bytes:,} B, {torch_bytes / q8_bytes:.2f}x")
     assert torch_bytes / q8_bytes >= 3.9
+
+
+def test_model_weights_in_q8(tmp_path):
+    """model_weights="q8": checkpoints hold model.q8 (lossless, tied weights once), resume is exact, and
+    load_best_model_at_end reads it."""
+    args = training_args(tmp_path / "full", eval_strategy="steps", eval_steps=SAVE_EVERY, load_best_model_at_end=True)
+    trainer = Q8Trainer(
+        make_model(), args, train_dataset=ByteText(), eval_dataset=ByteText(samples=8), model_weights="q8"
+    )
+    trainer.train()
+    checkpoint = tmp_path / "full" / f"checkpoint-{SAVE_EVERY}"
+    assert "model.q8" in os.listdir(checkpoint) and "model.safetensors" not in os.listdir(checkpoint)
+    with q8.safe_open(str(checkpoint / "model.q8")) as f:
+        assert "transformer.wte.weight" in f.keys() and "lm_head.weight" not in f.keys()  # tied: stored once
+    best = q8.load_file(trainer.state.best_model_checkpoint + "/model.q8")
+    for name, t in best.items():
+        assert torch.equal(trainer.model.state_dict()[name], t), name
+
+    resumed = train(tmp_path / "resumed", resume=checkpoint, model_weights="q8")
+    final = q8.load_file(str(tmp_path / "full" / f"checkpoint-{STEPS}" / "model.q8"))
+    for name, t in final.items():
+        assert torch.equal(resumed.model.state_dict()[name], t), name
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint"):  # a plain Trainer fails loudly too
+        train(tmp_path / "plain", trainer_cls=Trainer, resume=checkpoint)
+
+
+def test_model_weights_in_q8_8bit(fp32_run, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="q8.integrations.hf"):
+        train(tmp_path, model_weights="q8-8bit")  # trains exactly as fp32_run: only the files differ
+    assert "model weights stored as 8-bit codes" in caplog.text
+    checkpoint = tmp_path / f"checkpoint-{SAVE_EVERY}"
+    safetensors_bytes = os.path.getsize(fp32_run[1] / f"checkpoint-{SAVE_EVERY}" / "model.safetensors")
+    assert safetensors_bytes / os.path.getsize(checkpoint / "model.q8") > 3.5
+    model = make_model()
+    q8.integrations.hf.load_model_weights(model, str(checkpoint / "model.q8"))
+    exact = safetensors.torch.load_file(fp32_run[1] / f"checkpoint-{SAVE_EVERY}" / "model.safetensors")
+    for name, t in exact.items():
+        assert q8.quant_error(t, model.state_dict()[name]).rel_l2 < 0.05, name
+    with q8.safe_open(str(checkpoint / "model.q8")) as f:
+        assert 0 < float(f.metadata()["quantized_rel_l2_max"]) < 0.05
+    bad = make_model()
+    bad.transformer.wpe = torch.nn.Embedding(SEQ + 1, bad.config.n_embd)
+    with pytest.raises(ValueError, match=r"model\.q8: model weights do not match"):
+        q8.integrations.hf.load_model_weights(bad, str(checkpoint / "model.q8"))
