@@ -84,9 +84,10 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
 
 /* Canonical Huffman coding of one chunk of bytes (see docs/FORMAT.md, compression 2).
  *
- * Encoded chunk: 128 bytes of code lengths (symbol s's length in the low nibble of byte
- * s/2 if s is even, the high nibble if odd; 0 = symbol absent; 1..HUF_MAXLEN), then the
- * bitstream: codes are canonical (sorted by length, then symbol; each length's first
+ * Encoded chunk: the code lengths of symbols first..last (bytes 0 and 1, first <= last),
+ * two per byte from byte 2 on (symbol first + k in the low nibble of byte 2 + k/2 if k is
+ * even, the high nibble if odd; 0 = symbol absent; 1..HUF_MAXLEN; symbols outside the
+ * range are absent), then the bitstream: codes are canonical (sorted by length, then symbol; each length's first
  * code follows the last of the previous one, shifted left) and written least
  * significant bit first, each code bit-reversed so it can be read LSB first; the last
  * byte is zero-padded. The lengths must form a complete prefix code (Kraft sum exactly
@@ -94,7 +95,7 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
  */
 #define HUF_MAXLEN 11
 #define HUF_TABLE (1 << HUF_MAXLEN)
-#define HUF_HEADER 128
+#define HUF_MAX_HEADER 130
 
 typedef struct { uint64_t freq; int sym; int parent; } hnode;
 
@@ -166,12 +167,19 @@ static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
         for (int s = 0; s < 256; s++) if (h[s]) h[s] = (h[s] >> 1) | 1;
     uint64_t bits = 0;
     for (int s = 0; s < 256; s++) bits += hist[s] * len[s];
-    const int64_t size = HUF_HEADER + (int64_t)((bits + 7) / 8);
+    int first = 0, last = 255;
+    while (!len[first]) first++;
+    while (!len[last]) last--;
+    const int header = 2 + (last - first + 2) / 2;
+    const int64_t size = header + (int64_t)((bits + 7) / 8);
     if (size >= n) return -1;
     uint32_t code[256];
     huff_codes(len, code);
-    for (int s = 0; s < 128; s++) dst[s] = (uint8_t)(len[2 * s] | (len[2 * s + 1] << 4));
-    uint8_t *out = dst + HUF_HEADER, *end = dst + size;
+    dst[0] = (uint8_t)first;
+    dst[1] = (uint8_t)last;
+    memset(dst + 2, 0, (size_t)(header - 2));
+    for (int s = first; s <= last; s++) dst[2 + (s - first) / 2] |= (uint8_t)(len[s] << (4 * ((s - first) & 1)));
+    uint8_t *out = dst + header, *end = dst + size;
     uint64_t buf = 0;
     int nbits = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -188,11 +196,14 @@ static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
 
 /* Decode exactly n bytes from src[0..size); 0 on success, -1 if the chunk is malformed. */
 static int huff_decode(const uint8_t *src, int64_t size, uint8_t *dst, int64_t n) {
-    if (size < HUF_HEADER) return -1;
-    uint8_t len[256];
+    if (size < 3) return -1;
+    const int first = src[0], last = src[1];
+    const int header = 2 + (last - first + 2) / 2;
+    if (first > last || size < header) return -1;
+    uint8_t len[256] = {0};
     uint32_t kraft = 0;
-    for (int s = 0; s < 256; s++) {
-        len[s] = (s & 1) ? (src[s / 2] >> 4) : (src[s / 2] & 15);
+    for (int s = first; s <= last; s++) {
+        len[s] = (src[2 + (s - first) / 2] >> (4 * ((s - first) & 1))) & 15;
         if (len[s] > HUF_MAXLEN) return -1;
         if (len[s]) kraft += 1u << (HUF_MAXLEN - len[s]);
     }
@@ -203,8 +214,8 @@ static int huff_decode(const uint8_t *src, int64_t size, uint8_t *dst, int64_t n
     for (int s = 0; s < 256; s++)
         for (uint32_t c = code[s]; len[s] && c < HUF_TABLE; c += 1u << len[s])
             table[c] = (uint16_t)(s | (len[s] << 8));
-    const uint8_t *in = src + HUF_HEADER;
-    const int64_t m = size - HUF_HEADER;
+    const uint8_t *in = src + header;
+    const int64_t m = size - header;
     int64_t pos = 0, i = 0;
     uint64_t buf = 0;
     int nbits = 0;

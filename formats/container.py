@@ -201,7 +201,8 @@ class Writer:
         out = []
         for part in parts:
             data, raw_length, compression = self._encode_segment(part)
-            self._write(b"\0" * (-self._pos % ALIGN))
+            if compression == RAW:  # memory-mappable as any dtype
+                self._write(b"\0" * (-self._pos % ALIGN))
             out.append([self._pos, memoryview(data).nbytes, raw_length, compression, zlib.crc32(data)])
             self._write(data)
         return out
@@ -473,10 +474,12 @@ class Reader:
         offset, stored, raw, compression, crc = s
         if raw != raw_length:
             raise self.error(f"segment holds {raw} bytes, the shape needs {raw_length}", name)
-        if not (HEADER.size <= offset and offset % ALIGN == 0 and 0 <= stored <= self.data_end - offset):
+        if not (HEADER.size <= offset and 0 <= stored <= self.data_end - offset):
             raise self.error(f"segment at {offset} (+{stored} bytes) lies outside the data area", name)
-        if compression not in (RAW, ZSTD, HUFFMAN) or (compression == RAW and stored != raw) or not 0 <= crc < 1 << 32:
+        if compression not in (RAW, ZSTD, HUFFMAN) or not 0 <= crc < 1 << 32:
             raise self.error(f"bad segment header {s!r}", name)
+        if compression == RAW and (stored != raw or offset % ALIGN):
+            raise self.error(f"uncompressed segment at {offset} is unaligned or not {raw} bytes", name)
         return offset, stored, raw, compression, crc
 
     # - tensors -
