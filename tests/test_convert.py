@@ -370,3 +370,19 @@ def test_installed_script_smoke(gpt2, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "quantized linear" in proc.stdout and "wrote" in proc.stdout
+
+
+def test_decode_q8_files_written_by_the_api(tmp_path, capsys):
+    w = torch.randn(64, 128)
+    q8.save_file({"w": w, "b": torch.zeros(4)}, tmp_path / "flat.q8", quantize=True)
+    assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.safetensors", "-q") == EXIT_OK
+    back = st_load(tmp_path / "flat.safetensors")
+    assert q8.quant_error(w, back["w"]).rel_l2 < 0.02 and torch.equal(back["b"], torch.zeros(4))
+    assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.txt") == EXIT_OUTPUT
+    assert "*.safetensors" in capsys.readouterr().err
+    state = {"step": 3, "state": {0: {"exp_avg": q8.quantize(w, "dynamic")}}, "groups": [{"lr": 0.1}]}
+    q8.save(state, tmp_path / "nested.q8")
+    assert run("decode", tmp_path / "nested.q8", "-o", tmp_path / "nested.pt", "-q") == EXIT_OK
+    got = torch.load(tmp_path / "nested.pt", weights_only=True)
+    assert got["step"] == 3 and got["groups"] == [{"lr": 0.1}]
+    assert torch.equal(got["state"][0]["exp_avg"], q8.dequantize(state["state"][0]["exp_avg"]))

@@ -225,16 +225,12 @@ class Checkpoint:
     """What a Hugging Face model or Trainer checkpoint folder holds, by role.
 
     Attributes:
-        root: the folder.
-        weights: the weights file (or index) that is converted, relative to root.
-        weights_parts: files the weights occupy (the index and its shards), not copied.
+        weights: the weights file (or index) that is converted, relative to the folder.
         optimizer: "optimizer.pt" if present.
-        copies: every other file and folder, carried over unchanged.
+        copies: every other file and folder (not the weights' shards), carried over unchanged.
     """
 
-    root: Path
     weights: str | None
-    weights_parts: list[str]
     optimizer: str | None
     copies: list[str]
 
@@ -258,7 +254,7 @@ def find_checkpoint(root: Path) -> Checkpoint:
             f"{root}: no checkpoint found in this folder (looked for {', '.join(WEIGHTS_FILES)}, {OPTIMIZER_FILE})"
         )
     copies = [n for n in names if n not in parts and n != optimizer]
-    return Checkpoint(root, weights, parts, optimizer, copies)
+    return Checkpoint(weights, optimizer, copies)
 
 
 def safetensors_name(source: str) -> str:
@@ -280,7 +276,7 @@ def write_safetensors(
     offset = 0
     for name, dtype, shape in entries:
         if dtype not in _SAFETENSORS_NAMES:
-            raise ValueError(f"{path}: tensor {name!r}: safetensors cannot hold {dtype}")
+            raise InputError(f"{path}: tensor {name!r}: safetensors cannot hold {dtype}")
         size = math.prod(shape) * dtype.itemsize
         header[name] = {
             "dtype": _SAFETENSORS_NAMES[dtype],
@@ -294,7 +290,7 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(blob)) + blob)
         for (name, dtype, shape), t in zip(entries, tensors, strict=True):
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(
+                raise InputError(
                     f"{path}: tensor {name!r} is {t.dtype} {list(t.shape)}, declared {dtype} {list(shape)}"
                 )
             f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)

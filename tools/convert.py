@@ -350,13 +350,19 @@ def _q8_files(folder: Path) -> tuple[list[Path], set[str]]:
 
 
 def _decode_one(src: Path, dst_folder: Path, dst_name: str | None) -> str:
-    """Decode one q8 checkpoint into `dst_folder`; returns the file name written."""
+    """Decode one q8 checkpoint into `dst_folder`; returns the file name written.
+
+    Weights become safetensors, nested objects (optimizer state) a torch.save file. A q8
+    file that q8convert did not write is taken as weights unless `dst_name` says .pt.
+    """
     with q8.safe_open(src) as f:
         meta = f.metadata()
-        kind = meta.get(KIND, "object" if getattr(f, "tree", None) is not None else "weights")
         source = meta.get(SOURCE, src.name.removesuffix(INDEX_SUFFIX))
+        kind = meta.get(KIND) or ("object" if Path(dst_name or "").suffix in TORCH_SUFFIXES else "weights")
         if kind == "weights":
             name = dst_name or safetensors_name(source)
+            if not name.endswith(".safetensors"):
+                raise OutputError(f"{src}: holds weights, which decode to safetensors: name the output *.safetensors")
             entries = [(k, f.info(k)["dtype"], tuple(f.info(k)["shape"])) for k in f.keys()]
             user_meta = {k: v for k, v in meta.items() if not k.startswith("q8convert.")}
             user_meta.setdefault("format", "pt")  # Hugging Face refuses safetensors without it

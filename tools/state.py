@@ -69,7 +69,7 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
 
     def walk(x: Any, path: str, key: str) -> Any:
         if isinstance(x, torch.Tensor):
-            if key in _BNB_8BIT_KEYS:  # bitsandbytes 32-bit state: kept exact, so decoding cannot mistake it for 8-bit
+            if key in _BNB_8BIT_KEYS:  # bitsandbytes 32-bit state: exact, so decoding cannot take it for 8-bit
                 d = Decision(path, tuple(x.shape), str(x.dtype).removeprefix("torch."), "exact", "", x.nbytes)
                 d.reason, stored = "bitsandbytes 32-bit state", x
             else:
@@ -94,7 +94,7 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
                     out[k] = walk(v, sub, str(k))
             return out
         if isinstance(x, list | tuple):
-            return type(x)(walk(v, f"{path}.{i}", "") for i, v in enumerate(x))
+            return type(x)(walk(v, f"{path}.{i}" if path else str(i), "") for i, v in enumerate(x))
         return x
 
     return walk(obj, "", ""), decisions
