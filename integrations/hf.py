@@ -141,7 +141,7 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str, *, quantiz
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Load a file written by `save_optimizer_state` into `optimizer`.
+    """Load a file written by `save_optimizer_state` (or by `q8convert` from an `optimizer.pt`) into `optimizer`.
 
     Raises FileNotFoundError if the file is missing, `q8.FormatError` if it is corrupt, and ValueError
     (naming the file) if it was written by another optimizer class or for other parameters.
@@ -149,16 +149,31 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: optimizer state file not found")
     with q8.safe_open(path) as f:
-        saved = f.metadata().get("optimizer")
-    if saved != _class_name(optimizer):
+        saved = f.metadata().get("optimizer")  # None: not from Q8Trainer (q8convert of a torch optimizer.pt)
+    if saved is not None and saved != _class_name(optimizer):
         raise ValueError(
             f"{path}: optimizer state was written by {saved}, cannot load it into {_class_name(optimizer)}"
         )
-    state = _dequantize_state(q8.load(path))
+    state = q8.load(path)
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)):
+        raise ValueError(f"{path}: not an optimizer state dict (no 'state' mapping)")
+    state = _dequantize_state(state)
+    if not isinstance(optimizer, q8.optim.Optimizer8bit) and _holds_codes(state):
+        # torch.optim would silently cast the uint8 codes of 8-bit state to float
+        raise ValueError(f"{path}: holds 8-bit optimizer state, which {_class_name(optimizer)} cannot load")
     try:
         optimizer.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: optimizer state does not match the optimizer's parameters: {e}") from e
+
+
+def _holds_codes(state: dict[str, Any]) -> bool:
+    return any(
+        isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+        for entry in state["state"].values()
+        if isinstance(entry, dict)
+        for t in entry.values()
+    )
 
 
 def _quantize_state(state: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -194,6 +209,8 @@ def _dequantize_state(state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of `_quantize_state` (a no-op on lossless state)."""
     restored = {
         index: {key: t.dequantize() if isinstance(t, q8.QTensor) else t for key, t in tensors.items()}
+        if isinstance(tensors, dict)
+        else tensors
         for index, tensors in state["state"].items()
     }
     return {**state, "state": restored}

@@ -284,15 +284,35 @@ def test_quantized_fp32_state(fp32_run, tmp_path, caplog):
     assert abs(loss_at(resumed, STEPS) - loss_at(fp32_run[0], STEPS)) < 0.05
 
 
-def test_optimizer_file_is_4x_smaller_than_torch(run_of, tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The same 20 steps with a plain Trainer and torch AdamW: checkpoints with optimizer.pt."""
+    out = tmp_path_factory.mktemp("plain")
+    return train(out, trainer_cls=Trainer), out
+
+
+def test_optimizer_file_is_4x_smaller_than_torch(run_of, plain_run):
     """AdamW8bit's checkpoint optimizer state (optimizer.q8 plus the placeholder optimizer.pt) against the
     optimizer.pt of a plain Trainer with torch AdamW, for the same model."""
-    train(tmp_path, trainer_cls=Trainer, args=training_args(tmp_path, max_steps=SAVE_EVERY))
-    torch_bytes = os.path.getsize(tmp_path / f"checkpoint-{SAVE_EVERY}" / "optimizer.pt")
+    torch_bytes = os.path.getsize(plain_run[1] / f"checkpoint-{SAVE_EVERY}" / "optimizer.pt")
     checkpoint = run_of("adamw8bit")[1] / f"checkpoint-{SAVE_EVERY}"
     q8_bytes = os.path.getsize(checkpoint / OPTIMIZER_FILE) + os.path.getsize(checkpoint / "optimizer.pt")
     print(f"optimizer state: torch {torch_bytes:,} B, q8 {q8_bytes:,} B, {torch_bytes / q8_bytes:.2f}x")
     assert torch_bytes / q8_bytes >= 3.9
+
+
+def test_resume_plain_checkpoint_and_q8convert_output(fp32_run, plain_run, tmp_path):
+    """Q8Trainer resumes a plain Trainer's checkpoint, and the same checkpoint after `q8convert --lossless`
+    (model.q8 + optimizer.q8), exactly; a plain Trainer run ends where Q8Trainer's does."""
+    from q8.tools.convert import main as q8convert
+
+    checkpoint = plain_run[1] / f"checkpoint-{SAVE_EVERY}"
+    assert q8convert([str(checkpoint), "-o", str(tmp_path / "converted"), "--lossless", "--quiet"]) == 0
+    for source in (checkpoint, tmp_path / "converted"):
+        resumed = train(tmp_path / source.name, resume=source)
+        assert loss_at(resumed, STEPS) == loss_at(fp32_run[0], STEPS) == loss_at(plain_run[0], STEPS)
+        for a, b in zip(resumed.model.parameters(), fp32_run[0].model.parameters(), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_model_weights_in_q8(tmp_path):
