@@ -1,8 +1,9 @@
 """CPU codec benchmark: q8 vs bitsandbytes blockwise 8-bit quantization, in the same run.
 
 Throughput: encode and decode of a 2^24-element fp32 tensor (normal data, signed dynamic
-code), blocksizes 256 and 2048; medians of REPEATS timed runs after a warm-up, MB/s of
-fp32 input, and the speed ratio q8/bnb (> 1: q8 is faster).
+code), blocksizes 256 and 2048; medians of REPEATS timed runs after a warm-up (q8 and
+bitsandbytes alternate, so both see the same load), MB/s of fp32 input, and the speed
+ratio q8/bnb (> 1: q8 is faster).
 
 Exactness: each side's codes are compared with the exact nearest table entry computed
 here independently from docs/CODEC.md (fp64 midpoints, the next fp32 above each one as
@@ -30,15 +31,18 @@ BLOCKSIZES = (256, 2048)
 REPEATS = 7
 
 
-def median_ms(fn: Callable[[], object]) -> float:
-    """Median wall time of fn() in ms over REPEATS runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
+def paired_median_ms(*fns: Callable[[], object]) -> list[float]:
+    """Median wall time in ms of each fn over REPEATS rounds after one warm-up call each.
+    The fns alternate within a round so that all see the same load on a shared machine."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    for _ in range(REPEATS):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(ts) for ts in times]
 
 
 def exact_codes(x: torch.Tensor, table: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -64,13 +68,11 @@ def throughput_rows(x: torch.Tensor) -> list[tuple]:
         qt = q8.quantize(x, "dynamic", bs)
         bq, bstate = bnbf.quantize_blockwise(x, blocksize=bs)
         timings = {
-            "encode": (
-                median_ms(lambda bs=bs: q8.quantize(x, "dynamic", bs)),
-                median_ms(lambda bs=bs: bnbf.quantize_blockwise(x, blocksize=bs)),
+            "encode": paired_median_ms(
+                lambda bs=bs: q8.quantize(x, "dynamic", bs), lambda bs=bs: bnbf.quantize_blockwise(x, blocksize=bs)
             ),
-            "decode": (
-                median_ms(lambda qt=qt: q8.dequantize(qt)),
-                median_ms(lambda bq=bq, st=bstate: bnbf.dequantize_blockwise(bq, st)),
+            "decode": paired_median_ms(
+                lambda qt=qt: q8.dequantize(qt), lambda bq=bq, st=bstate: bnbf.dequantize_blockwise(bq, st)
             ),
         }
         for op, (t_q8, t_bnb) in timings.items():
@@ -105,7 +107,7 @@ def main() -> None:
 
     print(
         f"q8 vs bitsandbytes {bitsandbytes.__version__} CPU codec, {N} fp32 elements, "
-        f"{torch.get_num_threads()} torch threads, medians of {REPEATS} after warm-up, "
+        f"{torch.get_num_threads()} torch threads, medians of {REPEATS} alternating runs, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
     print()
