@@ -313,6 +313,18 @@ def test_resume_plain_checkpoint_and_q8convert_output(fp32_run, plain_run, tmp_p
         assert loss_at(resumed, STEPS) == loss_at(fp32_run[0], STEPS) == loss_at(plain_run[0], STEPS)
         for a, b in zip(resumed.model.parameters(), fp32_run[0].model.parameters(), strict=True):
             assert torch.equal(a, b)
+    # into AdamW8bit: the fp32 moments are quantized on load
+    trainer = Q8Trainer(make_model(), training_args(tmp_path), q8_optim="adamw8bit")
+    trainer.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    trainer._load_optimizer_and_scheduler(str(checkpoint))
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    for index, p in enumerate(params):
+        state = trainer.optimizer.state[p]
+        assert state["step"] == SAVE_EVERY
+        for key in ("exp_avg", "exp_avg_sq"):
+            loaded = state[key].dequantize() if isinstance(state[key], q8.QTensor) else state[key]
+            assert q8.quant_error(saved[index][key], loaded).rel_l2 < 0.05, (index, key)
 
 
 def test_model_weights_in_q8(tmp_path):
