@@ -3,6 +3,7 @@
 The public API lives here; see README.md.
 """
 
+from . import optim
 from .codec import (
     Code,
     QTensor,
@@ -15,6 +16,7 @@ from .codec import (
     quantize,
 )
 from .formats import FormatError, Writer, load, load_file, safe_open, save, save_file, verify
+from .optim import load_optimizer, save_optimizer
 
 __version__ = "0.1.0"
 
@@ -30,11 +32,14 @@ __all__ = [
     "linear_code",
     "load",
     "load_file",
+    "load_optimizer",
+    "optim",
     "quant_error",
     "quantile_code",
     "quantize",
     "safe_open",
     "save",
     "save_file",
+    "save_optimizer",
     "verify",
 ]

@@ -1,5 +1,6 @@
-"""Build hook for the compiled pieces of q8: the CPU codec (codec/_native.c) and the byte
-planes of the container format (formats/_planes.c).
+"""Build hook for the compiled pieces of q8: the CPU codec (codec/_native.c), the byte
+planes of the container format (formats/_planes.c) and the fused 8-bit optimizer update
+(optim/_native.c, which shares the codec rule through codec/q8_codec.h).
 
 Everything else is declared in pyproject.toml.
 """
@@ -16,15 +17,25 @@ class BuildPy(build_py):
         return [m for m in modules if (m[0], m[1]) != ("q8", "setup")]
 
 
+# Exactness: no fused multiply-add contraction, no fast-math.
+EXACT_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
+
 setup(
     cmdclass={"build_py": BuildPy},
     ext_modules=[
         Extension(
             "q8.codec._native",
             sources=["codec/_native.c"],
-            # Exactness: no fused multiply-add contraction, no fast-math.
-            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"],
+            depends=["codec/q8_codec.h"],
+            extra_compile_args=EXACT_FLAGS,
         ),
         Extension("q8.formats._planes", sources=["formats/_planes.c"], extra_compile_args=["-O3", "-std=c11"]),
+        Extension(
+            "q8.optim._native",
+            sources=["optim/_native.c"],
+            include_dirs=["codec"],
+            depends=["codec/q8_codec.h"],
+            extra_compile_args=EXACT_FLAGS,
+        ),
     ],
 )

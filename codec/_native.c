@@ -4,86 +4,30 @@
  * addresses; these functions only compute. They release the GIL so the wrapper can run
  * disjoint block ranges on several threads.
  *
- * Exactness: q = x / absmax is one IEEE fp32 division; the code is the number of fp32
- * thresholds t with t <= q. The 65536-entry LUT, indexed by the top 16 bits of q, gives
- * a lower bound of that count; a short scan over the thresholds finishes it. Built with
- * -ffp-contract=off and without fast-math; denormals are honoured even if the caller set
- * flush-to-zero (e.g. torch.set_flush_denormal).
+ * Exactness: the per-block rule lives in q8_codec.h, shared with the fused optimizer
+ * update (optim/_native.c). Built with -ffp-contract=off and without fast-math.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#define SAVE_FP_MODE unsigned int saved_csr_ = _mm_getcsr(); _mm_setcsr(saved_csr_ & ~0x8040u);
-#define RESTORE_FP_MODE _mm_setcsr(saved_csr_);
-#else
-#define SAVE_FP_MODE
-#define RESTORE_FP_MODE
-#endif
-
-static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-#define CHUNK 256
-
-/* max |x[i]| over one block; *finite is cleared if any element is NaN or +-inf.
- * Works on bit patterns: with the sign bit cleared, the unsigned integer order of floats is
- * their numeric order and every NaN/inf pattern is >= that of +inf. Unlike a float max
- * (whose NaN semantics block it without fast-math), this integer max vectorises. */
-static inline float block_absmax(const float *x, int64_t len, int *finite) {
-    uint32_t m = 0;
-    for (int64_t i = 0; i < len; i++) {
-        const uint32_t a = f2u(x[i]) & 0x7fffffffu;
-        m = a > m ? a : m;
-    }
-    *finite = m < 0x7f800000u;
-    float f;
-    memcpy(&f, &m, 4);
-    return f;
-}
+#include "q8_codec.h"
 
 /* Encode blocks [b0, b1). Returns -1, or the index of the first block holding a
  * non-finite value (its codes and absmax are then unspecified). */
 static int64_t encode_blocks(const float *x, int64_t n, int64_t blocksize, int64_t b0,
                              int64_t b1, const float *thr, const uint8_t *lut,
                              uint8_t zero_code, uint8_t *codes, float *absmax) {
-    float q[CHUNK];
     for (int64_t b = b0; b < b1; b++) {
         const int64_t start = b * blocksize;
         const int64_t len = (start + blocksize <= n) ? blocksize : n - start;
-        const float *xb = x + start;
-        uint8_t *cb = codes + start;
         int finite;
-        const float m = block_absmax(xb, len, &finite);
+        const float m = q8_block_absmax(x + start, len, &finite);
         if (!finite) return b;
         absmax[b] = m;
-        if (m == 0.0f) {
-            memset(cb, zero_code, (size_t)len);
-            continue;
-        }
-        /* Two passes per chunk of CHUNK elements (1 KiB, stays in L1): the divisions
-         * first, as a loop of independent operations the compiler vectorises (a vector
-         * division is correctly rounded like a scalar one), then the table look-ups. */
-        for (int64_t s = 0; s < len; s += CHUNK) {
-            const int64_t k = len - s < CHUNK ? len - s : CHUNK;
-            for (int64_t i = 0; i < k; i++) q[i] = xb[s + i] / m;
-            for (int64_t i = 0; i < k; i++) {
-                unsigned c = lut[f2u(q[i]) >> 16];
-                /* For the built-in tables at most one threshold lies inside a LUT bucket,
-                 * so one branchless step (no mispredictions on random data) finishes the
-                 * count; the loop only goes on for denser tables. */
-                c += (c < 255) & (q[i] >= thr[c < 255 ? c : 254]);
-                while (c < 255 && q[i] >= thr[c]) c++;
-                cb[s + i] = (uint8_t)c;
-            }
-        }
+        q8_encode_block(x + start, len, m, thr, lut, zero_code, codes + start);
     }
     return -1;
 }
@@ -93,10 +37,7 @@ static void decode_blocks(const uint8_t *codes, const float *absmax, const float
     for (int64_t b = b0; b < b1; b++) {
         const int64_t start = b * blocksize;
         const int64_t len = (start + blocksize <= n) ? blocksize : n - start;
-        const float m = absmax[b];
-        const uint8_t *cb = codes + start;
-        float *ob = out + start;
-        for (int64_t i = 0; i < len; i++) ob[i] = table[cb[i]] * m;
+        q8_decode_block(codes + start, len, absmax[b], table, out + start);
     }
 }
 
@@ -109,11 +50,11 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
         return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
-    SAVE_FP_MODE
+    Q8_SAVE_FP_MODE
     bad = encode_blocks((const float *)x, n, blocksize, b0, b1, (const float *)thr,
                         (const uint8_t *)lut, (uint8_t)zero_code, (uint8_t *)codes,
                         (float *)absmax);
-    RESTORE_FP_MODE
+    Q8_RESTORE_FP_MODE
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(bad);
 }
@@ -125,10 +66,10 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
                           &b1, &out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    SAVE_FP_MODE
+    Q8_SAVE_FP_MODE
     decode_blocks((const uint8_t *)codes, (const float *)absmax, (const float *)table, n,
                   blocksize, b0, b1, (float *)out);
-    RESTORE_FP_MODE
+    Q8_RESTORE_FP_MODE
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

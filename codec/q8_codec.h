@@ -1,0 +1,81 @@
+/* q8 codec primitives shared by every compiled CPU path (codec/_native.c, optim/_native.c).
+ *
+ * One block of the rule in docs/CODEC.md: absmax = max |x| (exact), then for each element
+ * q = x / absmax (one IEEE fp32 division) and code = #{ j : thresholds[j] <= q }. The
+ * 65536-entry LUT, indexed by the top 16 bits of q, gives a lower bound of that count
+ * (codec/native.py::search_lut); a short scan over the thresholds finishes it.
+ *
+ * Compile with -ffp-contract=off and without fast-math. Callers wrap their work in
+ * Q8_SAVE_FP_MODE / Q8_RESTORE_FP_MODE so denormals are honoured even if the process set
+ * flush-to-zero (e.g. torch.set_flush_denormal).
+ */
+#ifndef Q8_CODEC_H
+#define Q8_CODEC_H
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define Q8_SAVE_FP_MODE unsigned int q8_saved_csr_ = _mm_getcsr(); _mm_setcsr(q8_saved_csr_ & ~0x8040u);
+#define Q8_RESTORE_FP_MODE _mm_setcsr(q8_saved_csr_);
+#else
+#define Q8_SAVE_FP_MODE
+#define Q8_RESTORE_FP_MODE
+#endif
+
+#define Q8_CHUNK 256
+
+static inline uint32_t q8_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* max |x[i]| over one block; *finite is cleared if any element is NaN or +-inf.
+ * Works on bit patterns: with the sign bit cleared, the unsigned integer order of floats is
+ * their numeric order and every NaN/inf pattern is >= that of +inf. Unlike a float max
+ * (whose NaN semantics block it without fast-math), this integer max vectorises. */
+static inline float q8_block_absmax(const float *x, int64_t len, int *finite) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < len; i++) {
+        const uint32_t a = q8_f2u(x[i]) & 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    *finite = m < 0x7f800000u;
+    float f;
+    memcpy(&f, &m, 4);
+    return f;
+}
+
+/* Codes of one block of finite values whose absmax is m (all zero_code when m == 0). */
+static inline void q8_encode_block(const float *x, int64_t len, float m, const float *thr,
+                                   const uint8_t *lut, uint8_t zero_code, uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    /* Two passes per chunk of Q8_CHUNK elements (1 KiB of quotients, stays in L1): the divisions
+     * first, as a loop of independent operations the compiler vectorises (a vector
+     * division is correctly rounded like a scalar one), then the table look-ups. */
+    float q[Q8_CHUNK];
+    for (int64_t s = 0; s < len; s += Q8_CHUNK) {
+        const int64_t k = len - s < Q8_CHUNK ? len - s : Q8_CHUNK;
+        for (int64_t i = 0; i < k; i++) q[i] = x[s + i] / m;
+        for (int64_t i = 0; i < k; i++) {
+            unsigned c = lut[q8_f2u(q[i]) >> 16];
+            /* For the built-in tables at most one threshold lies inside a LUT bucket, so
+             * one branchless step (no mispredictions on random data) finishes the count;
+             * the loop only goes on for denser tables. */
+            c += (c < 255) & (q[i] >= thr[c < 255 ? c : 254]);
+            while (c < 255 && q[i] >= thr[c]) c++;
+            codes[s + i] = (uint8_t)c;
+        }
+    }
+}
+
+/* Decode one block: out[i] = table[codes[i]] * m (one fp32 multiplication). */
+static inline void q8_decode_block(const uint8_t *codes, int64_t len, float m, const float *table,
+                                   float *out) {
+    for (int64_t i = 0; i < len; i++) out[i] = table[codes[i]] * m;
+}
+
+#endif /* Q8_CODEC_H */

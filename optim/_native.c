@@ -1,0 +1,126 @@
+/* q8 fused 8-bit Adam/AdamW update on CPU (called by optim/fused.py).
+ *
+ * SPEC (the CUDA kernel must match it bit for bit; the torch reference is
+ * q8.optim.algorithms.Adam8bit.update followed by q8.quantize):
+ *
+ * All arithmetic is IEEE binary32, round-to-nearest-even, no FMA contraction, denormals
+ * honoured. Hyperparameters arrive as binary32 values h[0..8] computed once per step in
+ * Python (binary64, then rounded to binary32):
+ *   beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1**step),
+ *   sqrt(1 - beta2**step), 1 - lr * weight_decay (AdamW; 1 for Adam),
+ *   weight_decay (Adam's L2 term; 0 for AdamW).
+ * For each block of `blocksize` elements (the last may be shorter), independently:
+ *   1. m = table_m[m_code] * m_absmax;  v = table_v[v_code] * v_absmax        (decode)
+ *   2. per element, in this order:
+ *        g  = grad;  if (l2 != 0) g = g + (l2 * p)
+ *        m  = (beta1 * m) + (c1 * g)
+ *        v  = (beta2 * v) + (c2 * (g * g))
+ *        if (decay != 1) p = p * decay
+ *        p  = p - (step_size * (m / ((sqrt(v) / bc2_sqrt) + eps)))
+ *   3. m_absmax = max |m|, v_absmax = max |v| over the block; codes = exact nearest entry
+ *      of m / m_absmax (signed "dynamic" table) and v / v_absmax ("udynamic"), ties to the
+ *      lower entry: the codec rule of docs/CODEC.md, shared through codec/q8_codec.h.
+ * The parameter update uses the new m and v before requantization.
+ * Returns -1, or the first block whose new m or v is not finite (an fp32 overflow, e.g.
+ * |grad| > 1.8e19: the caller rejects non-finite gradients before calling).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "q8_codec.h"
+
+#define Q8_MAX_BLOCKSIZE 4096
+
+typedef struct {
+    uint8_t *codes;
+    float *absmax;
+    const float *table;
+    const float *thresholds;
+    const uint8_t *lut;
+    uint8_t zero_code;
+} q8_state8;
+
+static int64_t adam_blocks(float *p, const float *grad, int64_t n, int64_t blocksize,
+                           int64_t b0, int64_t b1, q8_state8 m8, q8_state8 v8,
+                           const float *h) {
+    const float beta1 = h[0], c1 = h[1], beta2 = h[2], c2 = h[3], eps = h[4];
+    const float step_size = h[5], bc2_sqrt = h[6], decay = h[7], l2 = h[8];
+    float m[Q8_MAX_BLOCKSIZE], v[Q8_MAX_BLOCKSIZE];
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t start = b * blocksize;
+        const int64_t len = (start + blocksize <= n) ? blocksize : n - start;
+        float *pb = p + start;
+        const float *gb = grad + start;
+        q8_decode_block(m8.codes + start, len, m8.absmax[b], m8.table, m);
+        q8_decode_block(v8.codes + start, len, v8.absmax[b], v8.table, v);
+        for (int64_t i = 0; i < len; i++) {
+            float g = gb[i];
+            if (l2 != 0.0f) g = g + l2 * pb[i];
+            const float mi = beta1 * m[i] + c1 * g;
+            const float vi = beta2 * v[i] + c2 * (g * g);
+            m[i] = mi;
+            v[i] = vi;
+            float pi = pb[i];
+            if (decay != 1.0f) pi = pi * decay;
+            pb[i] = pi - step_size * (mi / (sqrtf(vi) / bc2_sqrt + eps));
+        }
+        int finite_m, finite_v;
+        const float am = q8_block_absmax(m, len, &finite_m);
+        const float av = q8_block_absmax(v, len, &finite_v);
+        if (!(finite_m && finite_v)) return b;
+        m8.absmax[b] = am;
+        v8.absmax[b] = av;
+        q8_encode_block(m, len, am, m8.thresholds, m8.lut, m8.zero_code, m8.codes + start);
+        q8_encode_block(v, len, av, v8.thresholds, v8.lut, v8.zero_code, v8.codes + start);
+    }
+    return -1;
+}
+
+static int parse_state(PyObject *t, q8_state8 *s) {
+    unsigned long long codes, absmax, table, thr, lut;
+    int zero;
+    if (!PyArg_ParseTuple(t, "KKKKKi", &codes, &absmax, &table, &thr, &lut, &zero)) return 0;
+    s->codes = (uint8_t *)codes;
+    s->absmax = (float *)absmax;
+    s->table = (const float *)table;
+    s->thresholds = (const float *)thr;
+    s->lut = (const uint8_t *)lut;
+    s->zero_code = (uint8_t)zero;
+    return 1;
+}
+
+static PyObject *py_adam(PyObject *self, PyObject *args) {
+    unsigned long long p, grad, hyper;
+    long long n, blocksize, b0, b1;
+    PyObject *m_args, *v_args;
+    if (!PyArg_ParseTuple(args, "KKLLLLO!O!K", &p, &grad, &n, &blocksize, &b0, &b1,
+                          &PyTuple_Type, &m_args, &PyTuple_Type, &v_args, &hyper))
+        return NULL;
+    if (blocksize < 1 || blocksize > Q8_MAX_BLOCKSIZE) {
+        PyErr_Format(PyExc_ValueError, "blocksize %lld out of range", blocksize);
+        return NULL;
+    }
+    q8_state8 m8, v8;
+    if (!parse_state(m_args, &m8) || !parse_state(v_args, &v8)) return NULL;
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    Q8_SAVE_FP_MODE
+    bad = adam_blocks((float *)p, (const float *)grad, n, blocksize, b0, b1, m8, v8,
+                      (const float *)hyper);
+    Q8_RESTORE_FP_MODE
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+}
+
+static PyMethodDef methods[] = {
+    {"adam", py_adam, METH_VARARGS,
+     "adam(p, grad, n, blocksize, b0, b1, m_state, v_state, hyper) -> bad block or -1; "
+     "*_state = (codes, absmax, table, thresholds, lut, zero_code)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native",
+                                    "q8 fused 8-bit optimizer updates on CPU (internal).", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

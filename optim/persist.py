@@ -1,0 +1,104 @@
+"""`save_optimizer` / `load_optimizer`: a q8 optimizer's state in one q8 container file.
+
+Streaming, parameter by parameter: every 8-bit state entry is written as the QTensor it is
+(codes + absmax, no second rounding), every fp32 entry losslessly, one tensor at a time
+through `q8.Writer`; loading reads one tensor at a time through `q8.safe_open`. Tensor
+names are `state.<index>.<entry>` (the index of `state_dict()`); the parameter groups, step
+counts and the optimizer class travel as JSON in the metadata key `q8.optimizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..codec import QTensor, get_code
+from ..formats import FormatError, Writer, safe_open
+from .optimizer import Optimizer8bit, pack_state
+from .sharded import is_sharded
+
+METADATA_KEY = "q8.optimizer"
+FORMAT = 1
+
+
+def save_optimizer(opt: Optimizer8bit, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the state of q8 optimizer `opt` to the q8 file `path` (atomic: a failed save
+    leaves any previous file untouched).
+
+    Example:
+        >>> q8.save_optimizer(opt, "opt.q8")
+    """
+    if not isinstance(opt, Optimizer8bit):
+        raise TypeError(f"save_optimizer expects a q8.optim optimizer, got {type(opt).__name__}")
+    if any(is_sharded(p) for p in opt.state):
+        raise ValueError("save_optimizer: sharded (DTensor) state is saved with torch.distributed.checkpoint")
+    sd = opt.state_dict()  # references to the live state, no copy
+    index_of = {id(p): i for g, sg in zip(opt.param_groups, sd["param_groups"], strict=True)
+                for p, i in zip(g["params"], sg["params"], strict=True)}  # fmt: skip
+    try:
+        header = json.dumps({"format": FORMAT, "class": type(opt).__name__, "param_groups": sd["param_groups"],
+                             "steps": {str(i): s["step"] for i, s in sd["state"].items()}})  # fmt: skip
+    except TypeError as err:
+        raise TypeError(f"save_optimizer: parameter groups must hold JSON-serializable values ({err})") from None
+    with Writer(path, metadata={**(metadata or {}), METADATA_KEY: header}) as writer:
+        for p, state in opt.state.items():
+            for key, value in state.items():
+                if key != "step":
+                    writer.add(f"state.{index_of[id(p)]}.{key}", value)
+
+
+def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
+    """Load a file written by `save_optimizer` into `opt` (same class and parameters),
+    validating every entry as `load_state_dict` does. Raises `q8.FormatError` for a file
+    that is not such a file, ValueError (naming the file) for a state that does not fit.
+
+    Example:
+        >>> q8.load_optimizer(opt, "opt.q8")
+    """
+    if not isinstance(opt, Optimizer8bit):
+        raise TypeError(f"load_optimizer expects a q8.optim optimizer, got {type(opt).__name__}")
+    with safe_open(path) as f:
+        header = _header(f.metadata(), path)
+        if header["class"] != type(opt).__name__:
+            raise ValueError(f"{path}: state of a {header['class']}, cannot load it into {type(opt).__name__}")
+        current = opt.param_groups + [{}] * len(header["param_groups"])  # a count mismatch is reported below
+        groups = [_restore_tuples(saved, group) for saved, group in zip(header["param_groups"], current, strict=False)]
+        state: dict[int, dict[str, Any]] = {int(i): {"step": step} for i, step in header["steps"].items()}
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for name in f.keys():
+            parts = name.split(".", 2)
+            if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in state:
+                raise FormatError(f"{path}: unexpected tensor {name!r} in an optimizer state file")
+            if int(parts[1]) >= len(params):
+                raise ValueError(f"{path}: state for parameter {parts[1]}, the optimizer has {len(params)} parameters")
+            index, key = int(parts[1]), parts[2]
+            if f.info(name)["encoding"] == "blockwise":
+                qt = f.get_qtensor(name)
+                if qt.code != get_code(qt.code.name):
+                    raise ValueError(f"{path}: tensor {name!r} uses a table named {qt.code.name!r} that is not q8's")
+                value = QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype)
+            else:
+                value = f.get_tensor(name).clone()
+            state[index].update(pack_state({key: value}, params[index]))
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _header(metadata: dict[str, str], path) -> dict:
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+        if header.get("format") != FORMAT or not isinstance(header.get("class"), str):
+            raise ValueError(f"format {header.get('format')!r}")
+        if not isinstance(header["param_groups"], list) or not isinstance(header["steps"], dict):
+            raise ValueError("param_groups/steps")
+        return header
+    except (KeyError, ValueError, TypeError) as err:
+        raise FormatError(f"{path}: not a q8 optimizer state file (bad {METADATA_KEY!r} metadata: {err})") from None
+
+
+def _restore_tuples(saved: dict, current: dict) -> dict:
+    """JSON turned tuples (e.g. betas) into lists; give them back their type."""
+    return {k: tuple(v) if isinstance(current.get(k), tuple) and isinstance(v, list) else v for k, v in saved.items()}

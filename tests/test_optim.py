@@ -1,0 +1,518 @@
+"""q8.optim: training parity with 32-bit optimizers, the fused CPU path against the reference
+rule, state dicts (round trip, validation, torch and bitsandbytes interop), edge cases."""
+
+import io
+import math
+import re
+import warnings
+
+import pytest
+import q8
+import torch
+from q8.optim import (
+    Adagrad8bit,
+    Adam8bit,
+    AdamW8bit,
+    LAMB8bit,
+    LARS8bit,
+    Lion8bit,
+    RMSprop8bit,
+    SGD8bit,
+    StableEmbedding,
+    override_32bit,
+)
+from q8.optim.fused import generic_update
+
+FP32 = {"min_8bit_size": 10**12}  # the same q8 optimizer with every state entry in fp32
+
+
+@pytest.fixture
+def one_thread():
+    """Training loops of tiny models run fastest (and least noisily) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- training parity ---------------------------------------------------------------------
+
+
+def markov_text(n: int = 20000, letters: int = 24, seed: int = 0) -> torch.Tensor:
+    """Byte tokens from a fixed random first-order Markov chain with peaked transitions: a
+    language a tiny GPT-2 learns to its entropy in a couple of hundred steps."""
+    g = torch.Generator().manual_seed(seed)
+    cdf = (torch.randn(letters, letters, generator=g) * 2.5).softmax(-1).cumsum(-1)
+    u = torch.rand(n, generator=g)
+    out = [0]
+    for i in range(n):
+        out.append(min(int(torch.searchsorted(cdf[out[-1]], u[i])), letters - 1))
+    return torch.tensor(out) + ord("a")
+
+
+def train_gpt2(make_opt, steps: int = 200, seq: int = 32, batch: int = 8) -> float:
+    """Mean loss of the last 20 steps of a 2-layer GPT-2 trained on `markov_text`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg)
+    override_32bit(model.transformer.wte.weight)  # the paper's recipe: 32-bit state for embeddings
+    opt = make_opt(model.parameters())
+    data = markov_text()
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        start = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
+        tokens = torch.stack([data[i : i + seq + 1] for i in start])
+        loss = model(tokens, labels=tokens).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-20:]) / 20
+
+
+PARITY = {
+    # name: (32-bit reference, 8-bit optimizer); torch.optim where it exists, else the same
+    # algorithm with fp32 state.
+    "AdamW": (lambda p: torch.optim.AdamW(p, lr=3e-3), lambda p: AdamW8bit(p, lr=3e-3)),
+    "Adam": (lambda p: torch.optim.Adam(p, lr=3e-3), lambda p: Adam8bit(p, lr=3e-3)),
+    "SGD": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        lambda p: SGD8bit(p, lr=0.1, momentum=0.9, nesterov=True),
+    ),
+    "RMSprop": (
+        lambda p: torch.optim.RMSprop(p, lr=3e-4, alpha=0.9, centered=True),
+        lambda p: RMSprop8bit(p, lr=3e-4, alpha=0.9, centered=True),
+    ),
+    "Adagrad": (lambda p: torch.optim.Adagrad(p, lr=3e-2), lambda p: Adagrad8bit(p, lr=3e-2)),
+    "Lion": (
+        lambda p: Lion8bit(p, lr=1e-3, weight_decay=0.1, **FP32),
+        lambda p: Lion8bit(p, lr=1e-3, weight_decay=0.1),
+    ),
+    "LAMB": (
+        lambda p: LAMB8bit(p, lr=2e-2, weight_decay=0.01, **FP32),
+        lambda p: LAMB8bit(p, lr=2e-2, weight_decay=0.01),
+    ),
+    "LARS": (lambda p: LARS8bit(p, lr=20.0, **FP32), lambda p: LARS8bit(p, lr=20.0)),
+}
+ADAGRAD_LAG = pytest.mark.xfail(
+    strict=True,
+    reason="measured: 8-bit Adagrad ends 4.6% below torch's loss. Its accumulator only grows when an "
+    "increment exceeds half a quantization step, so the 8-bit sum lags and the effective step is larger",
+)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=ADAGRAD_LAG) if n == "Adagrad" else n for n in PARITY])
+def test_gpt2_parity(name, one_thread):
+    make_ref, make_q8 = PARITY[name]
+    ref, ours = train_gpt2(make_ref), train_gpt2(make_q8)
+    assert ref < 3.1  # the reference really learned (uniform over 24 letters is 3.18)
+    assert abs(ours - ref) <= 0.02 * ref, f"{name}: 8-bit final loss {ours:.4f} vs 32-bit {ref:.4f}"
+
+
+def test_mlp_regression_parity(one_thread):
+    """A small MLP regression: the 8-bit optimizers end no worse than 5% above 32-bit."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 32)
+    y = torch.sin(x @ torch.randn(32, 1) / 4) + 0.1 * torch.randn(1024, 1)
+
+    def train(make_opt):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+        )
+        opt = make_opt(model.parameters())
+        for _ in range(150):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    start = torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()
+    sgd = (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), lambda p: SGD8bit(p, lr=0.05, momentum=0.9))
+    for make_ref, make_q8 in (PARITY["AdamW"], PARITY["Lion"], PARITY["LAMB"], sgd):
+        ref, ours = train(make_ref), train(make_q8)
+        assert ref < 0.2 * start
+        assert ours <= 1.05 * ref, (ours, ref)
+
+
+# --- the fused CPU path against the reference rule ----------------------------------------
+
+
+def step_both(cls, kwargs, p_init, grads):
+    """Run `cls` on two copies of a parameter: one through `step()` (fused C path), one
+    through the generic reference path. Returns both (param, state)."""
+    p1 = torch.nn.Parameter(p_init.clone())
+    p2 = torch.nn.Parameter(p_init.clone())
+    fused, ref = cls([p1], **kwargs), cls([p2], **kwargs)
+    for g in grads:
+        p1.grad = g.to(p1.dtype)
+        fused.step()
+        state = ref.state[p2]
+        if not state:
+            state.update(ref._init_state(p2, ref.param_groups[0]))
+        state["step"] += 1
+        with torch.no_grad():
+            generic_update(ref, p2, g.to(p2.dtype), state, ref.param_groups[0])
+    return (p1, fused.state[p1]), (p2, ref.state[p2])
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,shape,dtype",
+    [
+        (AdamW8bit, {"lr": 1e-2, "weight_decay": 0.1}, (97, 131), torch.float32),
+        (Adam8bit, {"lr": 1e-2, "weight_decay": 0.1, "blocksize": 64}, (5000,), torch.float32),
+        (Adam8bit, {"lr": 1e-3, "betas": (0.8, 0.99), "blocksize": 4096}, (3, 4099), torch.float32),
+        (AdamW8bit, {"lr": 1e-2}, (64, 100), torch.bfloat16),
+        (AdamW8bit, {"lr": 1e-2, "blocksize": 128}, (64, 100), torch.float16),
+    ],
+)
+def test_fused_cpu_path_is_bit_exact(cls, kwargs, shape, dtype):
+    torch.manual_seed(0)
+    scales = torch.logspace(-6, 1, 7)
+    grads = [torch.randn(shape) * scales[i % 7] for i in range(6)]
+    grads[2].view(-1)[: shape[-1]] = 0  # an all-zero stretch of gradient
+    (p1, s1), (p2, s2) = step_both(cls, kwargs, torch.randn(shape).to(dtype), grads)
+    assert p1.dtype == dtype and torch.equal(p1, p2)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(s1[key].codes, s2[key].codes), key
+        assert torch.equal(s1[key].absmax, s2[key].absmax), key
+
+
+def test_first_moment_keeps_its_sign():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(8192))
+    opt = AdamW8bit([p], betas=(0.0, 0.999))  # beta1 = 0: the first moment is exactly the gradient
+    g = torch.randn(8192) * torch.logspace(-8, 0, 8192)
+    p.grad = g
+    opt.step()
+    m = opt.state[p]["exp_avg"].dequantize()
+    assert ((m == 0) | (torch.sign(m) == torch.sign(g))).all()
+    assert (torch.sign(m) == torch.sign(g)).float().mean() > 0.9
+
+
+# --- state dicts ---------------------------------------------------------------------------
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+
+
+def train_steps(model, opt, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 64, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys()
+        for key, value in sa["state"][i].items():
+            other = sb["state"][i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
+
+
+ALL = [
+    (AdamW8bit, {}),
+    (Adam8bit, {"weight_decay": 0.01}),
+    (SGD8bit, {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+    (Lion8bit, {}),
+    (RMSprop8bit, {"momentum": 0.5, "centered": True}),
+    (Adagrad8bit, {"initial_accumulator_value": 0.1}),
+    (LAMB8bit, {"weight_decay": 0.01}),
+    (LARS8bit, {"lr": 1.0, "weight_decay": 1e-4}),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", ALL, ids=[c.__name__ for c, _ in ALL])
+def test_state_dict_round_trip_resumes_bit_exactly(cls, kwargs):
+    model = mlp()
+    opt = cls(model.parameters(), **kwargs)
+    train_steps(model, opt, 3, seed=0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    sd = saved["opt"]["state"][0]
+    if "momentum_buffer" in sd or "exp_avg" in sd or "sum" in sd or "square_avg" in sd:
+        key = next(k for k in sd if k.endswith(".code"))
+        assert (
+            sd[key.removesuffix(".code")].dtype == torch.uint8 and sd[f"{key.removesuffix('.code')}.blocksize"] == 256
+        )
+
+    model2 = mlp(seed=1)
+    model2.load_state_dict(saved["model"])
+    opt2 = cls(model2.parameters(), **kwargs)
+    opt2.load_state_dict(saved["opt"])
+    assert_same_state(opt, opt2)
+    train_steps(model, opt, 3, seed=1)
+    train_steps(model2, opt2, 3, seed=1)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_same_state(opt, opt2)
+
+
+def test_load_state_dict_never_casts_codes():
+    model = mlp()
+    opt = AdamW8bit(model.parameters())
+    train_steps(model, opt, 2, seed=0)
+    opt2 = AdamW8bit(mlp().parameters())
+    opt2.load_state_dict(opt.state_dict())
+    qt = opt2.state[next(iter(opt2.param_groups[0]["params"]))]["exp_avg"]
+    assert isinstance(qt, q8.QTensor) and qt.codes.dtype == torch.uint8 and qt.absmax.dtype == torch.float32
+
+
+def test_load_state_dict_validation_errors():
+    model = mlp()
+    opt = AdamW8bit(model.parameters())
+    train_steps(model, opt, 1, seed=0)
+    good = opt.state_dict()
+
+    def broken(edit):
+        sd = {
+            "state": {i: dict(s) for i, s in good["state"].items()},
+            "param_groups": [dict(g) for g in good["param_groups"]],
+        }
+        edit(sd)
+        return sd
+
+    cases = [
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"][:-1]}), "codes must be flat uint8"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].float()}), "codes must be flat uint8"),
+        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 512}), "absmax values"),
+        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 100}), "power of two"),
+        (lambda sd: sd["state"][0].update({"exp_avg.code": "udynamic"}), "this optimizer uses 'dynamic'"),
+        (lambda sd: sd["state"][0].update({"exp_avg.code": "mystery"}), "unknown code"),
+        (lambda sd: sd["state"][0].update({"exp_avg.absmax": sd["state"][0]["exp_avg.absmax"].bfloat16()}), "float32"),
+        (lambda sd: sd["state"][0].pop("exp_avg_sq"), "missing state entry 'exp_avg_sq'"),
+        (lambda sd: sd["state"][1].update({"exp_avg": torch.zeros(3)}), "shape (3,)"),
+        (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "2 parameter groups saved"),
+        (lambda sd: sd["param_groups"][0].update({"params": [0, 1]}), "2 parameters saved"),
+        (lambda sd: sd["state"].update({99: {}}), "unknown parameter index 99"),
+    ]
+    before = opt.state_dict()
+    for edit, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            opt.load_state_dict(broken(edit))
+    assert_same_state(opt, opt)  # still usable and unchanged
+    after = opt.state_dict()
+    assert torch.equal(before["state"][0]["exp_avg"], after["state"][0]["exp_avg"])
+
+
+def test_torch_adam_state_converts_to_8bit_and_back():
+    model = mlp()
+    ref = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_steps(model, ref, 3, seed=0)
+    opt = AdamW8bit(model.parameters())
+    opt.load_state_dict(ref.state_dict())
+    w = model[0].weight
+    for key, code in (("exp_avg", "dynamic"), ("exp_avg_sq", "udynamic")):
+        qt = opt.state[w][key]
+        expected = q8.quantize(ref.state[w][key], code, 256)
+        assert torch.equal(qt.codes, expected.codes) and torch.equal(qt.absmax, expected.absmax)
+    assert opt.state[w]["step"] == 3
+    assert torch.equal(opt.state[model[0].bias]["exp_avg"], ref.state[model[0].bias]["exp_avg"])  # small: fp32
+
+    back = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    back.load_state_dict(opt.to_torch_state_dict())
+    assert torch.equal(back.state[w]["exp_avg"], opt.state[w]["exp_avg"].dequantize())
+    assert float(back.state[w]["step"]) == 3.0
+    train_steps(model, back, 1, seed=1)  # torch's optimizer runs on it
+
+
+def test_bitsandbytes_state_loads_losslessly():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 10))  # 10000 elements: 40 blocks
+    ref = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    train_steps_in(model, ref, 100)
+    opt = AdamW8bit(model.parameters())
+    opt.load_state_dict(ref.state_dict())
+    w = model[0].weight
+    bnb_state = ref.state[w]
+    for i, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
+        qt = opt.state[w][key]
+        assert qt.blocksize == 256
+        assert torch.equal(qt.codes, bnb_state[f"state{i}"].reshape(-1))
+        assert torch.equal(qt.absmax, bnb_state[f"absmax{i}"])
+    assert opt.state[w]["step"] == bnb_state["step"] == 2
+    assert torch.equal(opt.state[model[0].bias]["exp_avg"], ref.state[model[0].bias]["state1"])
+    train_steps_in(model, opt, 100)
+
+
+def train_steps_in(model, opt, dim):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        loss = model(torch.randn(16, dim, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+# --- behaviour -------------------------------------------------------------------------------
+
+
+def test_non_finite_gradient_skips_that_parameter():
+    model = mlp()
+    opt = AdamW8bit(model.parameters())
+    train_steps(model, opt, 2, seed=0)
+    w, b = model[0].weight, model[0].bias
+    w_before, b_before = w.detach().clone(), b.detach().clone()
+    codes_before = opt.state[w]["exp_avg"].codes.clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    w.grad[3, 5] = math.nan
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(w, w_before) and torch.equal(opt.state[w]["exp_avg"].codes, codes_before)
+    assert opt.state[w]["step"] == 2 and opt.state[b]["step"] == 3
+    assert not torch.equal(b, b_before)
+    w.grad.fill_(math.inf)
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_params(dtype):
+    model = mlp().to(dtype)
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    x = torch.randn(32, 64).to(dtype)
+    first = None
+    for _ in range(10):
+        loss = model(x).float().pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    assert all(p.dtype == dtype for p in model.parameters())
+    qt = opt.state[model[0].weight]["exp_avg"]
+    assert isinstance(qt, q8.QTensor) and qt.absmax.dtype == torch.float32
+    assert opt.state[model[0].bias]["exp_avg"].dtype == torch.float32
+
+
+def test_which_state_is_8bit():
+    model = mlp()
+    override = torch.nn.Linear(64, 128)
+    override_32bit(override.weight)
+    opt = AdamW8bit(
+        [
+            {"params": model[0].parameters()},
+            {"params": model[2].parameters(), "optim_bits": 32},
+            {"params": override.parameters()},
+        ],
+        min_8bit_size=4096,
+    )
+    for p in [*model.parameters(), *override.parameters()]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert isinstance(opt.state[model[0].weight]["exp_avg"], q8.QTensor)  # 8192 elements
+    assert not isinstance(opt.state[model[0].bias]["exp_avg"], q8.QTensor)  # 128 < min_8bit_size
+    assert not isinstance(opt.state[model[2].weight]["exp_avg"], q8.QTensor)  # optim_bits=32 group
+    assert not isinstance(opt.state[override.weight]["exp_avg"], q8.QTensor)  # override_32bit
+    n8 = model[0].weight.numel()
+    fp32 = sum(p.numel() for p in [model[0].bias, *model[2].parameters(), *override.parameters()])
+    assert opt.state_nbytes() == 2 * (n8 + 4 * (n8 // 256)) + 2 * 4 * fp32
+    with pytest.raises(ValueError, match="optim_bits must be 8 or 32"):
+        p = torch.nn.Parameter(torch.ones(5000))
+        p.grad = torch.ones(5000)
+        AdamW8bit([{"params": [p], "optim_bits": 16}]).step()
+
+
+def test_bad_hyperparameters_are_named():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises(ValueError, match="lr"):
+        AdamW8bit(params, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        Adam8bit(params, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="blocksize"):
+        AdamW8bit(params, blocksize=100)
+    with pytest.raises(ValueError, match="nesterov"):
+        SGD8bit(params, nesterov=True)
+    with pytest.raises(ValueError, match="min_8bit_size"):
+        Lion8bit(params, min_8bit_size=-1)
+
+
+def test_defaults_match_torch():
+    p = [torch.nn.Parameter(torch.ones(3))]
+    pairs = [
+        (Adam8bit, torch.optim.Adam),
+        (AdamW8bit, torch.optim.AdamW),
+        (SGD8bit, torch.optim.SGD),
+        (RMSprop8bit, torch.optim.RMSprop),
+        (Adagrad8bit, torch.optim.Adagrad),
+    ]
+    for ours, theirs in pairs:
+        mine, ref = ours(p).defaults, theirs(p).defaults
+        shared = {k: v for k, v in mine.items() if k in ref}
+        assert shared == {k: ref[k] for k in shared} and len(shared) == len(mine) - 1, ours.__name__
+    assert AdamW8bit(p).defaults["weight_decay"] == 1e-2
+
+
+def test_grads_none_param_groups_scheduler_and_compiled_model():
+    model = mlp()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = AdamW8bit(model[0].parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 64)
+    for _ in range(2):
+        loss = compiled(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+    opt.add_param_group({"params": model[2].parameters(), "lr": 1e-3})
+    model[2].bias.grad = None
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    opt.step()
+    assert opt.state[model[2].weight]["step"] == 1 and model[2].bias not in opt.state
+    restored = AdamW8bit([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    restored.load_state_dict(opt.state_dict())
+    assert restored.param_groups[1]["lr"] == 1e-3 and restored.param_groups[0]["initial_lr"] == 1e-2
+
+
+def test_lamb_and_lars_trust_ratio_scales_the_step():
+    for cls, kwargs in ((LAMB8bit, {"lr": 0.1}), (LARS8bit, {"lr": 0.1, "momentum": 0.0})):
+        steps = []
+        for scale in (1.0, 10.0):  # 10x larger weights: a 10x larger step
+            p = torch.nn.Parameter(torch.ones(5000) * scale)
+            opt = cls([p], **kwargs)
+            p.grad = torch.linspace(-1, 1, 5000)
+            opt.step()
+            steps.append((p.detach() - scale).norm().item())
+        assert steps[1] == pytest.approx(10 * steps[0], rel=1e-4), cls.__name__
+
+
+def test_stable_embedding():
+    torch.manual_seed(0)
+    emb = StableEmbedding(1000, 64, padding_idx=0)
+    bound = math.sqrt(6 / (1000 + 64))
+    assert emb.weight.abs().max() <= bound and emb.weight.abs().max() > 0.9 * bound
+    assert torch.equal(emb.weight[0], torch.zeros(64))
+    out = emb(torch.tensor([[1, 2, 3]]))
+    assert out.shape == (1, 3, 64)
+    assert torch.allclose(out.mean(-1), torch.zeros(1, 3), atol=1e-5)
+    opt = AdamW8bit(emb.parameters())
+    out.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert emb.weight.numel() >= 4096 and not isinstance(opt.state[emb.weight]["exp_avg"], q8.QTensor)

@@ -1,0 +1,120 @@
+"""q8.save_optimizer / q8.load_optimizer: bit-exact resume through the container, file size,
+errors."""
+
+import os
+
+import pytest
+import q8
+import torch
+from q8.optim import AdamW8bit, LAMB8bit, Lion8bit, SGD8bit
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
+    g = torch.Generator().manual_seed(123)
+    batches = [torch.randn(16, 64, generator=g) for _ in range(9)]
+    return model, batches
+
+
+def run(model, opt, batches):
+    for x in batches:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def state_bytes(opt) -> list:
+    out = []
+    for state in opt.state.values():
+        for key, value in sorted(state.items()):
+            if isinstance(value, q8.QTensor):
+                out += [key, value.codes.clone(), value.absmax.clone(), value.code.name, value.blocksize]
+            else:
+                out += [key, value.clone() if isinstance(value, torch.Tensor) else value]
+    return out
+
+
+def assert_equal_lists(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(AdamW8bit, {"lr": 1e-2}), (Lion8bit, {"lr": 1e-3}), (SGD8bit, {"lr": 0.1, "momentum": 0.9}), (LAMB8bit, {})],
+)
+def test_resume_is_bit_exact_over_several_cycles(cls, kwargs, tmp_path):
+    model, batches = model_and_data()
+    straight = cls(model.parameters(), **kwargs)
+    run(model, straight, batches)
+
+    resumed_model, _ = model_and_data()
+    opt = cls(resumed_model.parameters(), **kwargs)
+    for cycle, (start, stop) in enumerate([(0, 3), (3, 5), (5, 9)]):
+        run(resumed_model, opt, batches[start:stop])
+        if stop == len(batches):
+            break
+        path = tmp_path / f"opt{cycle}.q8"
+        q8.save_optimizer(opt, path)
+        q8.save_file(dict(resumed_model.state_dict()), tmp_path / "model.q8")
+        resumed_model, _ = model_and_data(seed=cycle + 1)  # a fresh model and optimizer
+        resumed_model.load_state_dict(q8.load_file(tmp_path / "model.q8"))
+        opt = cls(resumed_model.parameters(), **kwargs)
+        q8.load_optimizer(opt, path)
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_equal_lists(state_bytes(straight), state_bytes(opt))
+
+
+def test_file_is_codes_plus_absmax(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256))
+    opt = AdamW8bit(model.parameters())
+    run(model, opt, [torch.randn(8, 512) for _ in range(2)])
+    path = tmp_path / "opt.q8"
+    q8.save_optimizer(opt, path)
+    raw = opt.state_nbytes()
+    assert os.path.getsize(path) <= 1.01 * raw, (os.path.getsize(path), raw)
+    with q8.safe_open(path) as f:
+        info = f.info("state.0.exp_avg")
+        assert info["encoding"] == "blockwise" and info["code"] == "dynamic" and info["blocksize"] == 256
+        assert f.info("state.1.exp_avg")["encoding"] != "blockwise"  # 1024 elements: fp32 state, lossless
+
+
+def test_errors_name_the_file(tmp_path):
+    model, batches = model_and_data()
+    opt = AdamW8bit(model.parameters())
+    run(model, opt, batches[:2])
+    path = tmp_path / "opt.q8"
+    q8.save_optimizer(opt, path)
+    before = path.read_bytes()
+
+    with pytest.raises(ValueError, match=r"opt\.q8: state of a AdamW8bit, cannot load it into Lion8bit"):
+        q8.load_optimizer(Lion8bit(model.parameters()), path)
+    other = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"opt\.q8: .*parameter 0 \(shape \(64, 64\)\)"):
+        q8.load_optimizer(AdamW8bit(other.parameters()), path)
+    with pytest.raises(ValueError, match="parameter groups saved"):
+        q8.load_optimizer(AdamW8bit([{"params": model[0].parameters()}, {"params": model[2].parameters()}]), path)
+
+    plain = tmp_path / "weights.q8"
+    q8.save_file({"w": torch.ones(3)}, plain)
+    with pytest.raises(q8.FormatError, match="not a q8 optimizer state file"):
+        q8.load_optimizer(opt, plain)
+
+    corrupt = tmp_path / "corrupt.q8"
+    data = bytearray(before)
+    data[200] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(q8.FormatError):
+        q8.load_optimizer(AdamW8bit(model.parameters()), corrupt)
+
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)  # not JSON: the save fails before touching the file
+    with pytest.raises(TypeError, match="JSON"):
+        q8.save_optimizer(opt, path)
+    assert path.read_bytes() == before
+    with pytest.raises(TypeError, match=r"q8\.optim optimizer"):
+        q8.save_optimizer(torch.optim.AdamW(model.parameters()), path)
