@@ -74,7 +74,9 @@ def test_installed_wheel_quantizes_from_outside_the_repo(wheel, tmp_path):
     deps = Path(torch.__file__).resolve().parents[1]
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
     (site / "q8-test-deps.pth").write_text(f"{deps}\n")
-    run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path)
+    # Installed by this interpreter's pip (same Python version) into the venv's prefix:
+    # works with any pip, where `pip --python` needs pip >= 22.3.
+    run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", venv, wheel, cwd=tmp_path)
 
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
