@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..codec.codes import Code
-from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, search_tree, to_bfloat16, to_float32
+from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, round_to, search_tree, to_float32
 
 TILE = 4096
 """Elements per program (a tile of TILE // blocksize blocks, or one larger block)."""
@@ -49,11 +49,7 @@ def _decode_kernel(
     codes = tl.load(codes_ptr + offs, mask=mask, other=0)
     absmax = tl.load(absmax_ptr + rows, mask=rows < nblocks, other=0.0)
     y = dequantize_tile(codes, absmax, values_ptr)
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        out = to_bfloat16(y)
-    else:
-        out = y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(out_ptr + offs, out, mask=mask)
+    tl.store(out_ptr + offs, round_to(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..codec import QTensor
 from .blockwise import DTYPES, NUM_WARPS, _check, _grid, _launch_context, device_tables
-from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, to_bfloat16, to_float32
+from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, round_to, to_float32
 
 
 @triton.jit
@@ -68,10 +68,7 @@ def _adam_kernel(
 
     p, m, v = adam_rule(p, g, m, v, beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2)
 
-    if p_ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(p_ptr + offs, to_bfloat16(p), mask=mask)
-    else:
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(p_ptr + offs, round_to(p, p_ptr.dtype.element_ty), mask=mask)
     m_ok = _requantize(m, m_codes_ptr, m_absmax_ptr, m_tree_ptr, m_zero, offs, rows, mask, nblocks)
     v_ok = _requantize(v, v_codes_ptr, v_absmax_ptr, v_tree_ptr, v_zero, offs, rows, mask, nblocks)
     first_bad = tl.min(tl.where(m_ok & v_ok, nblocks, rows))

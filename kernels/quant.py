@@ -84,6 +84,16 @@ def dequantize_tile(codes, absmax, values_ptr):
 
 
 @triton.jit
+def round_to(y, dtype: tl.constexpr):
+    """fp32 values `y` as `dtype` (fp32, fp16 or bf16), rounded to nearest even: the bytes
+    of torch's `.to(dtype)`."""
+    if dtype == tl.bfloat16:
+        return to_bfloat16(y)
+    else:
+        return y.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def to_bfloat16(y):
     """fp32 -> bf16 rounded to nearest even (NaN -> 0x7FC0), computed on the bits.
 

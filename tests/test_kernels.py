@@ -164,6 +164,20 @@ def test_half_precision_output_rounds_like_a_cast():
 
 
 @runs_kernels
+@pytest.mark.parametrize(("dtype", "bits_kept"), [(torch.float16, 11), (torch.bfloat16, 8)])
+def test_half_precision_output_ties_go_to_even(dtype, bits_kept):
+    """A table whose entries are exact midpoints between neighbouring fp16 (bf16) values of
+    [0.5, 1), scaled by powers of two (also into the subnormals and past the maximum)."""
+    odd = (2 * torch.arange(128, dtype=torch.float64) + 1) * 2.0 ** -(bits_kept + 1)
+    code = q8.Code("midpoints", torch.cat([-(0.5 + odd[:127]).flip(0), torch.zeros(1), 0.5 + odd]))
+    codes = torch.arange(256, dtype=torch.uint8).repeat(8)
+    absmax = torch.tensor([1.0, 2.0**-14, 2.0**-20, 2.0**-130, 2.0**15, 2.0**16, 2.0**120, 2.0**128 * 0.75])
+    ref = native.decode(codes, absmax, code, 256)
+    out = kernels.decode(codes.to(DEVICE), absmax.to(DEVICE), code, 256, dtype)
+    assert torch.equal(bits(out), bits(ref.to(dtype)))
+
+
+@runs_kernels
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65])
 def test_tiny_inputs(n):
     code = get_code("udynamic")
