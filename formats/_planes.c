@@ -87,7 +87,9 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
  * Encoded chunk: the code lengths of symbols first..last (bytes 0 and 1, first <= last),
  * two per byte from byte 2 on (symbol first + k in the low nibble of byte 2 + k/2 if k is
  * even, the high nibble if odd; 0 = symbol absent; 1..HUF_MAXLEN; symbols outside the
- * range are absent), then the bitstream: codes are canonical (sorted by length, then symbol; each length's first
+ * range are absent), the byte sizes of bitstreams 0..2 (u32 each), then four bitstreams,
+ * stream k coding symbols [k * q, (k + 1) * q) with q = ceil(n / 4) (decoded interleaved).
+ * In each bitstream: codes are canonical (sorted by length, then symbol; each length's first
  * code follows the last of the previous one, shifted left) and written least
  * significant bit first, each code bit-reversed so it can be read LSB first; the last
  * byte is zero-padded. The lengths must form a complete prefix code (Kraft sum exactly
@@ -95,7 +97,7 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
  */
 #define HUF_MAXLEN 11
 #define HUF_TABLE (1 << HUF_MAXLEN)
-#define HUF_MAX_HEADER 130
+#define HUF_MAX_HEADER 142
 
 typedef struct { uint64_t freq; int sym; int parent; } hnode;
 
@@ -154,10 +156,60 @@ static void huff_codes(const uint8_t *len, uint32_t *code) {
     }
 }
 
-/* Encode n > 0 bytes; returns the encoded size, or -1 if it would not be smaller than n. */
+/* Append the codes of src[0..n) to out as one bitstream (LSB first, zero-padded to a
+ * byte); returns the bytes written. out needs 8 bytes of slack past the stream's end. */
+static int64_t huff_put_stream(const uint8_t *src, int64_t n, const uint32_t *entry, uint8_t *out) {
+    uint8_t *const start = out;
+    uint64_t buf = 0;
+    int nbits = 0;
+    int64_t i = 0;
+#define HUF_PUT(sym)                                      \
+    do {                                                  \
+        const uint32_t e_ = entry[sym];                   \
+        buf |= (uint64_t)(e_ & 0xFFFFFF) << nbits;        \
+        nbits += (int)(e_ >> 24);                         \
+    } while (0)
+    /* 4 codes (<= 44 bits) on top of at most 7 pending bits, then flush whole bytes with
+     * one 8-byte store */
+    for (; i + 4 <= n; i += 4) {
+        HUF_PUT(src[i]);
+        HUF_PUT(src[i + 1]);
+        HUF_PUT(src[i + 2]);
+        HUF_PUT(src[i + 3]);
+        memcpy(out, &buf, 8);
+        out += nbits >> 3;
+        buf >>= nbits & ~7; /* nbits <= 7 + 44 */
+        nbits &= 7;
+    }
+    for (; i < n; i++) HUF_PUT(src[i]);
+#undef HUF_PUT
+    while (nbits > 0) { *out++ = (uint8_t)buf; buf >>= 8; nbits -= 8; }
+    return out - start;
+}
+
+/* Symbols of stream k (0..3) of an n-symbol chunk: [k * q, min((k + 1) * q, n)), q = ceil(n / 4). */
+static void huff_quarters(int64_t n, int64_t *start, int64_t *count) {
+    const int64_t q = (n + 3) / 4;
+    for (int k = 0; k < 4; k++) {
+        start[k] = k * q < n ? k * q : n;
+        count[k] = (start[k] + q < n ? start[k] + q : n) - start[k];
+    }
+}
+
+/* Encode n > 0 bytes into dst (room for n + HUF_MAX_HEADER + 8 bytes); returns the encoded
+ * size, or -1 if it would not be smaller than n. */
 static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
     uint64_t hist[256] = {0}, h[256];
-    for (int64_t i = 0; i < n; i++) hist[src[i]]++;
+    uint32_t part[4][256] = {{0}}; /* four tables: no store-to-load stall on repeated bytes */
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        part[0][src[i]]++;
+        part[1][src[i + 1]]++;
+        part[2][src[i + 2]]++;
+        part[3][src[i + 3]]++;
+    }
+    for (; i < n; i++) part[0][src[i]]++;
+    for (int s = 0; s < 256; s++) hist[s] = (uint64_t)part[0][s] + part[1][s] + part[2][s] + part[3][s];
     int present = 0, only = 0;
     for (int s = 0; s < 256; s++) if (hist[s]) { present++; only = s; }
     memcpy(h, hist, sizeof h);
@@ -170,35 +222,73 @@ static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
     int first = 0, last = 255;
     while (!len[first]) first++;
     while (!len[last]) last--;
-    const int header = 2 + (last - first + 2) / 2;
-    const int64_t size = header + (int64_t)((bits + 7) / 8);
-    if (size >= n) return -1;
+    const int header = 2 + (last - first + 2) / 2 + 12;
+    /* an upper bound of the size (each stream pads at most one byte) */
+    if (header + (int64_t)(bits / 8) + 4 >= n) return -1;
     uint32_t code[256];
     huff_codes(len, code);
     dst[0] = (uint8_t)first;
     dst[1] = (uint8_t)last;
     memset(dst + 2, 0, (size_t)(header - 2));
     for (int s = first; s <= last; s++) dst[2 + (s - first) / 2] |= (uint8_t)(len[s] << (4 * ((s - first) & 1)));
-    uint8_t *out = dst + header, *end = dst + size;
-    uint64_t buf = 0;
-    int nbits = 0;
-    for (int64_t i = 0; i < n; i++) {
-        buf |= (uint64_t)code[src[i]] << nbits;
-        nbits += len[src[i]];
-        if (nbits >= 32) {
-            for (int k = 0; k < 4; k++) { *out++ = (uint8_t)buf; buf >>= 8; }
-            nbits -= 32;
+    uint32_t entry[256]; /* code in the low 24 bits, length in the top 8 */
+    for (int s = 0; s < 256; s++) entry[s] = code[s] | ((uint32_t)len[s] << 24);
+    int64_t start[4], count[4], size = header;
+    huff_quarters(n, start, count);
+    for (int k = 0; k < 4; k++) {
+        const int64_t m = huff_put_stream(src + start[k], count[k], entry, dst + size);
+        if (k < 3) { /* stream sizes 0..2, u32 each, just before the streams */
+            const uint32_t m32 = (uint32_t)m;
+            memcpy(dst + header - 12 + 4 * k, &m32, 4);
+        }
+        size += m;
+    }
+    return size < n ? size : -1;
+}
+
+typedef struct {
+    const uint8_t *in;
+    int64_t m, pos;
+    uint64_t buf;
+    int nbits;
+} huff_reader;
+
+/* Make at least 56 bits available; bytes past the end read as zero (caught by huff_end). */
+static inline void huff_refill(huff_reader *r) {
+    if (r->pos + 8 <= r->m) {
+        uint64_t w;
+        memcpy(&w, r->in + r->pos, 8);
+        r->buf |= w << r->nbits;
+        const int take = (63 - r->nbits) >> 3;
+        r->pos += take;
+        r->nbits += take * 8;
+    } else {
+        while (r->nbits <= 56) {
+            r->buf |= (uint64_t)(r->pos < r->m ? r->in[r->pos] : 0) << r->nbits;
+            r->pos++;
+            r->nbits += 8;
         }
     }
-    while (nbits > 0) { *out++ = (uint8_t)buf; buf >>= 8; nbits -= 8; }
-    return out == end ? size : -2;
+}
+
+static inline uint8_t huff_sym(huff_reader *r, const uint16_t *table) {
+    const uint16_t e = table[r->buf & (HUF_TABLE - 1)];
+    r->buf >>= e >> 8;
+    r->nbits -= e >> 8;
+    return (uint8_t)e;
+}
+
+/* 1 if the stream was consumed exactly: it ends within its last byte. */
+static inline int huff_end(const huff_reader *r) {
+    const int64_t used = r->pos * 8 - r->nbits;
+    return used <= r->m * 8 && (used + 7) / 8 == r->m;
 }
 
 /* Decode exactly n bytes from src[0..size); 0 on success, -1 if the chunk is malformed. */
 static int huff_decode(const uint8_t *src, int64_t size, uint8_t *dst, int64_t n) {
     if (size < 3) return -1;
     const int first = src[0], last = src[1];
-    const int header = 2 + (last - first + 2) / 2;
+    const int header = 2 + (last - first + 2) / 2 + 12;
     if (first > last || size < header) return -1;
     uint8_t len[256] = {0};
     uint32_t kraft = 0;
@@ -214,31 +304,37 @@ static int huff_decode(const uint8_t *src, int64_t size, uint8_t *dst, int64_t n
     for (int s = 0; s < 256; s++)
         for (uint32_t c = code[s]; len[s] && c < HUF_TABLE; c += 1u << len[s])
             table[c] = (uint16_t)(s | (len[s] << 8));
-    const uint8_t *in = src + header;
-    const int64_t m = size - header;
-    int64_t pos = 0, i = 0;
-    uint64_t buf = 0;
-    int nbits = 0;
-    while (i < n) {
-        if (pos + 8 <= m) { /* fast refill */
-            uint64_t w;
-            memcpy(&w, in + pos, 8);
-            buf |= w << nbits;
-            const int take = (63 - nbits) >> 3;
-            pos += take;
-            nbits += take * 8;
-        } else {
-            while (nbits <= 56) { buf |= (uint64_t)(pos < m ? in[pos] : 0) << nbits; pos++; nbits += 8; }
-        }
-        for (int k = 0; k < 4 && i < n; k++) { /* 4 * 11 bits <= 44 < 56 available */
-            const uint16_t e = table[buf & (HUF_TABLE - 1)];
-            dst[i++] = (uint8_t)e;
-            buf >>= e >> 8;
-            nbits -= e >> 8;
+    int64_t start[4], count[4], offset = header;
+    huff_quarters(n, start, count);
+    huff_reader r[4];
+    for (int k = 0; k < 4; k++) {
+        uint32_t m32;
+        if (k < 3) memcpy(&m32, src + header - 12 + 4 * k, 4);
+        const int64_t m = k < 3 ? (int64_t)m32 : size - offset;
+        if (m < 0 || m > size - offset) return -1;
+        r[k] = (huff_reader){src + offset, m, 0, 0, 0};
+        offset += m;
+    }
+    /* the four streams interleaved (independent dependency chains), 5 symbols each per
+     * refill (5 * 11 bits <= 56), while every stream has 5 left; then each one's tail */
+    int64_t j = 0;
+    for (; j + 5 <= count[3]; j += 5) {
+        for (int k = 0; k < 4; k++) huff_refill(&r[k]);
+        for (int t = 0; t < 5; t++) {
+            dst[start[0] + j + t] = huff_sym(&r[0], table);
+            dst[start[1] + j + t] = huff_sym(&r[1], table);
+            dst[start[2] + j + t] = huff_sym(&r[2], table);
+            dst[start[3] + j + t] = huff_sym(&r[3], table);
         }
     }
-    const int64_t used = pos * 8 - nbits; /* bits consumed */
-    return (used <= m * 8 && (used + 7) / 8 == m) ? 0 : -1;
+    for (int k = 0; k < 4; k++) {
+        for (int64_t i = j; i < count[k];) {
+            huff_refill(&r[k]);
+            for (int t = 0; t < 5 && i < count[k]; t++, i++) dst[start[k] + i] = huff_sym(&r[k], table);
+        }
+        if (!huff_end(&r[k])) return -1;
+    }
+    return 0;
 }
 
 static PyObject *py_huff_encode(PyObject *self, PyObject *args) {

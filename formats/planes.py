@@ -26,7 +26,7 @@ __all__ = ["HUFFMAN_CHUNK", "from_planes", "huffman_decode", "huffman_encode", "
 
 _MIN_PARALLEL = 1 << 20
 HUFFMAN_CHUNK = 1 << 20
-_HUF_MAX_HEADER = 130
+_HUF_MAX_HEADER = 142
 MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 12, 24
 
 
@@ -81,7 +81,7 @@ def huffman_encode(data: torch.Tensor) -> bytes | None:
 
 
 def _encode_chunk(data: torch.Tensor, i0: int, i1: int) -> bytes:
-    dst = torch.empty(i1 - i0 + _HUF_MAX_HEADER, dtype=torch.uint8)
+    dst = torch.empty(i1 - i0 + _HUF_MAX_HEADER + 8, dtype=torch.uint8)  # + 8: the encoder's slack
     size = _planes.huff_encode(data.data_ptr() + i0, i1 - i0, dst.data_ptr())
     if size == -2:  # pragma: no cover - an encoder bug, never a data property
         raise RuntimeError("q8 Huffman encoder wrote an unexpected size")
