@@ -34,6 +34,8 @@ OPTIMIZER_FILE = "optimizer.q8"
 """Where `Q8Trainer` keeps the optimizer state in a checkpoint folder."""
 TORCH_OPTIMIZER_FILE = "optimizer.pt"  # transformers' name; in a Q8Trainer checkpoint: the placeholder below
 SCHEDULER_FILE = "scheduler.pt"  # written and read as transformers does
+CLASS_KEY = "optimizer"  # metadata of a non-q8 optimizer's optimizer.q8: its class, "torch.optim.adamw.AdamW"
+Q8_OPTIMIZER_KEY = q8.optim.persist.METADATA_KEY  # metadata of a file written by q8.save_optimizer
 MODEL_FILE = "model.q8"
 """Where `Q8Trainer(model_weights="q8" | "q8-8bit")` keeps the model weights in a checkpoint folder."""
 MODEL_WEIGHTS = ("safetensors", "q8", "q8-8bit")
@@ -124,16 +126,20 @@ def _class_name(optimizer: torch.optim.Optimizer) -> str:
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str, *, quantize: bool = False) -> None:
-    """Write an optimizer's state to a q8 file: 8-bit q8 state as is, any other state losslessly.
+    """Write an optimizer's state to a q8 file.
 
-    With `quantize=True`, the floating-point state tensors of a non-q8 optimizer with at least
-    `MIN_QUANTIZED_NUMEL` elements are stored as 8-bit blockwise codes (dynamic code; unsigned for
-    non-negative tensors such as Adam's second moment). This loses precision once, at each save; the
-    largest relative L2 error is logged and recorded in the file's metadata.
+    A q8 optimizer goes through `q8.save_optimizer`: its 8-bit state as is. Any other optimizer's
+    `state_dict()` goes through `q8.save`, losslessly, with its class recorded in the metadata. With
+    `quantize=True`, those floating-point state tensors with at least `MIN_QUANTIZED_NUMEL` elements are
+    stored as 8-bit blockwise codes instead (dynamic code; unsigned for non-negative tensors such as Adam's
+    second moment): a one-time loss at each save, whose largest relative L2 error is logged and recorded.
     """
+    if isinstance(optimizer, q8.optim.Optimizer8bit):
+        q8.save_optimizer(optimizer, path)
+        return
     state = optimizer.state_dict()
-    metadata = {"optimizer": _class_name(optimizer)}
-    if quantize and not isinstance(optimizer, q8.optim.Optimizer8bit):
+    metadata = {CLASS_KEY: _class_name(optimizer)}
+    if quantize:
         state, worst = _quantize_state(state)
         metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
         logger.warning(f"{path}: fp32 optimizer state stored as 8-bit codes, max relative L2 error {worst:.3e}")
@@ -149,11 +155,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: optimizer state file not found")
     with q8.safe_open(path) as f:
-        saved = f.metadata().get("optimizer")  # None: not from Q8Trainer (q8convert of a torch optimizer.pt)
+        metadata = f.metadata()
+    if Q8_OPTIMIZER_KEY in metadata:  # written by q8.save_optimizer
+        if not isinstance(optimizer, q8.optim.Optimizer8bit):
+            raise ValueError(f"{path}: holds a q8 optimizer's 8-bit state, which {_class_name(optimizer)} cannot load")
+        q8.load_optimizer(optimizer, path)  # checks the class and every entry; ValueError naming the file
+        return
+    saved = metadata.get(CLASS_KEY)  # None: not from Q8Trainer (q8convert of a torch optimizer.pt)
     if saved is not None and saved != _class_name(optimizer):
-        raise ValueError(
-            f"{path}: optimizer state was written by {saved}, cannot load it into {_class_name(optimizer)}"
-        )
+        raise ValueError(f"{path}: state of a {saved}, cannot load it into {_class_name(optimizer)}")
     state = q8.load(path)
     if not (isinstance(state, dict) and isinstance(state.get("state"), dict)):
         raise ValueError(f"{path}: not an optimizer state dict (no 'state' mapping)")

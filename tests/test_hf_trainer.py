@@ -167,12 +167,11 @@ def test_resume_is_bit_exact(full_run, tmp_path):
     for (key, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     # the optimizer state itself came back exactly: the resumed run's final state equals the full run's
-    full_state = q8.load(str(out / f"checkpoint-{STEPS}" / OPTIMIZER_FILE))
-    resumed_state = q8.load(str(tmp_path / f"checkpoint-{STEPS}" / OPTIMIZER_FILE))
-    for index, tensors in full_state["state"].items():
-        for key, value in tensors.items():
-            other = resumed_state["state"][index][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (index, key)
+    with q8.safe_open(str(out / f"checkpoint-{STEPS}" / OPTIMIZER_FILE)) as full:
+        with q8.safe_open(str(tmp_path / f"checkpoint-{STEPS}" / OPTIMIZER_FILE)) as again:
+            assert full.metadata() == again.metadata() and full.keys() == again.keys()
+            for name in full.keys():
+                assert torch.equal(full.get_tensor(name), again.get_tensor(name)), name
 
 
 def test_checkpoint_layout(full_run):
@@ -249,14 +248,14 @@ def test_resume_with_other_parameters_raises(full_run, tmp_path):
     _, out, name = full_run
     model = make_model()
     model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)  # one parameter fewer in the optimizer
-    with pytest.raises(ValueError, match=f"{OPTIMIZER_FILE}.*does not match"):
+    with pytest.raises(ValueError, match=f"{OPTIMIZER_FILE}: .*parameters"):
         train(tmp_path, resume=out / f"checkpoint-{SAVE_EVERY}", model=model, **OPTIMIZERS[name])
 
 
 def test_resume_with_another_optimizer_raises(full_run, tmp_path):
     _, out, name = full_run
     other = OPTIMIZERS["adamw8bit" if name == "adamw_torch" else "adamw_torch"]
-    with pytest.raises(ValueError, match=f"{OPTIMIZER_FILE}: optimizer state was written by"):
+    with pytest.raises(ValueError, match=f"{OPTIMIZER_FILE}: (state of a|holds a q8 optimizer)"):
         train(tmp_path, resume=out / f"checkpoint-{SAVE_EVERY}", **other)
 
 
