@@ -75,8 +75,10 @@ def test_installed_wheel_quantizes_from_outside_the_repo(wheel, tmp_path):
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
     (site / "q8-test-deps.pth").write_text(f"{deps}\n")
     # Installed by this interpreter's pip (same Python version) into the venv's prefix:
-    # works with any pip, where `pip --python` needs pip >= 22.3.
-    run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", venv, wheel, cwd=tmp_path)
+    # works with any pip, where `pip --python` needs pip >= 22.3. --ignore-installed: else
+    # pip first uninstalls the q8 of the environment running the tests (the developer's).
+    pip = (sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q")
+    run(*pip, "--prefix", venv, wheel, cwd=tmp_path)
 
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
@@ -93,3 +95,4 @@ for name in {GENERIC_NAMES!r}:
 print("ok", q8.__version__)
 """
     assert run(python, "-c", script, cwd=cwd).strip() == f"ok {q8.__version__}"
+    assert run(sys.executable, "-c", "import q8; print(q8.__file__)", cwd=cwd).strip() == q8.__file__
