@@ -5,6 +5,8 @@ planes of the container format (formats/_planes.c) and the fused 8-bit optimizer
 Everything else is declared in pyproject.toml.
 """
 
+import sys
+
 from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
@@ -19,6 +21,10 @@ class BuildPy(build_py):
 
 # Exactness: no fused multiply-add contraction, no fast-math.
 EXACT_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
+# Linux: block ranges on OpenMP threads. The extensions then need libgomp.so.1, the library
+# torch's CPU ops run on, and share its thread pool (codec/q8_codec.h). Elsewhere the
+# ranges run on Python threads (codec/native.py).
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 setup(
     cmdclass={"build_py": BuildPy},
@@ -27,7 +33,8 @@ setup(
             "q8.codec._native",
             sources=["codec/_native.c"],
             depends=["codec/q8_codec.h"],
-            extra_compile_args=EXACT_FLAGS,
+            extra_compile_args=[*EXACT_FLAGS, *OPENMP],
+            extra_link_args=OPENMP,
         ),
         Extension("q8.formats._planes", sources=["formats/_planes.c"], extra_compile_args=["-O3", "-std=c11"]),
         Extension(
@@ -35,7 +42,9 @@ setup(
             sources=["optim/_native.c"],
             include_dirs=["codec"],
             depends=["codec/q8_codec.h"],
-            extra_compile_args=EXACT_FLAGS,
+            # sqrt never sets errno here (its argument is >= 0): lets sqrtf vectorise, same results
+            extra_compile_args=[*EXACT_FLAGS, "-fno-math-errno", *OPENMP],
+            extra_link_args=OPENMP,
         ),
     ],
 )

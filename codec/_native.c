@@ -1,8 +1,8 @@
 /* q8 CPU codec: blockwise encode / decode of fp32 buffers (see docs/CODEC.md).
  *
  * The Python wrapper (codec/native.py) validates every argument and passes raw
- * addresses; these functions only compute. They release the GIL so the wrapper can run
- * disjoint block ranges on several threads.
+ * addresses; these functions only compute, on `threads` threads (q8_parallel_blocks),
+ * without the GIL.
  *
  * Exactness: the per-block rule lives in q8_codec.h, shared with the fused optimizer
  * update (optim/_native.c). Built with -ffp-contract=off and without fast-math.
@@ -15,46 +15,59 @@
 
 #include "q8_codec.h"
 
+typedef struct {
+    const float *x, *thresholds;
+    const uint8_t *lut;
+    int64_t n, blocksize;
+    uint8_t zero_code, *codes;
+    float *absmax;
+} encode_job;
+
 /* Encode blocks [b0, b1). Returns -1, or the index of the first block holding a
  * non-finite value (its codes and absmax are then unspecified). */
-static int64_t encode_blocks(const float *x, int64_t n, int64_t blocksize, int64_t b0,
-                             int64_t b1, const float *thr, const uint8_t *lut,
-                             uint8_t zero_code, uint8_t *codes, float *absmax) {
+static int64_t encode_blocks(const void *job, int64_t b0, int64_t b1) {
+    const encode_job *e = job;
     for (int64_t b = b0; b < b1; b++) {
-        const int64_t start = b * blocksize;
-        const int64_t len = (start + blocksize <= n) ? blocksize : n - start;
+        const int64_t start = b * e->blocksize;
+        const int64_t len = (start + e->blocksize <= e->n) ? e->blocksize : e->n - start;
         int finite;
-        const float m = q8_block_absmax(x + start, len, &finite);
+        const float m = q8_block_absmax(e->x + start, len, &finite);
         if (!finite) return b;
-        absmax[b] = m;
-        q8_encode_block(x + start, len, m, thr, lut, zero_code, codes + start);
+        e->absmax[b] = m;
+        q8_encode_block(e->x + start, len, m, e->thresholds, e->lut, e->zero_code, e->codes + start);
     }
     return -1;
 }
 
-static void decode_blocks(const uint8_t *codes, const float *absmax, const float *table,
-                          int64_t n, int64_t blocksize, int64_t b0, int64_t b1, float *out) {
+typedef struct {
+    const uint8_t *codes;
+    const float *absmax, *table;
+    int64_t n, blocksize;
+    float *out;
+} decode_job;
+
+static int64_t decode_blocks(const void *job, int64_t b0, int64_t b1) {
+    const decode_job *d = job;
     for (int64_t b = b0; b < b1; b++) {
-        const int64_t start = b * blocksize;
-        const int64_t len = (start + blocksize <= n) ? blocksize : n - start;
-        q8_decode_block(codes + start, len, absmax[b], table, out + start);
+        const int64_t start = b * d->blocksize;
+        const int64_t len = (start + d->blocksize <= d->n) ? d->blocksize : d->n - start;
+        q8_decode_block(d->codes + start, len, d->absmax[b], d->table, d->out + start);
     }
+    return -1;
 }
 
 static PyObject *py_encode(PyObject *self, PyObject *args) {
     unsigned long long x, thr, lut, codes, absmax;
     long long n, blocksize, b0, b1;
-    int zero_code;
-    if (!PyArg_ParseTuple(args, "KLLLLKKiKK", &x, &n, &blocksize, &b0, &b1, &thr, &lut,
-                          &zero_code, &codes, &absmax))
+    int zero_code, threads;
+    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi", &x, &n, &blocksize, &b0, &b1, &thr, &lut, &zero_code,
+                          &codes, &absmax, &threads))
         return NULL;
+    const encode_job job = {(const float *)x, (const float *)thr, (const uint8_t *)lut, n, blocksize,
+                            (uint8_t)zero_code, (uint8_t *)codes, (float *)absmax};
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
-    Q8_SAVE_FP_MODE
-    bad = encode_blocks((const float *)x, n, blocksize, b0, b1, (const float *)thr,
-                        (const uint8_t *)lut, (uint8_t)zero_code, (uint8_t *)codes,
-                        (float *)absmax);
-    Q8_RESTORE_FP_MODE
+    bad = q8_parallel_blocks(encode_blocks, &job, b0, b1, threads);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(bad);
 }
@@ -62,14 +75,14 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, absmax, table, out;
     long long n, blocksize, b0, b1;
-    if (!PyArg_ParseTuple(args, "KKKLLLLK", &codes, &absmax, &table, &n, &blocksize, &b0,
-                          &b1, &out))
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKLLLLKi", &codes, &absmax, &table, &n, &blocksize, &b0, &b1, &out,
+                          &threads))
         return NULL;
+    const decode_job job = {(const uint8_t *)codes, (const float *)absmax, (const float *)table, n,
+                            blocksize, (float *)out};
     Py_BEGIN_ALLOW_THREADS
-    Q8_SAVE_FP_MODE
-    decode_blocks((const uint8_t *)codes, (const float *)absmax, (const float *)table, n,
-                  blocksize, b0, b1, (float *)out);
-    Q8_RESTORE_FP_MODE
+    q8_parallel_blocks(decode_blocks, &job, b0, b1, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -91,9 +104,8 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"encode", py_encode, METH_VARARGS,
-     "encode(x, n, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax) -> bad block or -1"},
-    {"decode", py_decode, METH_VARARGS,
-     "decode(codes, absmax, table, n, blocksize, b0, b1, out)"},
+     "encode(x, n, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads) -> first bad block or -1"},
+    {"decode", py_decode, METH_VARARGS, "decode(codes, absmax, table, n, blocksize, b0, b1, out, threads)"},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes): hint that a fresh buffer be backed by huge pages"},
     {NULL, NULL, 0, NULL},
@@ -102,4 +114,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native",
                                     "q8 compiled CPU codec (internal).", -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* 1 where the block ranges run on OpenMP threads (q8_parallel_blocks), else 0. */
+    if (m && PyModule_AddIntConstant(m, "OPENMP", Q8_OPENMP) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,7 +1,7 @@
 """CPU backend of the codec: thin, validated wrapper over the compiled `_native` module.
 
 Every function takes and returns contiguous CPU tensors; large inputs are split into
-block ranges that run on `torch.get_num_threads()` threads (the C code releases the GIL).
+block ranges that run on `torch.get_num_threads()` threads (`_run_blocks`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q8-codec")
 
 
-def _run_blocks(fn, nblocks: int, blocksize: int, n: int) -> list:
-    """Call fn(b0, b1) over [0, nblocks) split into contiguous ranges, one per thread; the
-    calling thread takes the first range itself."""
-    workers = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL_ELEMENTS))
-    if workers == 1 or nblocks < 2:
-        return [fn(0, nblocks)]
+def _run_blocks(fn, nblocks: int, n: int) -> int:
+    """Call fn(b0, b1, threads) over blocks [0, nblocks) on up to `torch.get_num_threads()`
+    threads and return the lowest block it reports (-1: none). Builds with OpenMP split the
+    range in C, on the OpenMP threads torch itself uses (codec/q8_codec.h); others split it
+    here over Python threads (the C code releases the GIL), the calling thread taking the
+    first range."""
+    workers = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL_ELEMENTS, nblocks))
+    if _native.OPENMP or workers == 1:
+        return fn(0, nblocks, workers)
     step = -(-nblocks // workers)
-    ranges = [(b, min(b + step, nblocks)) for b in range(0, nblocks, step)]
+    ranges = [(b, min(b + step, nblocks), 1) for b in range(0, nblocks, step)]
     others = [_pool(len(ranges) - 1).submit(fn, *r) for r in ranges[1:]]
-    return [fn(*ranges[0]), *(f.result() for f in others)]
+    bad = [b for b in [fn(*ranges[0]), *(f.result() for f in others)] if b >= 0]
+    return min(bad) if bad else -1
 
 
 @functools.cache
@@ -64,14 +68,13 @@ def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, t
     absmax = torch.empty(nblocks, dtype=torch.float32)
     thresholds, lut = code.thresholds, search_lut(code)
 
-    def run(b0: int, b1: int) -> int:
+    def run(b0: int, b1: int, threads: int) -> int:
         return _native.encode(
             x.data_ptr(), n, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
-            code.zero_index, codes.data_ptr(), absmax.data_ptr(),
+            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads,
         )  # fmt: skip
 
-    bad = [b for b in _run_blocks(run, nblocks, blocksize, n) if b >= 0]
-    return codes, absmax, (min(bad) if bad else -1)
+    return codes, absmax, _run_blocks(run, nblocks, n)
 
 
 def decode(codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int) -> torch.Tensor:
@@ -80,11 +83,12 @@ def decode(codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int
     out = _fresh(n, torch.float32)
     table = code.values
 
-    def run(b0: int, b1: int) -> None:
+    def run(b0: int, b1: int, threads: int) -> int:
         _native.decode(
             codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), n, blocksize, b0, b1,
-            out.data_ptr(),
+            out.data_ptr(), threads,
         )  # fmt: skip
+        return -1
 
-    _run_blocks(run, absmax.numel(), blocksize, n)
+    _run_blocks(run, absmax.numel(), n)
     return out

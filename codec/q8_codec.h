@@ -5,9 +5,9 @@
  * 65536-entry LUT, indexed by the top 16 bits of q, gives a lower bound of that count
  * (codec/native.py::search_lut); a short scan over the thresholds finishes it.
  *
- * Compile with -ffp-contract=off and without fast-math. Callers wrap their work in
- * Q8_SAVE_FP_MODE / Q8_RESTORE_FP_MODE so denormals are honoured even if the process set
- * flush-to-zero (e.g. torch.set_flush_denormal).
+ * Compile with -ffp-contract=off and without fast-math. Callers run their work through
+ * q8_parallel_blocks, which wraps it in Q8_SAVE_FP_MODE / Q8_RESTORE_FP_MODE so denormals
+ * are honoured even if the process set flush-to-zero (e.g. torch.set_flush_denormal).
  */
 #ifndef Q8_CODEC_H
 #define Q8_CODEC_H
@@ -27,6 +27,37 @@
 #endif
 
 #define Q8_CHUNK 256
+
+#if defined(_OPENMP)
+#define Q8_OPENMP 1
+#else
+#define Q8_OPENMP 0
+#endif
+
+/* Work over blocks [b0, b1), returning -1 or the first bad block it met. */
+typedef int64_t (*q8_blocks_fn)(const void *job, int64_t b0, int64_t b1);
+
+/* fn over blocks [b0, b1) split into `threads` contiguous ranges; -1 or the lowest bad
+ * block. Built with OpenMP (Linux), the ranges run on the OpenMP pool of the calling thread:
+ * the extension links libgomp.so.1, which resolves to the copy torch has already loaded, so
+ * q8 shares torch's worker threads instead of competing with them (their idle spinning
+ * after every torch op would otherwise take a core from q8's threads). Without OpenMP the
+ * ranges run one after another. Each range sets its own thread's FP mode. */
+static inline int64_t q8_parallel_blocks(q8_blocks_fn fn, const void *job, int64_t b0, int64_t b1,
+                                         int threads) {
+    const int64_t nblocks = b1 - b0;
+    if (threads > nblocks) threads = (int)nblocks;
+    if (threads < 1) threads = 1;
+    int64_t bad = INT64_MAX;
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(min : bad) if (threads > 1)
+    for (int r = 0; r < threads; r++) {
+        Q8_SAVE_FP_MODE
+        const int64_t got = fn(job, b0 + nblocks * r / threads, b0 + nblocks * (r + 1) / threads);
+        Q8_RESTORE_FP_MODE
+        if (got >= 0 && got < bad) bad = got;
+    }
+    return bad == INT64_MAX ? -1 : bad;
+}
 
 static inline uint32_t q8_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 

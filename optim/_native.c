@@ -40,9 +40,27 @@ typedef struct {
     uint8_t zero_code;
 } q8_state8;
 
-static int64_t adam_blocks(float *p, const float *grad, int64_t n, int64_t blocksize,
-                           int64_t b0, int64_t b1, q8_state8 m8, q8_state8 v8,
-                           const float *h) {
+/* x86-64: an AVX2 clone chosen at load time where the CPU has it (same IEEE operations,
+ * no FMA: -ffp-contract=off), the baseline build elsewhere. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define Q8_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define Q8_CLONES
+#endif
+
+typedef struct {
+    float *p;
+    const float *grad, *hyper;
+    int64_t n, blocksize;
+    q8_state8 m8, v8;
+} adam_job;
+
+Q8_CLONES static int64_t adam_blocks(const void *job, int64_t b0, int64_t b1) {
+    const adam_job *a = job;
+    float *p = a->p;
+    const float *grad = a->grad, *h = a->hyper;
+    const int64_t n = a->n, blocksize = a->blocksize;
+    const q8_state8 m8 = a->m8, v8 = a->v8;
     const float beta1 = h[0], c1 = h[1], beta2 = h[2], c2 = h[3], eps = h[4];
     const float step_size = h[5], bc2_sqrt = h[6], decay = h[7], l2 = h[8];
     float m[Q8_MAX_BLOCKSIZE], v[Q8_MAX_BLOCKSIZE];
@@ -93,28 +111,26 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
     unsigned long long p, grad, hyper;
     long long n, blocksize, b0, b1;
     PyObject *m_args, *v_args;
-    if (!PyArg_ParseTuple(args, "KKLLLLO!O!K", &p, &grad, &n, &blocksize, &b0, &b1,
-                          &PyTuple_Type, &m_args, &PyTuple_Type, &v_args, &hyper))
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKLLLLO!O!Ki", &p, &grad, &n, &blocksize, &b0, &b1,
+                          &PyTuple_Type, &m_args, &PyTuple_Type, &v_args, &hyper, &threads))
         return NULL;
     if (blocksize < 1 || blocksize > Q8_MAX_BLOCKSIZE) {
         PyErr_Format(PyExc_ValueError, "blocksize %lld out of range", blocksize);
         return NULL;
     }
-    q8_state8 m8, v8;
-    if (!parse_state(m_args, &m8) || !parse_state(v_args, &v8)) return NULL;
+    adam_job job = {(float *)p, (const float *)grad, (const float *)hyper, n, blocksize};
+    if (!parse_state(m_args, &job.m8) || !parse_state(v_args, &job.v8)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
-    Q8_SAVE_FP_MODE
-    bad = adam_blocks((float *)p, (const float *)grad, n, blocksize, b0, b1, m8, v8,
-                      (const float *)hyper);
-    Q8_RESTORE_FP_MODE
+    bad = q8_parallel_blocks(adam_blocks, &job, b0, b1, threads);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(bad);
 }
 
 static PyMethodDef methods[] = {
     {"adam", py_adam, METH_VARARGS,
-     "adam(p, grad, n, blocksize, b0, b1, m_state, v_state, hyper) -> bad block or -1; "
+     "adam(p, grad, n, blocksize, b0, b1, m_state, v_state, hyper, threads) -> first bad block or -1; "
      "*_state = (codes, absmax, table, thresholds, lut, zero_code)"},
     {NULL, NULL, 0, NULL},
 };

@@ -23,6 +23,13 @@ def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+def all_finite_local(t: torch.Tensor) -> bool:
+    """Whether every element of `t` is finite. One vectorised sum (a tenth of the cost of
+    torch.isfinite(t).all() on CPU), and the exact test only when the sum is not finite
+    (a NaN/inf element, or finite values whose sum overflows)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded fp32 square root (through fp64, which is exact for it): torch's
     vectorised CPU sqrt may be off by one ulp, the C and CUDA paths are not."""
@@ -116,10 +123,12 @@ def _native_adam(p: torch.Tensor, grad: torch.Tensor, m: QTensor, v: QTensor, hy
     n, blocksize = p32.numel(), m.blocksize
     m_args, v_args = _state_args(m), _state_args(v)
 
-    def run(b0: int, b1: int) -> int:
-        return _native.adam(p32.data_ptr(), g32.data_ptr(), n, blocksize, b0, b1, m_args, v_args, hyper_t.data_ptr())
+    def run(b0: int, b1: int, threads: int) -> int:
+        return _native.adam(
+            p32.data_ptr(), g32.data_ptr(), n, blocksize, b0, b1, m_args, v_args, hyper_t.data_ptr(), threads
+        )
 
-    bad = [b for b in _run_blocks(run, m.absmax.numel(), blocksize, n) if b >= 0]
+    bad = _run_blocks(run, m.absmax.numel(), n)
     if p32 is not p:
         p.copy_(p32)
-    return min(bad) if bad else -1
+    return bad

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..codec import QTensor, get_code, quantize
+from .fused import all_finite_local
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -60,10 +61,10 @@ def all_finite(grad: torch.Tensor) -> bool:
     """Whether every element of `grad` is finite; for a DTensor across all its shards (one
     all-reduce), so that every rank skips the same steps."""
     if not is_sharded(grad):
-        return bool(torch.isfinite(grad).all())
+        return all_finite_local(grad)
     import torch.distributed as dist
 
-    flag = torch.isfinite(grad.to_local()).all().to(torch.int32)
+    flag = torch.tensor(int(all_finite_local(grad.to_local())), dtype=torch.int32, device=grad.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group())
     return bool(flag)
 

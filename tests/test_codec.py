@@ -181,6 +181,14 @@ def test_non_finite_input_raises_naming_the_block(bad):
         q8.quantize(x, "dynamic", 256)
 
 
+def test_non_finite_input_on_several_threads_names_the_first_bad_block():
+    x = torch.randn(1 << 20)  # split across threads: each range reports its own first bad block
+    x[-1] = math.nan
+    x[256 * 100 + 5] = math.inf
+    with pytest.raises(ValueError, match=r"NaN or inf in block 100 "):
+        q8.quantize(x, "dynamic", 256)
+
+
 @pytest.mark.parametrize("blocksize", [0, 32, 100, 8192, 2048.0, True, "256"])
 def test_bad_blocksize(blocksize):
     with pytest.raises(ValueError, match="blocksize"):

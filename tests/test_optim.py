@@ -91,7 +91,13 @@ PARITY = {
         lambda p: torch.optim.RMSprop(p, lr=3e-4, alpha=0.9, centered=True),
         lambda p: RMSprop8bit(p, lr=3e-4, alpha=0.9, centered=True),
     ),
-    "Adagrad": (lambda p: torch.optim.Adagrad(p, lr=3e-2), lambda p: Adagrad8bit(p, lr=3e-2)),
+    # Adagrad from a zero accumulator drifts in 8 bits (ADAGRAD_LAG below); from a small initial
+    # accumulator it matches.
+    "Adagrad, zero accumulator": (lambda p: torch.optim.Adagrad(p, lr=3e-2), lambda p: Adagrad8bit(p, lr=3e-2)),
+    "Adagrad": (
+        lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.01),
+        lambda p: Adagrad8bit(p, lr=1e-2, initial_accumulator_value=0.01),
+    ),
     "Lion": (
         lambda p: Lion8bit(p, lr=1e-3, weight_decay=0.1, **FP32),
         lambda p: Lion8bit(p, lr=1e-3, weight_decay=0.1),
@@ -102,14 +108,17 @@ PARITY = {
     ),
     "LARS": (lambda p: LARS8bit(p, lr=20.0, **FP32), lambda p: LARS8bit(p, lr=20.0)),
 }
+
+
 ADAGRAD_LAG = pytest.mark.xfail(
     strict=True,
-    reason="measured: 8-bit Adagrad ends 4.6% below torch's loss. Its accumulator only grows when an "
-    "increment exceeds half a quantization step, so the 8-bit sum lags and the effective step is larger",
+    reason="measured: 8-bit Adagrad from a zero accumulator ends 4.6% below torch's loss (16% at lr 0.1). The "
+    "accumulator only grows when an increment exceeds half a quantization step, so the 8-bit sum lags and the "
+    "effective step is larger (README: known limits)",
 )
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=ADAGRAD_LAG) if n == "Adagrad" else n for n in PARITY])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=ADAGRAD_LAG) if "zero" in n else n for n in PARITY])
 def test_gpt2_parity(name, one_thread):
     make_ref, make_q8 = PARITY[name]
     ref, ours = train_gpt2(make_ref), train_gpt2(make_q8)
@@ -173,6 +182,7 @@ def step_both(cls, kwargs, p_init, grads):
         (Adam8bit, {"lr": 1e-3, "betas": (0.8, 0.99), "blocksize": 4096}, (3, 4099), torch.float32),
         (AdamW8bit, {"lr": 1e-2}, (64, 100), torch.bfloat16),
         (AdamW8bit, {"lr": 1e-2, "blocksize": 128}, (64, 100), torch.float16),
+        (AdamW8bit, {"lr": 1e-3}, (1024, 600), torch.float32),  # large enough for several threads
     ],
 )
 def test_fused_cpu_path_is_bit_exact(cls, kwargs, shape, dtype):
