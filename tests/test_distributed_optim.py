@@ -219,3 +219,21 @@ def test_adamw8bit_on_fsdp2_through_dcp_reshards_2_to_1_to_2(tmp_path):
     assert infos["optim.state.l1.bias.exp_avg"]["dtype"] == torch.float32
     spawn_ranks(reload_on_1_and_save, 1, tmp_path, str(tmp_path))
     spawn_ranks(reload_on_2, 2, tmp_path, str(tmp_path))
+
+
+def test_blocks_per_row_bounds_every_shard_layout():
+    """K of the absmax layout: no row's elements fall in more than K blocks, for any row
+    length, blocksize and rows per shard (blocks restart at every shard's first row)."""
+    from q8.optim.sharded import blocks_per_row
+
+    for blocksize in (64, 256):
+        for inner in [*range(1, 200), 255, 256, 257, 300, 511, 512, 513, 1000]:
+            k = blocks_per_row(inner, blocksize)
+            worst = 0
+            for shard_rows in range(1, 9):
+                start = torch.arange(shard_rows) * inner  # each row's first element, within its shard
+                touched = (start + inner - 1) // blocksize - start // blocksize + 1
+                worst = max(worst, int(touched.max()))
+            assert worst <= k, (inner, blocksize, worst, k)
+            if inner % blocksize == 0:
+                assert worst == k  # no padding when rows are whole blocks

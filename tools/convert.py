@@ -591,8 +591,12 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         print(f"q8convert: error: {e}", file=sys.stderr)
         return EXIT_OUTPUT
+    except BrokenPipeError:  # output piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as e:
-        print(f"q8convert: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"q8convert: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_OUTPUT
 
 
