@@ -58,7 +58,7 @@ def tiny_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def section_codec(tensors: dict[str, torch.Tensor]) -> None:
-    print("== 1. Blockwise 8-bit codec: q8.quantize(x, code='auto', blocksize=256) ==")
+    print("== Blockwise 8-bit codec: q8.quantize(x, code='auto', blocksize=256) ==")
     rows, before, after = [], 0, 0
     for name, x in tensors.items():
         if x.numel() < 4096:
@@ -182,6 +182,89 @@ def section_distributed(tensors: dict[str, torch.Tensor]) -> None:
     print("FSDP2 + 8-bit optimizers across 2 ranks: README 'torch.distributed', tests/test_distributed*.py\n")
 
 
+def section_optim() -> None:
+    print("== 8-bit optimizers: q8.optim.AdamW8bit vs torch.optim.AdamW, save_optimizer, bit-exact resume ==")
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    batches = [torch.randn(64, 256) for _ in range(8)]
+
+    def train(net, opt, steps):
+        for x in steps:
+            loss = (net(x) - x.roll(1, dims=1)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    ref_model = copy.deepcopy(model)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3)
+    opt = q8.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    ref_loss, loss = train(ref_model, ref, batches), train(model, opt, batches)
+    torch_bytes = sum(t.nbytes for s in ref.state.values() for t in s.values() if t.dim())
+    rows = [
+        ("torch.optim.AdamW", f"{torch_bytes:,}", "1.00x", f"{ref_loss:.4f}"),
+        ("q8.optim.AdamW8bit", f"{opt.state_nbytes():,}", f"{torch_bytes / opt.state_nbytes():.2f}x", f"{loss:.4f}"),
+    ]
+    print(_table(rows, ("optimizer", "state bytes", "smaller", "loss after 8 steps")))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "opt.q8"
+        q8.save_optimizer(opt, path)
+        size = path.stat().st_size
+        resumed = copy.deepcopy(model)
+        resumed_opt = q8.optim.AdamW8bit(resumed.parameters(), lr=1e-3)
+        q8.load_optimizer(resumed_opt, path)
+    more = [torch.randn(64, 256) for _ in range(4)]
+    train(model, opt, more)
+    train(resumed, resumed_opt, more)
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters(), strict=True))
+    print(f"q8.save_optimizer -> {size:,} bytes; q8.load_optimizer into a fresh optimizer, 4 more steps: "
+          f"parameters identical to the uninterrupted run: {same}\n")  # fmt: skip
+
+
+def section_hf_trainer() -> None:
+    print("== Hugging Face Trainer: Q8Trainer(q8_optim='adamw8bit') vs Trainer with torch AdamW ==")
+    try:
+        import transformers
+        from q8.integrations.hf import Q8Trainer
+        from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
+    except ImportError as e:
+        print(f"skipped: {e} (pip install transformers accelerate)\n")
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    config = GPT2Config(vocab_size=256, n_positions=32, n_embd=256, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+
+    def run(trainer_cls, folder, resume=None, **kwargs):
+        torch.manual_seed(0)
+        args = TrainingArguments(folder, max_steps=8, save_steps=4, per_device_train_batch_size=4, report_to="none",
+                                 use_cpu=True, disable_tqdm=True, seed=0, optim="adamw_torch")  # fmt: skip
+        trainer = trainer_cls(GPT2LMHeadModel(config), args, train_dataset=data, **kwargs)
+        trainer.remove_callback(PrinterCallback)  # no metrics dicts in the demo's output
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    with tempfile.TemporaryDirectory() as d:
+        run(Trainer, f"{d}/plain")
+        full = run(Q8Trainer, f"{d}/q8", q8_optim="adamw8bit")
+        plain_pt, q8_ckpt = Path(d, "plain/checkpoint-4/optimizer.pt"), Path(d, "q8/checkpoint-4")
+        rows = [("Trainer, torch AdamW", "optimizer.pt", f"{plain_pt.stat().st_size:,}", "1.00x")]
+        size = (q8_ckpt / "optimizer.q8").stat().st_size
+        rows.append(("Q8Trainer, AdamW8bit", "optimizer.q8", f"{size:,}", f"{plain_pt.stat().st_size / size:.2f}x"))
+        rows.append(("", "optimizer.pt", f"{(q8_ckpt / 'optimizer.pt').stat().st_size:,}", "placeholder"))
+        print(_table(rows, ("checkpoint-4 of", "file", "bytes", "smaller")))
+        resumed = run(Q8Trainer, f"{d}/resumed", resume=str(q8_ckpt), q8_optim="adamw8bit")
+        same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True))
+        print(f"resumed from checkpoint-4, 4 more steps: weights identical to the uninterrupted run: {same}")
+        try:
+            run(Trainer, f"{d}/wrong", resume=str(q8_ckpt))
+        except RuntimeError as e:
+            print(f"a plain Trainer resuming it fails loudly (optimizer.pt is a placeholder): {str(e)[:96]}...\n")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"q8 {q8.__version__} demo (torch {torch.__version__})\n")
@@ -191,6 +274,8 @@ def main() -> None:
     section_formats(tensors)
     section_q8convert(tensors)
     section_distributed(tensors)
+    section_optim()
+    section_hf_trainer()
 
 
 if __name__ == "__main__":
