@@ -1,8 +1,9 @@
 /* q8 byte planes (see docs/FORMAT.md, encoding "planes"): the lossless float transform,
  * and the Huffman coder of the exponent planes (compression 2).
  *
- * split: each w-byte little-endian component u of src is rotated left by one bit,
- *        r = (u << 1) | (u >> (8w - 1)), and byte j of r goes to planes[j * n + i].
+ * plane: each w-byte little-endian component u of src is rotated left by one bit,
+ *        r = (u << 1) | (u >> (8w - 1)), and byte j of r goes to dst[i]: plane j alone,
+ *        so a writer holds one plane at a time, not all w of them.
  * join:  the inverse, reading plane j from its own address (planes need not be adjacent).
  * The Python wrapper (formats/planes.py) validates every argument and passes raw
  * addresses and a component range [i0, i1); these functions only compute and release
@@ -14,13 +15,11 @@
 #include <string.h>
 
 #define DEFINE_PLANES(W, T)                                                              \
-    static void split##W(const uint8_t *src, uint8_t *planes, int64_t n, int64_t i0,    \
-                         int64_t i1) {                                                   \
+    static void plane##W(const uint8_t *src, uint8_t *dst, int j, int64_t i0, int64_t i1) { \
         for (int64_t i = i0; i < i1; i++) {                                              \
             T u;                                                                         \
             memcpy(&u, src + (size_t)i * W, W);                                          \
-            const T r = (T)((u << 1) | (u >> (8 * W - 1)));                              \
-            for (int j = 0; j < W; j++) planes[j * n + i] = (uint8_t)(r >> (8 * j));     \
+            dst[i] = (uint8_t)((T)((u << 1) | (u >> (8 * W - 1))) >> (8 * j));           \
         }                                                                                \
     }                                                                                    \
     static void join##W(uint8_t *const *planes, uint8_t *dst, int64_t i0, int64_t i1) {  \
@@ -42,17 +41,21 @@ static int check_width(int width) {
     return 0;
 }
 
-static PyObject *py_split(PyObject *self, PyObject *args) {
+static PyObject *py_plane(PyObject *self, PyObject *args) {
     unsigned long long src, dst;
-    long long n, i0, i1;
-    int width;
-    if (!PyArg_ParseTuple(args, "KKiLLL", &src, &dst, &width, &n, &i0, &i1) || !check_width(width)) return NULL;
+    long long i0, i1;
+    int width, j;
+    if (!PyArg_ParseTuple(args, "KKiiLL", &src, &dst, &width, &j, &i0, &i1) || !check_width(width)) return NULL;
+    if (j < 0 || j >= width) {
+        PyErr_SetString(PyExc_ValueError, "plane index out of range");
+        return NULL;
+    }
     const uint8_t *s = (const uint8_t *)src;
     uint8_t *d = (uint8_t *)dst;
     Py_BEGIN_ALLOW_THREADS
-    if (width == 2) split2(s, d, n, i0, i1);
-    else if (width == 4) split4(s, d, n, i0, i1);
-    else split8(s, d, n, i0, i1);
+    if (width == 2) plane2(s, d, j, i0, i1);
+    else if (width == 4) plane4(s, d, j, i0, i1);
+    else plane8(s, d, j, i0, i1);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -361,7 +364,7 @@ static PyObject *py_huff_decode(PyObject *self, PyObject *args) {
 
 
 static PyMethodDef methods[] = {
-    {"split", py_split, METH_VARARGS, "split(src, planes, width, n, i0, i1)"},
+    {"plane", py_plane, METH_VARARGS, "plane(src, dst, width, j, i0, i1): byte plane j of components [i0, i1)"},
     {"join", py_join, METH_VARARGS, "join((plane addresses...), dst, width, i0, i1)"},
     {"huff_encode", py_huff_encode, METH_VARARGS, "huff_encode(src, n, dst) -> size, or < 0 if it does not pay"},
     {"huff_decode", py_huff_decode, METH_VARARGS, "huff_decode(src, size, dst, n) -> 0, or -1 if malformed"},

@@ -16,7 +16,7 @@ import struct
 import sys
 import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import zstandard
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
-from .planes import from_planes, huffman_decode, huffman_encode, to_planes
+from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
 
@@ -178,8 +178,8 @@ class Writer:
         record = {"dtype": dtype_name(x.dtype), "shape": list(x.shape)}
         width = PLANE_WIDTH.get(x.dtype)
         if width and x.numel() >= _PLANES_MIN_NUMEL:
-            planes = to_planes(x, width)
-            return {**record, "encoding": "planes", "segments": self._segments(list(planes))}
+            planes = (byte_plane(x, width, j) for j in range(width))  # one at a time
+            return {**record, "encoding": "planes", "segments": self._segments(planes)}
         data = x.reshape(-1).view(torch.uint8)
         return {**record, "encoding": "raw", "segments": self._segments([data])}
 
@@ -196,7 +196,7 @@ class Writer:
             "segments": segments,
         }
 
-    def _segments(self, parts: list[torch.Tensor]) -> list[list[int]]:
+    def _segments(self, parts: Iterable[torch.Tensor]) -> list[list[int]]:
         """Compress (where it pays), checksum and write the parts, one after another."""
         out = []
         for part in parts:
@@ -205,6 +205,7 @@ class Writer:
                 self._write(b"\0" * (-self._pos % ALIGN))
             out.append([self._pos, memoryview(data).nbytes, raw_length, compression, zlib.crc32(data)])
             self._write(data)
+            del part, data  # freed before the next part is made
         return out
 
     def _encode_segment(self, part: torch.Tensor) -> tuple[Any, int, int]:

@@ -1,8 +1,9 @@
 """Byte planes and their entropy coder: the lossless float path of docs/FORMAT.md.
 
-`to_planes` / `from_planes`: each float component (w bytes, little-endian) is rotated left
+`byte_plane` / `from_planes`: each float component (w bytes, little-endian) is rotated left
 by one bit, so its top byte is exactly the exponent (fp32/bf16/fp64) and the sign lands
-in the lowest bit; byte j of every component is gathered into plane j. Only the exponent
+in the lowest bit; byte j of every component is gathered into plane j (a writer takes
+the planes one at a time: its extra memory is one plane, not a copy of the tensor). Only the exponent
 plane compresses, and grouping it lets an entropy coder see it alone.
 
 `huffman_encode` / `huffman_decode`: compression 2, canonical Huffman per 1 MiB chunk,
@@ -22,7 +23,7 @@ import torch
 
 from . import _planes
 
-__all__ = ["HUFFMAN_CHUNK", "from_planes", "huffman_decode", "huffman_encode", "to_planes"]
+__all__ = ["HUFFMAN_CHUNK", "byte_plane", "from_planes", "huffman_decode", "huffman_encode"]
 
 _MIN_PARALLEL = 1 << 20
 HUFFMAN_CHUNK = 1 << 20
@@ -46,17 +47,17 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def to_planes(x: torch.Tensor, width: int) -> torch.Tensor:
-    """(width, n) uint8: plane j holds byte j of each rotated `width`-byte component of x."""
-    src = x.detach().contiguous().reshape(-1).view(torch.uint8)
+def byte_plane(x: torch.Tensor, width: int, j: int) -> torch.Tensor:
+    """uint8[n]: byte j of each rotated `width`-byte component of the contiguous tensor x."""
+    src = x.reshape(-1).view(torch.uint8)
     n = src.numel() // width
-    planes = torch.empty(width, n, dtype=torch.uint8)
-    _map(lambda r: _planes.split(src.data_ptr(), planes.data_ptr(), width, n, *r), _ranges(n, 8), n * width)
-    return planes
+    plane = torch.empty(n, dtype=torch.uint8)
+    _map(lambda r: _planes.plane(src.data_ptr(), plane.data_ptr(), width, j, *r), _ranges(n, 8), n * width)
+    return plane
 
 
 def from_planes(planes: list[torch.Tensor], dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """Inverse of `to_planes` from `width` separate uint8 planes of n bytes each: a new
+    """Inverse of `byte_plane` from `width` separate uint8 planes of n bytes each: a new
     tensor of `dtype` and `shape`."""
     width, n = len(planes), planes[0].numel()
     assert all(p.numel() == n and p.is_contiguous() for p in planes)
@@ -74,18 +75,19 @@ def huffman_encode(data: torch.Tensor) -> bytes | None:
     n = data.numel()
     chunks = [(i, min(i + HUFFMAN_CHUNK, n)) for i in range(0, n, HUFFMAN_CHUNK)]
     encoded = _map(lambda r: _encode_chunk(data, *r), chunks, n)
-    total = 4 + 4 * len(encoded) + sum(len(e) for e in encoded)
-    if total >= n:
+    sizes = [e.nbytes for e in encoded]
+    if 4 + 4 * len(sizes) + sum(sizes) >= n:
         return None
-    return b"".join([struct.pack(f"<I{len(encoded)}I", HUFFMAN_CHUNK, *map(len, encoded)), *encoded])
+    return b"".join([struct.pack(f"<I{len(sizes)}I", HUFFMAN_CHUNK, *sizes), *encoded])  # the only copy
 
 
-def _encode_chunk(data: torch.Tensor, i0: int, i1: int) -> bytes:
+def _encode_chunk(data: torch.Tensor, i0: int, i1: int) -> numpy.ndarray:
+    """One chunk, Huffman coded or (when that is not smaller) a view of the input."""
     dst = torch.empty(i1 - i0 + _HUF_MAX_HEADER + 8, dtype=torch.uint8)  # + 8: the encoder's slack
     size = _planes.huff_encode(data.data_ptr() + i0, i1 - i0, dst.data_ptr())
     if size == -2:  # pragma: no cover - an encoder bug, never a data property
         raise RuntimeError("q8 Huffman encoder wrote an unexpected size")
-    return (data[i0:i1] if size < 0 else dst[:size]).numpy().tobytes()
+    return (data[i0:i1] if size < 0 else dst[:size]).numpy()
 
 
 def huffman_decode(stored: memoryview, raw_length: int) -> torch.Tensor | str:
