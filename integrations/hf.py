@@ -28,6 +28,15 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
+__all__ = [
+    "Q8Trainer",
+    "load_model_weights",
+    "load_optimizer_state",
+    "q8_optimizer_cls_and_kwargs",
+    "save_model_weights",
+    "save_optimizer_state",
+]
+
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.q8"

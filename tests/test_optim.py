@@ -526,3 +526,37 @@ def test_stable_embedding():
         warnings.simplefilter("error")
         opt.step()
     assert emb.weight.numel() >= 4096 and not isinstance(opt.state[emb.weight]["exp_avg"], q8.QTensor)
+
+
+def test_a_new_optimizer_needs_only_its_rule():
+    """The README's extension point: a subclass of Optimizer8bit names its state and writes
+    the fp32 rule; storage in 8 bits, state dicts and files come from the base class."""
+
+    class HeavyBall8bit(q8.optim.Optimizer8bit):
+        def __init__(self, params, lr=0.1, momentum=0.9):
+            super().__init__(params, {"lr": lr, "momentum": momentum})
+
+        def state_codes(self, group):
+            return {"velocity": "dynamic"}
+
+        def update(self, p, grad, state, group, step):
+            state["velocity"].mul_(group["momentum"]).add_(grad)
+            p.add_(state["velocity"], alpha=-group["lr"])
+
+    torch.manual_seed(0)
+    target = torch.randn(100, 64)
+    w = torch.nn.Parameter(torch.zeros(100, 64))
+    opt = HeavyBall8bit([w], lr=0.05)
+    for _ in range(50):
+        loss = 0.5 * (w - target).pow(2).sum()  # gradient w - target
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (w - target).pow(2).mean() < 0.01 * target.pow(2).mean()
+    velocity = opt.state[w]["velocity"]
+    assert isinstance(velocity, q8.QTensor) and velocity.code.name == "dynamic"
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    again = HeavyBall8bit([torch.nn.Parameter(w.detach().clone())], lr=0.05)
+    again.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert torch.equal(again.state[again.param_groups[0]["params"][0]]["velocity"].codes, velocity.codes)
