@@ -1,5 +1,10 @@
 """The compiled CPU codec's fast paths (codec/q8_codec.h, codec/_native.c) beyond the
-built-in tables: dense custom tables and huge-page output buffers keep results exact."""
+built-in tables: dense custom tables and huge-page output buffers keep results exact, and
+the threads they run on."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import q8
@@ -46,3 +51,30 @@ def test_large_round_trip_matches_the_thresholds():
     assert torch.equal(qt.codes, torch.searchsorted(qt.code.thresholds, q, right=True).to(torch.uint8))
     expected = (qt.code.values[qt.codes.long()].view(-1, 512) * qt.absmax[:, None]).reshape(-1)
     assert torch.equal(q8.dequantize(qt), expected)
+
+
+DATALOADER_SCRIPT = """
+import torch, q8
+x = torch.randn(1 << 21)
+q8.quantize(x, "dynamic", 256)  # the parent's OpenMP pool exists before the workers fork
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.equal(q8.quantize(x, "dynamic", 256).codes, expected)
+
+expected = q8.quantize(x, "dynamic", 256).codes
+print(all(torch.utils.data.DataLoader(Data(), num_workers=2, batch_size=None)))
+"""
+
+
+def test_forked_dataloader_workers_encode(tmp_path):
+    """The CPU paths run on torch's OpenMP pool, which does not survive fork; DataLoader
+    workers run on one thread (torch sets it), so q8 inside them works as torch does."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", DATALOADER_SCRIPT], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr[-2000:]
