@@ -200,29 +200,32 @@ class Writer:
         """Compress (where it pays), checksum and write the parts, one after another."""
         out = []
         for part in parts:
-            data, raw_length, compression = self._encode_segment(part)
+            pieces, raw_length, compression = self._encode_segment(part)
             if compression == RAW:  # memory-mappable as any dtype
                 self._write(b"\0" * (-self._pos % ALIGN))
-            out.append([self._pos, memoryview(data).nbytes, raw_length, compression, zlib.crc32(data)])
-            self._write(data)
-            del part, data  # freed before the next part is made
+            start, crc = self._pos, 0
+            for piece in pieces:
+                crc = zlib.crc32(piece, crc)
+                self._write(piece)
+            out.append([start, self._pos - start, raw_length, compression, crc])
+            del part, pieces  # freed before the next part is made
         return out
 
-    def _encode_segment(self, part: torch.Tensor) -> tuple[Any, int, int]:
-        """(stored bytes, raw length, compression): the smallest of raw, Huffman and zstd
-        that saves at least 3%. Huffman (fast) is tried first; zstd only where Huffman does
-        not pay or where the data is so skewed (> 4x) that repeats may beat it."""
+    def _encode_segment(self, part: torch.Tensor) -> tuple[list, int, int]:
+        """(buffers to store, raw length, compression): the smallest of raw, Huffman and
+        zstd that saves at least 3%. Huffman (fast) is tried first; zstd only where Huffman
+        does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
         raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
         n = raw.nbytes
-        best, best_size, compression = raw, n * (1 - _MIN_SAVING), RAW
+        best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
         if n >= _MIN_COMPRESS_BYTES:
             packed = huffman_encode(part)
-            if packed is not None and len(packed) <= best_size:
-                best, best_size, compression = packed, len(packed), HUFFMAN
+            if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
+                best, best_size, compression = packed, size, HUFFMAN
             if best_size < n / 4 if compression == HUFFMAN else self._zstd_pays(raw):
                 packed = self._zstd(raw)
                 if len(packed) <= best_size:
-                    best, compression = packed, ZSTD
+                    best, compression = [packed], ZSTD
         return best, n, compression
 
     def _zstd(self, data) -> bytes:

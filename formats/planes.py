@@ -67,10 +67,11 @@ def from_planes(planes: list[torch.Tensor], dtype: torch.dtype, shape: torch.Siz
     return out.view(dtype).view(shape)
 
 
-def huffman_encode(data: torch.Tensor) -> bytes | None:
-    """Compression 2 of a flat uint8 tensor: u32 chunk size, u32 encoded size per chunk,
-    then the chunks (each Huffman coded, or stored as is when that is not smaller).
-    None when the whole would not be smaller than the input."""
+def huffman_encode(data: torch.Tensor) -> list | None:
+    """Compression 2 of a flat uint8 tensor, as the buffers to write one after another: u32
+    chunk size and u32 encoded size per chunk, then the chunks (each Huffman coded, or
+    stored as is when that is not smaller). None when the whole would not be smaller than
+    the input."""
     data = data.contiguous()
     n = data.numel()
     chunks = [(i, min(i + HUFFMAN_CHUNK, n)) for i in range(0, n, HUFFMAN_CHUNK)]
@@ -78,7 +79,7 @@ def huffman_encode(data: torch.Tensor) -> bytes | None:
     sizes = [e.nbytes for e in encoded]
     if 4 + 4 * len(sizes) + sum(sizes) >= n:
         return None
-    return b"".join([struct.pack(f"<I{len(sizes)}I", HUFFMAN_CHUNK, *sizes), *encoded])  # the only copy
+    return [struct.pack(f"<I{len(sizes)}I", HUFFMAN_CHUNK, *sizes), *encoded]
 
 
 def _encode_chunk(data: torch.Tensor, i0: int, i1: int) -> numpy.ndarray:
