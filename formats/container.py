@@ -203,11 +203,11 @@ class Writer:
             pieces, raw_length, compression = self._encode_segment(part)
             if compression == RAW:  # memory-mappable as any dtype
                 self._write(b"\0" * (-self._pos % ALIGN))
-            start, crc = self._pos, 0
+            start = self._pos
+            crc = _pool().submit(_crc32, pieces)  # beside the writes: both release the GIL
             for piece in pieces:
-                crc = zlib.crc32(piece, crc)
                 self._write(piece)
-            out.append([start, self._pos - start, raw_length, compression, crc])
+            out.append([start, self._pos - start, raw_length, compression, crc.result()])
             del part, pieces  # freed before the next part is made
         return out
 
@@ -287,6 +287,13 @@ class Writer:
             f.close()
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _crc32(pieces: list) -> int:
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    return crc
 
 
 def check_storable(x: Any, what: str) -> None:
