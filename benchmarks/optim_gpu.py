@@ -2,11 +2,11 @@
 `q8.kernels.adam_update`) vs bitsandbytes AdamW8bit and torch AdamW (fused, fp32 state),
 in the same run.
 
-One 8192x8192 fp32 parameter (67M elements), the same random gradient for every
-optimizer; after WARMUP steps, the median GPU time (CUDA events) of STEPS optimizer steps.
-Ratio: the other optimizer's time / q8's (> 1: q8 is faster). q8's step includes its
-per-parameter NaN/inf check of the gradient and the overflow flag read back (two small
-device-to-host syncs per parameter).
+LAYERS fp32 parameters of 8192x8192 (16: 1.07B parameters, the scale issue 8 names), the
+same random gradient for every parameter and optimizer; after WARMUP steps, the median
+GPU time (CUDA events) of STEPS optimizer steps. Ratio: the other optimizer's time / q8's
+(> 1: q8 is faster). q8's step includes its per-parameter NaN/inf check of the gradient
+and the overflow flag read back (two small device-to-host syncs per parameter).
 
 Exactness, in the same run: AdamW8bit on a CUDA parameter and on a CPU copy, three steps
 with the same gradients, must end with identical parameter and state bytes.
@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-DIM = 8192
+DIM, LAYERS = 8192, 16
 WARMUP, STEPS = 3, 20
 
 
@@ -73,15 +73,16 @@ def main() -> None:
     }
     rows = []
     for name, make in makers.items():
-        p = torch.nn.Parameter(start.clone())
-        p.grad = grad
-        opt = make([p])
+        params = [torch.nn.Parameter(start.clone()) for _ in range(LAYERS)]
+        for p in params:
+            p.grad = grad
+        opt = make(params)
         ms = median_step_ms(opt)
         rows.append((name, ms))
-        del opt, p
+        del opt, params
         torch.cuda.empty_cache()
     q8_ms = rows[0][1]
-    print(f"device: {torch.cuda.get_device_name()}, one {DIM}x{DIM} fp32 parameter")
+    print(f"device: {torch.cuda.get_device_name()}, {LAYERS} fp32 parameters of {DIM}x{DIM} ({LAYERS * DIM * DIM:,})")
     print(f"q8 AdamW8bit on CUDA == on CPU after 3 steps (parameter, codes, absmax): {gpu_equals_cpu()}\n")
     print("| optimizer | median ms / step | time / q8's |")
     print("| --- | --- | --- |")
