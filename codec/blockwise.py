@@ -25,6 +25,7 @@ MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
 
 AUTO_CODES = {True: ("dynamic", "linear"), False: ("udynamic", "ulinear")}
 """Candidates of code="auto", by whether the tensor has negative values, in tie order."""
+_ERROR_CHUNK = 1 << 20  # elements per step of `quant_error`: bounded temporaries
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,18 +219,39 @@ class QuantError(NamedTuple):
 
 
 def quant_error(x: torch.Tensor, approx: torch.Tensor | QTensor) -> QuantError:
-    """Error of `approx` (a tensor or a QTensor, decoded here) against `x`, in fp64."""
-    if isinstance(approx, QTensor):
-        approx = approx.dequantize(torch.float32)
-    if approx.shape != x.shape:
+    """Error of `approx` (a tensor, or a QTensor decoded here) against `x`, summed in fp64.
+
+    Measured a million elements at a time, so a large tensor never has a decoded or fp64
+    copy of itself in memory (`code="auto"` and q8convert measure every candidate)."""
+    if tuple(approx.shape) != tuple(x.shape):
         raise ValueError(f"quant_error: shapes differ, {tuple(x.shape)} vs {tuple(approx.shape)}")
-    ref = x.detach().double()
-    diff = ref - approx.detach().double()
-    err = float(torch.linalg.vector_norm(diff)) if diff.numel() else 0.0
-    norm = float(torch.linalg.vector_norm(ref)) if ref.numel() else 0.0
-    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-    if err == 0.0:
+    flat, n = x.detach().reshape(-1), x.numel()
+    if isinstance(approx, QTensor):
+        bs = approx.blocksize
+        step = max(bs, _ERROR_CHUNK // bs * bs)
+
+        def part(a: int, b: int) -> torch.Tensor:
+            blocks = approx.absmax[a // bs : -(-b // bs)]
+            return dequantize(QTensor(approx.codes[a:b], blocks, approx.code, bs, (b - a,), torch.float32))
+    else:
+        other, step = approx.detach().reshape(-1), _ERROR_CHUNK
+
+        def part(a: int, b: int) -> torch.Tensor:
+            return other[a:b]
+
+    err2 = ref2 = max_abs = 0.0
+    ref_buf = torch.empty(min(step, n), dtype=torch.float64, device=x.device)  # reused: no page faults per chunk
+    diff_buf = torch.empty_like(ref_buf)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        ref, diff = ref_buf[: b - a].copy_(flat[a:b]), diff_buf[: b - a].copy_(part(a, b))
+        ref2 += float(ref.dot(ref))
+        diff.sub_(ref)
+        err2 += float(diff.dot(diff))
+        max_abs = max(max_abs, float(diff.abs_().max()))
+    if err2 == 0.0:
         return QuantError(0.0, max_abs, math.inf)
+    err, norm = math.sqrt(err2), math.sqrt(ref2)
     rel = err / norm if norm else math.inf
     snr = 20 * math.log10(norm / err) if norm else -math.inf
     return QuantError(rel, max_abs, snr)

@@ -271,6 +271,21 @@ def test_auto_picks_lowest_error_deterministically():
         assert torch.equal(q8.quantize(x, "auto", 256).codes, qt.codes)
 
 
+def test_quant_error_is_chunked_fp64():
+    """Over several chunks (and a partial one) the error equals the whole-tensor fp64 result,
+    for values whose squares overflow fp32 and differences whose squares underflow it."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (1e30, 1.0, 1e-30):
+        x = torch.randn(3 * (1 << 20) + 777, generator=g) * scale
+        for approx in (q8.quantize(x, "dynamic", 256), x * (1 + 1e-6 * torch.randn(x.shape, generator=g))):
+            y = approx.dequantize(torch.float32) if isinstance(approx, q8.QTensor) else approx
+            diff = x.double() - y.double()
+            expected = float(diff.norm() / x.double().norm())
+            err = q8.quant_error(x, approx)
+            assert err.rel_l2 == pytest.approx(expected, rel=1e-9) and 0 < err.rel_l2 < 0.02
+            assert err.max_abs == float(diff.abs().max())
+
+
 def test_quant_error_measures():
     x = torch.tensor([3.0, 4.0])
     err = q8.quant_error(x, torch.tensor([3.0, 4.5]))

@@ -12,12 +12,11 @@ import fnmatch
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import q8
 import torch
 from q8.codec import AUTO_CODES
 
-__all__ = ["MIN_QUANT_NUMEL", "Decision", "Policy", "measure_error"]
+__all__ = ["MIN_QUANT_NUMEL", "Decision", "Policy"]
 
 MIN_QUANT_NUMEL = 4096
 """Tensors with fewer elements stay exact: their bytes do not matter, their precision might."""
@@ -26,7 +25,6 @@ MOMENT_CODES = {"exp_avg": "dynamic", "exp_avg_sq": "udynamic", "max_exp_avg_sq"
 """Adam state by key: the dynamic table for its sign (Dettmers et al. 2022)."""
 
 QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)
-_ERROR_CHUNK = 1 << 20  # elements per step of the error measurement: bounded temporaries
 
 
 @dataclass
@@ -51,31 +49,6 @@ class Decision:
         if self.encoding == "quantized":
             out |= {"rel_l2": f"{self.rel_l2:.3e}", "max_abs": f"{self.max_abs:.3e}"}
         return out
-
-
-def measure_error(x: torch.Tensor, qt: q8.QTensor) -> tuple[float, float]:
-    """(relative L2, max abs) error of `qt` against `x`.
-
-    Decoded a million elements at a time, so a huge tensor never needs a decoded or fp64
-    copy of itself; the arithmetic is numpy's, single-threaded, which stays fast on a
-    busy machine where small multi-threaded torch ops stall (sums of squares are
-    accumulated in fp64 across chunks).
-    """
-    flat = x.detach().reshape(-1)
-    bs = qt.blocksize
-    step = max(bs, _ERROR_CHUNK // bs * bs)
-    err2 = ref2 = max_abs = 0.0
-    for a in range(0, flat.numel(), step):
-        b = min(a + step, flat.numel())
-        part = q8.QTensor(qt.codes[a:b], qt.absmax[a // bs : -(-b // bs)], qt.code, bs, (b - a,), torch.float32)
-        ref = flat[a:b].float().numpy()
-        diff = ref - q8.dequantize(part).numpy()
-        err2 += float(diff @ diff)
-        ref2 += float(ref @ ref)
-        max_abs = max(max_abs, float(np.abs(diff, out=diff).max()))
-    if err2 == 0.0:
-        return 0.0, max_abs
-    return (math.sqrt(err2 / ref2) if ref2 else math.inf), max_abs
 
 
 @dataclass(frozen=True)
@@ -108,7 +81,7 @@ class Policy:
         best, best_err = None, (math.inf, math.inf)
         for code in candidates:
             qt = q8.quantize(x, code, self.blocksize)
-            err = measure_error(x, qt)
+            err = q8.quant_error(x, qt)[:2]  # relative L2, max abs
             if best is None or err[0] < best_err[0]:
                 best, best_err = qt, err
             del qt
