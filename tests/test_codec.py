@@ -145,12 +145,17 @@ def test_tiny_subnormal_and_huge_ranges():
             assert_exact(x, name, 64)
 
 
-def test_flush_denormal_mode_does_not_change_codes():
-    x = torch.tensor([1e-38, 3e-39, -2e-39, 1e-45] * 64)
-    expected = q8.quantize(x, "dynamic", 64).codes
+@pytest.mark.parametrize("repeat", [1, 4096])  # 4096: 1M elements, run on several threads
+def test_flush_denormal_mode_does_not_change_codes(repeat):
+    x = torch.tensor([1e-38, 3e-39, -2e-39, 1e-45] * 64).repeat(repeat)
+    expected = q8.quantize(x, "dynamic", 64)
+    assert torch.equal(expected.codes[:256], brute_force_codes(x[:256], q8.dynamic_code(), 64)[0])
+    decoded = q8.dequantize(expected)
+    assert 0 < decoded[1] < torch.finfo(torch.float32).tiny  # a subnormal, which flush-to-zero would lose
     torch.set_flush_denormal(True)
     try:
-        assert torch.equal(q8.quantize(x, "dynamic", 64).codes, expected)
+        assert torch.equal(q8.quantize(x, "dynamic", 64).codes, expected.codes)
+        assert torch.equal(q8.dequantize(expected), decoded)
     finally:
         torch.set_flush_denormal(False)
 
