@@ -1,6 +1,6 @@
 """The codec: code tables and blockwise 8-bit quantization (CPU path compiled, GPU in q8.kernels)."""
 
-from .blockwise import AUTO_CODES, QTensor, QuantError, dequantize, quant_error, quantize
+from .blockwise import AUTO_CODES, QTensor, QuantError, dequantize, quant_error, quantize, quantize_best
 from .codes import CODE_NAMES, Code, dynamic_code, get_code, linear_code, quantile_code
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "quant_error",
     "quantile_code",
     "quantize",
+    "quantize_best",
 ]

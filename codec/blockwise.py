@@ -11,6 +11,7 @@ the Triton kernels in `q8.kernels`, and both give identical bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ import torch
 
 from .codes import Code, get_code
 
-__all__ = ["AUTO_CODES", "QTensor", "QuantError", "dequantize", "quant_error", "quantize"]
+__all__ = ["AUTO_CODES", "QTensor", "QuantError", "dequantize", "quant_error", "quantize", "quantize_best"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
@@ -181,13 +182,28 @@ def quantize(x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 204
 
 
 def _quantize_auto(x: torch.Tensor, blocksize: int) -> QTensor:
-    signed = bool((x < 0).any())
-    best, best_err = None, math.inf
-    for name in AUTO_CODES[signed]:
-        qt = quantize(x, name, blocksize)
-        err = quant_error(x, qt).rel_l2
-        if err < best_err or best is None:
-            best, best_err = qt, err
+    return quantize_best(x, AUTO_CODES[bool((x < 0).any())], blocksize)[0]
+
+
+def quantize_best(
+    x: torch.Tensor, candidates: Sequence[str | Code], blocksize: int = 2048
+) -> tuple[QTensor, QuantError]:
+    """`x` quantized with the candidate code of lowest relative L2 error (the first on ties),
+    and that error: what code="auto" does over `AUTO_CODES`, for callers that also report
+    the error (measured once per candidate, never again).
+
+    Example:
+        >>> qt, err = q8.codec.quantize_best(w, q8.codec.AUTO_CODES[True], 2048)
+    """
+    if not candidates:
+        raise ValueError("quantize_best: no candidate code")
+    best = None
+    for code in candidates:
+        qt = quantize(x, code, blocksize)
+        err = quant_error(x, qt)
+        if best is None or err.rel_l2 < best[1].rel_l2:
+            best = qt, err
+        del qt
     return best
 
 

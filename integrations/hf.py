@@ -204,15 +204,16 @@ def _quantize_state(state: dict[str, Any]) -> tuple[dict[str, Any], float]:
         quantized[index] = {}
         for key, t in tensors.items():
             if _quantizable(t):
-                t, error = _quantize(t, "udynamic" if bool((t >= 0).all()) else "dynamic")
+                t, error = _quantize(t, ("udynamic",) if bool((t >= 0).all()) else ("dynamic",))
                 worst = max(worst, error)
             quantized[index][key] = t
     return {**state, "state": quantized}, worst
 
 
-def _quantize(t: torch.Tensor, code: str) -> tuple[q8.QTensor, float]:
-    qt = q8.quantize(t, code=code, blocksize=QUANTIZE_BLOCKSIZE)
-    return qt, q8.quant_error(t, qt).rel_l2
+def _quantize(t: torch.Tensor, codes: tuple[str, ...]) -> tuple[q8.QTensor, float]:
+    """The best of `codes` for `t`, and its relative L2 error (measured once)."""
+    qt, err = q8.codec.quantize_best(t, codes, QUANTIZE_BLOCKSIZE)
+    return qt, err.rel_l2
 
 
 def _quantizable(t: Any) -> bool:
@@ -247,7 +248,7 @@ def save_model_weights(weights: dict[str, torch.Tensor], path: str, *, quantize:
             continue
         seen.add(_storage_key(t))
         if quantize and _quantizable(t):
-            t, error = _quantize(t, "auto")
+            t, error = _quantize(t, q8.codec.AUTO_CODES[bool((t < 0).any())])
             worst = max(worst, error)
         unique[name] = t
     metadata = {}

@@ -276,6 +276,17 @@ def test_auto_picks_lowest_error_deterministically():
         assert torch.equal(q8.quantize(x, "auto", 256).codes, qt.codes)
 
 
+def test_quantize_best_returns_the_winner_and_its_error():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 256, generator=g) * torch.exp(3 * torch.randn(64, 256, generator=g))
+    qt, err = q8.codec.quantize_best(x, ("linear", "dynamic"), 256)
+    errors = {name: q8.quant_error(x, q8.quantize(x, name, 256)) for name in ("linear", "dynamic")}
+    assert qt.code.name == "dynamic" and err == errors["dynamic"] < errors["linear"]
+    assert torch.equal(qt.codes, q8.quantize(x, "auto", 256).codes)
+    with pytest.raises(ValueError, match="no candidate"):
+        q8.codec.quantize_best(x, (), 256)
+
+
 def test_quant_error_is_chunked_fp64():
     """Over several chunks (and a partial one) the error equals the whole-tensor fp64 result,
     for values whose squares overflow fp32 and differences whose squares underflow it."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import q8
 import torch
-from q8.codec import AUTO_CODES
+from q8.codec import AUTO_CODES, quantize_best
 
 __all__ = ["MIN_QUANT_NUMEL", "Decision", "Policy"]
 
@@ -78,14 +78,8 @@ class Policy:
             return x, d
         signed = lo < 0
         candidates = [moment] if moment else self._candidates(signed)
-        best, best_err = None, (math.inf, math.inf)
-        for code in candidates:
-            qt = q8.quantize(x, code, self.blocksize)
-            err = q8.quant_error(x, qt)[:2]  # relative L2, max abs
-            if best is None or err[0] < best_err[0]:
-                best, best_err = qt, err
-            del qt
-        d.rel_l2, d.max_abs = best_err
+        best, err = quantize_best(x, candidates, self.blocksize)
+        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
         if self.max_error is not None and d.rel_l2 > self.max_error:
             d.reason = f"error {d.rel_l2:.2e} > --max-error {self.max_error:g}"
             return x, d
