@@ -51,6 +51,7 @@ def _rank_main(rank: int, fn, world: int, store: str, args: tuple) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (seen: SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
