@@ -40,6 +40,21 @@ def _check_betas(cls: str, betas: tuple[float, float]) -> None:
         raise ValueError(f"{cls}: betas must be two values in [0, 1), got {betas!r}")
 
 
+def _adam_defaults(cls: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict:
+    """Validated hyperparameters of the Adam family (Adam, AdamW, LAMB)."""
+    _check(cls, lr=(lr, lr >= 0), eps=(eps, eps >= 0), weight_decay=(weight_decay, weight_decay >= 0))
+    _check_betas(cls, betas)
+    return {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+
+
+def _sgd_defaults(cls: str, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> dict:
+    """Validated hyperparameters of SGD with momentum (SGD, LARS)."""
+    _check(cls, lr=(lr, lr >= 0), momentum=(momentum, momentum >= 0), weight_decay=(weight_decay, weight_decay >= 0))
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{cls}: nesterov momentum requires a momentum and zero dampening")
+    return {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov}
+
+
 def _with_weight_decay(p: torch.Tensor, grad: torch.Tensor, weight_decay: float) -> torch.Tensor:
     """grad + weight_decay * p (L2 regularisation, as torch.optim does it)."""
     return grad if weight_decay == 0 else grad + p * weight_decay
@@ -73,10 +88,7 @@ class Adam8bit(Optimizer8bit):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
     ):
-        cls = type(self).__name__
-        _check(cls, lr=(lr, lr >= 0), eps=(eps, eps >= 0), weight_decay=(weight_decay, weight_decay >= 0))
-        _check_betas(cls, betas)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
         super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
 
     def state_codes(self, group: dict) -> dict[str, str]:
@@ -151,19 +163,7 @@ class SGD8bit(Optimizer8bit):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
     ):
-        cls = type(self).__name__
-        _check(
-            cls, lr=(lr, lr >= 0), momentum=(momentum, momentum >= 0), weight_decay=(weight_decay, weight_decay >= 0)
-        )
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(f"{cls}: nesterov momentum requires a momentum and zero dampening")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-        }
+        defaults = _sgd_defaults(type(self).__name__, lr, momentum, dampening, weight_decay, nesterov)
         super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
 
     def state_codes(self, group: dict) -> dict[str, str]:
@@ -345,14 +345,10 @@ class LAMB8bit(Optimizer8bit):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
     ):
-        cls = type(self).__name__
-        _check(cls, lr=(lr, lr >= 0), eps=(eps, eps >= 0), weight_decay=(weight_decay, weight_decay >= 0))
-        _check_betas(cls, betas)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
         super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
 
-    def state_codes(self, group: dict) -> dict[str, str]:
-        return {"exp_avg": SIGNED, "exp_avg_sq": NON_NEGATIVE}
+    state_codes = Adam8bit.state_codes  # the same two moments
 
     def update(self, p, grad, state, group, step):
         beta1, beta2 = group["betas"]
@@ -388,29 +384,12 @@ class LARS8bit(Optimizer8bit):
         min_8bit_size: int = 4096,
     ):
         cls = type(self).__name__
-        _check(
-            cls,
-            lr=(lr, lr >= 0),
-            momentum=(momentum, momentum >= 0),
-            weight_decay=(weight_decay, weight_decay >= 0),
-            trust_coefficient=(trust_coefficient, trust_coefficient > 0),
-            eps=(eps, eps >= 0),
-        )
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(f"{cls}: nesterov momentum requires a momentum and zero dampening")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "trust_coefficient": trust_coefficient,
-            "eps": eps,
-        }
+        _check(cls, trust_coefficient=(trust_coefficient, trust_coefficient > 0), eps=(eps, eps >= 0))
+        defaults = _sgd_defaults(cls, lr, momentum, dampening, weight_decay, nesterov)
+        defaults |= {"trust_coefficient": trust_coefficient, "eps": eps}
         super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
 
-    def state_codes(self, group: dict) -> dict[str, str]:
-        return {"momentum_buffer": SIGNED} if group["momentum"] != 0 else {}
+    state_codes = SGD8bit.state_codes  # the same momentum buffer
 
     def update(self, p, grad, state, group, step):
         wd = group["weight_decay"]
