@@ -79,9 +79,13 @@ def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {"model": msd, "optim": osd}
 
 
-def assert_states_equal(a: dict, b: dict, where: str) -> None:
-    """Same keys and exactly the same tensors and values, recursively."""
-    if isinstance(a, dict):
+def assert_states_equal(a, b, where: str) -> None:
+    """Same keys, lengths and exactly the same tensors and values, recursively."""
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_states_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, dict):
         assert set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
         for k in a:
             assert_states_equal(a[k], b[k], f"{where}.{k}")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from q8.integrations.distributed import Q8StorageReader, Q8StorageWriter
 from q8.optim.sharded import like
-from test_distributed import spawn_ranks
+from test_distributed import assert_states_equal, spawn_ranks
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 OPT = {"lr": 1e-2, "blocksize": 64, "min_8bit_size": 256}
@@ -84,21 +84,6 @@ def packed(opt) -> list:
     ]
 
 
-def assert_same(a, b, where: str) -> None:
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: differs"
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
 def assert_close_state(got: dict, want: dict, where: str) -> None:
     """Exact for the aligned and the fp32 parameter; elsewhere within one extra 8-bit
     rounding of the blocks cut by a shard boundary."""
@@ -157,11 +142,11 @@ def train_and_save_on_2(rank: int, world: int, root: str) -> None:
     # Same mesh: bit-exact, and the next step too.
     model2, opt2 = sharded_setup(world)
     load(model2, opt2, root / "ck2")
-    assert_same(packed(opt2), packed(opt), "2->2 state")
+    assert_states_equal(packed(opt2), packed(opt), "2->2 state")
     step(model, opt, 3)
     step(model2, opt2, 3)
-    assert_same(packed(opt2), packed(opt), "2->2 state, one step later")
-    assert_same(decoded(model2, opt2), decoded(model, opt), "2->2 decoded")
+    assert_states_equal(packed(opt2), packed(opt), "2->2 state, one step later")
+    assert_states_equal(decoded(model2, opt2), decoded(model, opt), "2->2 decoded")
 
     # To torch.optim.AdamW under FSDP2: the decoded moments, sharded like the parameters.
     torch_opt = torch.optim.AdamW(model.parameters(), lr=OPT["lr"])
@@ -179,7 +164,7 @@ def train_and_save_on_2(rank: int, world: int, root: str) -> None:
         p.grad = distribute_tensor(g, p.device_mesh, p.placements)
     with pytest.warns(RuntimeWarning, match="non-finite gradient"):
         opt.step()
-    assert_same(packed(opt), before, "after a NaN gradient on one rank")
+    assert_states_equal(packed(opt), before, "after a NaN gradient on one rank")
 
     # LAMB and LARS need whole-parameter norms: refused on sharded parameters.
     for cls in (q8.optim.LAMB8bit, q8.optim.LARS8bit):
