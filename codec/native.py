@@ -19,7 +19,9 @@ _MIN_PARALLEL_ELEMENTS = 1 << 18
 
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q8-codec")
+    """Worker threads of q8's compiled loops where they run on Python threads (the codec
+    without OpenMP, formats' byte planes); callers submit from outside the pool only."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q8-cpu")
 
 
 def _run_blocks(fn, nblocks: int, n: int) -> int:

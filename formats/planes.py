@@ -14,13 +14,12 @@ run on `torch.get_num_threads()` threads.
 
 from __future__ import annotations
 
-import functools
 import struct
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import torch
 
+from ..codec.native import _pool
 from . import _planes
 
 __all__ = ["HUFFMAN_CHUNK", "byte_plane", "from_planes", "huffman_decode", "huffman_encode"]
@@ -29,11 +28,6 @@ _MIN_PARALLEL = 1 << 20
 HUFFMAN_CHUNK = 1 << 20
 _HUF_MAX_HEADER = 142
 MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 12, 24
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="q8-planes")
 
 
 def _map(fn, items: list, n: int) -> list:
