@@ -23,7 +23,11 @@ GENERIC_NAMES = ("codec", "formats", "kernels", "optim", "tools", "tests", "inte
 NOT_SOURCES = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".*_cache", ".hypothesis", "bench-out"
 )
-ENV = {**os.environ, "PYTHONSAFEPATH": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+# A caller's PYTHONPATH (e.g. a checkout put on the path) would shadow the installed wheel.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+    "PYTHONSAFEPATH": "1",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+}
 
 
 def run(*cmd, cwd: Path) -> str:
