@@ -30,8 +30,8 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
 }
 
 
-def run(*cmd, cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+def run(*cmd, cwd: Path, env: dict[str, str] = ENV) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -99,4 +99,6 @@ for name in {GENERIC_NAMES!r}:
 print("ok", q8.__version__)
 """
     assert run(python, "-c", script, cwd=cwd).strip() == f"ok {q8.__version__}"
-    assert run(sys.executable, "-c", "import q8; print(q8.__file__)", cwd=cwd).strip() == q8.__file__
+    # The developer's q8 (as this process found it) is still the one their environment imports.
+    developer = run(sys.executable, "-c", "import q8; print(q8.__file__)", cwd=cwd, env=dict(os.environ))
+    assert developer.strip() == q8.__file__
