@@ -19,7 +19,18 @@ import torch
 
 from .codes import Code, get_code
 
-__all__ = ["AUTO_CODES", "QTensor", "QuantError", "dequantize", "quant_error", "quantize", "quantize_best"]
+__all__ = [
+    "AUTO_CODES",
+    "QTensor",
+    "QuantError",
+    "dequantize",
+    "mix32",
+    "quant_error",
+    "quantize",
+    "quantize_best",
+    "quantize_stochastic",
+    "rounding_key",
+]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
@@ -179,6 +190,68 @@ def quantize(x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 204
             "8-bit codes cannot represent non-finite values"
         )
     return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def mix32(x: int | torch.Tensor) -> int | torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32): uint32 values as Python ints or int64
+    tensors. The products are taken in 16-bit halves so no int64 product overflows."""
+
+    def mul(a, c):
+        return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+    x = x ^ (x >> 16)
+    x = mul(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, step: int) -> int:
+    """The per-step key of `quantize_stochastic`: mix32(seed ^ mix32(step)), both 32-bit."""
+    return mix32((seed & _U32) ^ mix32(step & _U32))
+
+
+def quantize_stochastic(
+    x: torch.Tensor, code: str | Code, blocksize: int, key: int, offset: int = 0
+) -> QTensor:
+    """Quantize with deterministic stochastic rounding (docs/CODEC.md): each value goes to
+    one of the two table entries around it, the upper with probability equal to its
+    position between them, drawn from a hash of (`key`, the element's index `offset + i`).
+    Unbiased, so an EMA whose increments are below half a step still moves on average; a
+    positive value never takes the code of 0.0. The reference in torch ops of the rule the
+    fused optimizer kernels implement (optim/_native.c, q8.kernels.optim).
+
+    Args:
+        x: fp32/fp16/bf16 tensor (CPU or CUDA).
+        code, blocksize: as for `quantize`.
+        key: 32-bit key, `rounding_key(seed, step)` for optimizer state.
+        offset: index of x's first element in the whole tensor it is part of (a shard's
+            start), so that the bytes do not depend on how a tensor is sharded.
+    """
+    _check_input(x)
+    _check_blocksize(blocksize)
+    table = get_code(code)
+    blocks, n = _flat_blocks(x, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    bad = torch.nonzero(~torch.isfinite(absmax))
+    if bad.numel():
+        raise ValueError(f"quantize_stochastic: input has NaN or inf in block {int(bad[0, 0])}")
+    q = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
+    values = table.values.to(x.device)
+    floor = (torch.searchsorted(values, q, right=True) - 1).clamp_(0, 255)
+    below = floor.clamp(max=254)
+    lo, hi = values[below], values[below + 1]
+    frac = (q - lo) / (hi - lo)
+    index = torch.arange(offset, offset + blocks.numel(), device=x.device).view_as(blocks)
+    u = mix32(mix32(index & _U32 ^ key) ^ (index >> 32))
+    up = ((u >> 8).float() * 2.0**-24 < frac) & (floor < 255)
+    z = table.zero_index
+    codes = floor + up
+    codes = torch.where((blocks > 0) & (codes == z), z + 1, codes).to(torch.uint8).view(-1)[:n]
+    return QTensor(codes.contiguous(), absmax, table, blocksize, x.shape, x.dtype)
 
 
 def _quantize_auto(x: torch.Tensor, blocksize: int) -> QTensor:

@@ -4,7 +4,8 @@ Streaming, parameter by parameter: every 8-bit state entry is written as the QTe
 (codes + absmax, no second rounding), every fp32 entry losslessly, one tensor at a time
 through `q8.Writer`; loading reads one tensor at a time through `q8.safe_open`. Tensor
 names are `state.<index>.<entry>` (the index of `state_dict()`); the parameter groups, step
-counts and the optimizer class travel as JSON in the metadata key `q8.optimizer`.
+counts, rounding seeds and the optimizer class travel as JSON in the metadata key
+`q8.optimizer`.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def save_optimizer(opt: Optimizer8bit, path: str | os.PathLike, metadata: dict[s
                 for p, i in zip(g["params"], sg["params"], strict=True)}  # fmt: skip
     try:
         header = json.dumps({"format": FORMAT, "class": type(opt).__name__, "param_groups": sd["param_groups"],
-                             "steps": {str(i): s["step"] for i, s in sd["state"].items()}})  # fmt: skip
+                             "steps": {str(i): s["step"] for i, s in sd["state"].items()},
+                             "seeds": {str(i): s["seed"] for i, s in sd["state"].items()}})  # fmt: skip
     except TypeError as err:
         raise TypeError(f"save_optimizer: parameter groups must hold JSON-serializable values ({err})") from None
     with Writer(path, metadata={**(metadata or {}), METADATA_KEY: header}) as writer:
         for p, state in opt.state.items():
             for key, value in state.items():
-                if key != "step":
+                if key not in ("step", "seed"):
                     writer.add(f"state.{index_of[id(p)]}.{key}", value)
 
 
@@ -65,6 +67,8 @@ def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
         current = opt.param_groups + [{}] * len(header["param_groups"])  # a count mismatch is reported below
         groups = [_restore_tuples(saved, group) for saved, group in zip(header["param_groups"], current, strict=False)]
         state: dict[int, dict[str, Any]] = {int(i): {"step": step} for i, step in header["steps"].items()}
+        for i, seed in header.get("seeds", {}).items():  # files before seeds were saved: the index
+            state.get(int(i), {})["seed"] = seed
         params = [p for group in opt.param_groups for p in group["params"]]
         for name in f.keys():
             parts = name.split(".", 2)

@@ -42,7 +42,16 @@ from .fused import all_finite_local
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["all_finite", "check_supported", "is_sharded", "like", "local", "pack_entry", "unpack_entry"]
+__all__ = [
+    "all_finite",
+    "check_supported",
+    "first_element",
+    "is_sharded",
+    "like",
+    "local",
+    "pack_entry",
+    "unpack_entry",
+]
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -107,6 +116,12 @@ def _geometry(p: DTensor) -> tuple[int, int, int, int]:
     size = p.device_mesh.size()
     first, _ = row_range(rows, size, p.device_mesh.get_local_rank())
     return rows, inner, first, -(-rows // size)
+
+
+def first_element(p: DTensor) -> int:
+    """Flat index, in the whole parameter, of the local shard's first element."""
+    _, inner, first, _ = _geometry(p)
+    return first * inner
 
 
 def blocks_per_row(inner: int, blocksize: int) -> int:

@@ -12,6 +12,7 @@ import pytest
 import q8
 import torch
 from q8.kernels import adam_update
+from q8.codec import rounding_key
 from q8.optim.fused import adam_hyper
 
 ON_GPU = torch.cuda.is_available()
@@ -57,13 +58,14 @@ def test_adam_steps_match_the_cpu_optimizer(cls, blocksize, dtype):
     opt = cls([p_ref], lr=1e-2, blocksize=blocksize, min_8bit_size=0, **decay)
     p = p0.to(DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", blocksize)
-    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", blocksize)
+    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic_sq", blocksize)
     for step in range(1, 5):
         grad = gradient(n, step, dtype)
         p_ref.grad = grad.clone()
         opt.step()
         hyper = adam_hyper(opt.param_groups[0], step, decoupled=cls is q8.optim.AdamW8bit)
-        assert adam_update(p, grad.to(DEVICE), m, v, hyper) == -1
+        key = rounding_key(opt.state[p_ref]["seed"], step)
+        assert adam_update(p, grad.to(DEVICE), m, v, hyper, key) == -1
         assert_same_state(p, m, v, p_ref, opt)
 
 
@@ -71,7 +73,7 @@ def test_overflow_reports_the_first_bad_block():
     n, blocksize = 8 * 64, 64
     p = torch.zeros(n, device=DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", blocksize)
-    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", blocksize)
+    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic_sq", blocksize)
     grad = torch.ones(n, device=DEVICE)
     grad[[7 * 64, 3 * 64 + 5]] = 1e30  # g * g overflows fp32 in blocks 3 and 7
     hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}, 1, decoupled=True)
@@ -87,7 +89,7 @@ def test_argument_errors():
     p = torch.zeros(n, device=DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", 64)
     v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", 64)
-    hyper = [0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 1.0, 1.0, 0.0]
+    hyper = [0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 1.0, 1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="grad must be contiguous with 256 elements"):
         adam_update(p, torch.zeros(n + 1, device=DEVICE), m, v, hyper)
     with pytest.raises(ValueError, match="p must be contiguous"):
@@ -95,8 +97,8 @@ def test_argument_errors():
     small_v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", 128)
     with pytest.raises(ValueError, match="v has 256 elements in blocks of 128"):
         adam_update(p, torch.zeros(n, device=DEVICE), m, small_v, hyper)
-    with pytest.raises(ValueError, match="hyper must hold 9 values"):
-        adam_update(p, torch.zeros(n, device=DEVICE), m, v, hyper[:8])
+    with pytest.raises(ValueError, match="hyper must hold 10 values"):
+        adam_update(p, torch.zeros(n, device=DEVICE), m, v, hyper[:9])
     assert (m.codes == m.code.zero_index).all() and (m.absmax == 0).all()  # nothing was written
 
 

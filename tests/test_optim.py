@@ -332,7 +332,7 @@ def test_torch_adam_state_converts_to_8bit_and_back():
     opt = AdamW8bit(model.parameters())
     opt.load_state_dict(ref.state_dict())
     w = model[0].weight
-    for key, code in (("exp_avg", "dynamic"), ("exp_avg_sq", "udynamic")):
+    for key, code in (("exp_avg", "dynamic"), ("exp_avg_sq", "udynamic_sq")):
         qt = opt.state[w][key]
         expected = q8.quantize(ref.state[w][key], code, 256)
         assert torch.equal(qt.codes, expected.codes) and torch.equal(qt.absmax, expected.absmax)
