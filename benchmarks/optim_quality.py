@@ -75,6 +75,7 @@ def grammar_text(chars: int, seed: int) -> torch.Tensor:
 class GPT2Task:
     name, batch, seq = "gpt2", 16, 48
     default_steps, eval_every = 300, 25
+    tied = False  # untied by default: tied, fp32 AdamW itself leaves an early plateau at a random step
 
     def __init__(self):
         self.train_text = grammar_text(200_000, seed=1234)
@@ -86,7 +87,7 @@ class GPT2Task:
         cfg = GPT2Config(
             n_layer=2, n_embd=128, n_head=4, vocab_size=256, n_positions=self.seq + 1,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-            tie_word_embeddings=False,
+            tie_word_embeddings=self.tied,
         )  # fmt: skip
         return GPT2LMHeadModel(cfg)
 
@@ -204,7 +205,10 @@ class LARS(_Reference):
 # family gets the same hyperparameters.
 FAMILIES: dict[str, tuple[dict[str, dict], Callable]] = {
     "Adam": ({"gpt2": {"lr": 3e-3}, "clf": {"lr": 1e-3}}, torch.optim.Adam),
-    "AdamW": ({"gpt2": {"lr": 3e-3, "weight_decay": 0.01}, "clf": {"lr": 1e-3, "weight_decay": 0.01}}, torch.optim.AdamW),
+    "AdamW": (
+        {"gpt2": {"lr": 3e-3, "weight_decay": 0.01}, "clf": {"lr": 1e-3, "weight_decay": 0.01}},
+        torch.optim.AdamW,
+    ),
     "SGD": (
         {"gpt2": {"lr": 0.1, "momentum": 0.9}, "clf": {"lr": 0.03, "momentum": 0.9}},
         torch.optim.SGD,
@@ -284,6 +288,77 @@ def run(task_name: str, family: str, variant: str, seed: int, steps: int) -> dic
     return {"curve": curve, "final": final, "max_step": max_step, "seconds": time.perf_counter() - t0}
 
 
+# --- the state study: 8-bit shadows of an fp32 run ---------------------------------------
+
+STATE_VARIANTS = {
+    # name: (table of the non-negative state, stochastic rounding)
+    "udynamic, nearest (q8 before)": ("udynamic", False),
+    "udynamic, stochastic": ("udynamic", True),
+    "udynamic_sq, nearest": ("udynamic_sq", False),
+    "udynamic_sq, stochastic (q8 now)": ("udynamic_sq", True),
+}
+
+
+def _encode(x: torch.Tensor, variant: str, key: int) -> torch.Tensor:
+    """x through one 8-bit round trip of `variant` (blocks of 256)."""
+    code, stochastic = STATE_VARIANTS[variant]
+    if stochastic:
+        return q8.codec.quantize_stochastic(x, code, 256, key).dequantize()
+    return q8.quantize(x, code, 256).dequantize()
+
+
+def state_study(steps: int) -> None:
+    """Train the GPT-2 task in fp32 (AdamW, then Adagrad) and carry, beside the exact state,
+    8-bit shadows of it fed the same gradients, one per storage variant: how far each
+    shadow's update is from the exact one, isolated from any change of trajectory."""
+    warnings.filterwarnings("ignore")
+    task = GPT2Task()
+    for family in ("AdamW", "Adagrad"):
+        torch.manual_seed(0)
+        model = task.model()
+        opt = make_optimizer(family, "fp32", "gpt2", model.parameters())
+        big = [p for p in model.parameters() if p.numel() >= 4096]
+        shadow = {v: [dict.fromkeys(("m", "v"), torch.zeros_like(p)) for p in big] for v in STATE_VARIANTS}
+        g = torch.Generator().manual_seed(10_000)
+        rows = []
+        for step in range(1, steps + 1):
+            loss = task.batch_loss(model, g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for variant, states in shadow.items():
+                err = ref = zero_v = 0.0
+                largest = 0.0
+                for p, st in zip(big, states, strict=True):
+                    exact, grad, key = opt.state[p], p.grad, q8.codec.rounding_key(big.index(p), step)
+                    if family == "AdamW":
+                        m = st["m"].mul(0.9).add_(grad, alpha=0.1)
+                        v = st["v"].mul(0.999).addcmul_(grad, grad, value=0.001)
+                        u8 = m / (1 - 0.9**step) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+                        u32 = (
+                            exact["exp_avg"]
+                            / (1 - 0.9**step)
+                            / ((exact["exp_avg_sq"] / (1 - 0.999**step)).sqrt() + 1e-8)
+                        )
+                        st["m"] = q8.quantize(m, "dynamic", 256).dequantize()
+                        st["v"] = _encode(v, variant, key)
+                        zero_v += ((st["v"] == 0) & (st["m"] != 0)).sum().item()
+                    else:
+                        total = st["v"] + grad * grad
+                        u8, u32 = grad / (total.sqrt() + 1e-10), grad / (exact["sum"].sqrt() + 1e-10)
+                        st["v"] = _encode(total, variant, key)
+                    err += (u8 - u32).abs().sum().item()
+                    ref += u32.abs().sum().item()
+                    largest = max(largest, u8.abs().max().item())
+                if step in (10, steps // 3, steps):
+                    rows.append((step, variant, f"{100 * err / ref:.1f}%", f"{largest:.3g}", f"{zero_v:.0f}"))
+        print(f"\n{family} fp32 on gpt2 (seed 0), 8-bit shadows of its state (first moment: dynamic, nearest)")
+        print("| step | non-negative state | update error (mean abs, rel.) | max abs update (lr) | v = 0, m != 0 |")
+        print("| ---: | --- | ---: | ---: | ---: |")
+        for r in sorted(rows, key=lambda r: (r[0], list(STATE_VARIANTS).index(r[1]))):
+            print("| " + " | ".join(map(str, r)) + " |")
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -320,7 +395,11 @@ def print_table(rows: list[tuple]) -> None:
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
     print("| " + " | ".join("-" * (w - 1) + (":" if i else "-") for i, w in enumerate(widths)) + " |")
     for r in rows:
-        print("| " + " | ".join((c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |")
+        print(
+            "| "
+            + " | ".join((c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            + " |"
+        )
 
 
 def plot(results: dict, tasks: list[str], families: list[str], seeds: list[int], path: str) -> None:
@@ -360,7 +439,13 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(FAMILIES), help="optimizer families, comma-separated")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     ap.add_argument("--plot", default="benchmarks/optim_quality.png", help="PNG of the loss curves ('' for none)")
+    ap.add_argument("--study", action="store_true", help="run the state study (8-bit shadows of fp32 runs) instead")
+    ap.add_argument("--tied", action="store_true", help="GPT-2 with tied input/output embeddings (GPT-2's default)")
     args = ap.parse_args()
+    GPT2Task.tied = args.tied
+    if args.study:
+        state_study(args.steps or GPT2Task.default_steps)
+        return
     tasks, families = args.tasks.split(","), args.only.split(",")
     for name in families:
         if name not in FAMILIES:
@@ -379,8 +464,10 @@ def main() -> None:
         results = dict(zip([j[:4] for j in jobs], pool.map(run, *zip(*jobs, strict=True)), strict=True))
     for task in tasks:
         steps = args.steps or TASKS[task].default_steps
-        print(f"\n{task}: final eval loss over seeds {seeds} after {steps} steps; parity: |mean - fp32 mean| <= "
-              f"max(1% of it, fp32 std)")
+        print(
+            f"\n{task}: final eval loss over seeds {seeds} after {steps} steps; parity: |mean - fp32 mean| <= "
+            f"max(1% of it, fp32 std)"
+        )
         print_table(summarize(results, task, families, seeds))
     if args.plot:
         plot(results, tasks, families, seeds, args.plot)

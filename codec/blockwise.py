@@ -214,9 +214,7 @@ def rounding_key(seed: int, step: int) -> int:
     return mix32((seed & _U32) ^ mix32(step & _U32))
 
 
-def quantize_stochastic(
-    x: torch.Tensor, code: str | Code, blocksize: int, key: int, offset: int = 0
-) -> QTensor:
+def quantize_stochastic(x: torch.Tensor, code: str | Code, blocksize: int, key: int, offset: int = 0) -> QTensor:
     """Quantize with deterministic stochastic rounding (docs/CODEC.md): each value goes to
     one of the two table entries around it, the upper with probability equal to its
     position between them, drawn from a hash of (`key`, the element's index `offset + i`).

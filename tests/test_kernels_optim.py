@@ -11,8 +11,8 @@ import os
 import pytest
 import q8
 import torch
-from q8.kernels import adam_update
 from q8.codec import rounding_key
+from q8.kernels import adam_update
 from q8.optim.fused import adam_hyper
 
 ON_GPU = torch.cuda.is_available()
