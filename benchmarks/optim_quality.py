@@ -239,10 +239,13 @@ def make_optimizer(family: str, variant: str, task: str, params) -> torch.optim.
     raise ValueError(f"unknown variant {variant!r}")
 
 
+SELECTED = ["fp32", "q8", "bitsandbytes", "torchao"]  # --variants
+
+
 def variants(family: str) -> list[str]:
-    """Which implementations of `family` run: fp32 and q8 always, the anchors where they exist."""
-    out = ["fp32", "q8", "bitsandbytes"]
-    return [*out, "torchao"] if family in ("Adam", "AdamW") else out
+    """Which implementations of `family` run: fp32 and q8, the anchors where they exist."""
+    exists = ["fp32", "q8", "bitsandbytes", *(["torchao"] if family in ("Adam", "AdamW") else [])]
+    return [v for v in exists if v in SELECTED]
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -329,8 +332,8 @@ def state_study(steps: int) -> None:
             for variant, states in shadow.items():
                 err = ref = zero_v = 0.0
                 largest = 0.0
-                for p, st in zip(big, states, strict=True):
-                    exact, grad, key = opt.state[p], p.grad, q8.codec.rounding_key(big.index(p), step)
+                for i, (p, st) in enumerate(zip(big, states, strict=True)):
+                    exact, grad, key = opt.state[p], p.grad, q8.codec.rounding_key(i, step)
                     if family == "AdamW":
                         m = st["m"].mul(0.9).add_(grad, alpha=0.1)
                         v = st["v"].mul(0.999).addcmul_(grad, grad, value=0.001)
@@ -347,13 +350,15 @@ def state_study(steps: int) -> None:
                         total = st["v"] + grad * grad
                         u8, u32 = grad / (total.sqrt() + 1e-10), grad / (exact["sum"].sqrt() + 1e-10)
                         st["v"] = _encode(total, variant, key)
+                        zero_v += ((st["v"] == 0) & (exact["sum"] > 0)).sum().item()
                     err += (u8 - u32).abs().sum().item()
                     ref += u32.abs().sum().item()
                     largest = max(largest, u8.abs().max().item())
                 if step in (10, steps // 3, steps):
                     rows.append((step, variant, f"{100 * err / ref:.1f}%", f"{largest:.3g}", f"{zero_v:.0f}"))
         print(f"\n{family} fp32 on gpt2 (seed 0), 8-bit shadows of its state (first moment: dynamic, nearest)")
-        print("| step | non-negative state | update error (mean abs, rel.) | max abs update (lr) | v = 0, m != 0 |")
+        zeros = "v = 0, m != 0" if family == "AdamW" else "sum = 0, exact > 0"
+        print(f"| step | non-negative state | update error (mean abs, rel.) | max abs update (lr) | {zeros} |")
         print("| ---: | --- | ---: | ---: | ---: |")
         for r in sorted(rows, key=lambda r: (r[0], list(STATE_VARIANTS).index(r[1]))):
             print("| " + " | ".join(map(str, r)) + " |")
@@ -437,6 +442,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: per task, 300)")
     ap.add_argument("--tasks", default="gpt2,clf")
     ap.add_argument("--only", default=",".join(FAMILIES), help="optimizer families, comma-separated")
+    ap.add_argument("--variants", default="fp32,q8,bitsandbytes,torchao", help="implementations, comma-separated")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     ap.add_argument("--plot", default="benchmarks/optim_quality.png", help="PNG of the loss curves ('' for none)")
     ap.add_argument("--study", action="store_true", help="run the state study (8-bit shadows of fp32 runs) instead")
@@ -447,6 +453,9 @@ def main() -> None:
         state_study(args.steps or GPT2Task.default_steps)
         return
     tasks, families = args.tasks.split(","), args.only.split(",")
+    SELECTED[:] = args.variants.split(",")
+    if not {"fp32", "q8"} <= set(SELECTED):
+        raise SystemExit("--variants must include fp32 and q8 (the table compares q8 with fp32)")
     for name in families:
         if name not in FAMILIES:
             raise SystemExit(f"unknown optimizer family {name!r}; choose from {', '.join(FAMILIES)}")

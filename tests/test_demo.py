@@ -1,6 +1,7 @@
 """`make demo` runs end to end and every section shows what it claims."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,5 +15,7 @@ def test_demo_runs_every_section():
     assert len(sections) == 7, sections
     assert "Traceback" not in out and "skipped" not in out
     assert out.count("identical to the uninterrupted run: True") == 2, out
+    steps = re.search(r"largest step of any weight: torch ([\d.]+) lr, q8 ([\d.]+) lr .* ([\d.]+) lr at step 8", out)
+    assert steps and float(steps[2]) <= float(steps[3]), out
     assert ": OK" in out  # q8convert verify
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
