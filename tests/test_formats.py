@@ -251,7 +251,7 @@ def test_random_access_reads_only_needed_segments(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"a": torch.randn(50_000), "b": torch.arange(1000)}, path)
     with q8.safe_open(path) as f:
-        seg = f.records["a"]["segments"][3]  # the exponent plane of "a"
+        seg = f.record("a")["segments"][3]  # the exponent plane of "a"
     blob = bytearray(path.read_bytes())
     blob[seg[0] + 5] ^= 0xFF  # corrupt "a" only
     path.write_bytes(blob)
@@ -318,7 +318,7 @@ def test_zstd_bomb_and_lying_sizes(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"z": torch.zeros(1 << 16, dtype=torch.int64)}, path)
     with q8.safe_open(path) as f:
-        assert f.records["z"]["segments"][0][3] == 1  # zstd
+        assert f.record("z")["segments"][0][3] == 1  # zstd
     blob = path.read_bytes()
 
     def lie(i):
@@ -374,5 +374,5 @@ def test_exponent_planes_use_huffman(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"w": torch.randn(512, 512) * 0.02}, path)
     with q8.safe_open(path) as f:
-        compressions = [s[3] for s in f.records["w"]["segments"]]
+        compressions = [s[3] for s in f.record("w")["segments"]]
     assert compressions == [0, 0, 0, 2]  # mantissa planes raw, the exponent plane Huffman coded
