@@ -292,22 +292,27 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """Load what `q8.save` wrote (QTensors come back as QTensors); for a file written by
     `save_file`, the dict of its tensors."""
     with safe_open(path, device) as f:
-        tree = getattr(f, "tree", None)
-        if tree is None:
+        if getattr(f, "tree", None) is None:
             return {name: _load_one(f, name) for name in f.keys()}
-        loaded: dict[str, Any] = {}  # a tensor referenced twice loads once (tied weights stay tied)
+        return read_tree(f)
 
-        def load_one(name: str) -> Any:
-            if name not in loaded:
-                loaded[name] = _load_one(f, name)
-            return loaded[name]
 
-        try:
-            return unpack_tree(tree, load_one)
-        except FormatError:
-            raise
-        except Exception as e:
-            raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
+def read_tree(f: Reader) -> Any:
+    """The nested object in the `tree` of an open q8 file, its tensors loaded (each once:
+    tied tensors stay tied). FormatError on a malformed structure."""
+    loaded: dict[str, Any] = {}
+
+    def load_one(name: str) -> Any:
+        if name not in loaded:
+            loaded[name] = _load_one(f, name)
+        return loaded[name]
+
+    try:
+        return unpack_tree(f.tree, load_one)
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
 
 
 def _load_one(f: Reader | ShardedReader, name: str) -> torch.Tensor | QTensor:

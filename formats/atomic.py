@@ -28,7 +28,7 @@ __all__ = ["TempFile", "fsync_dir", "make_temp_dir", "remove_stale", "stale_patt
 
 NAME_MAX = 255
 _RANDOM_HEX = 8
-_SUFFIX = re.compile(rb"\.(\d+)\.[0-9a-f]{%d}\.(tmp|old)" % _RANDOM_HEX)
+_SUFFIX = re.compile(rb"(\d+)\.[0-9a-f]{%d}\.(tmp|old)" % _RANDOM_HEX)  # after the prefix
 
 
 def _prefix(dest: Path) -> bytes:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import msgpack
@@ -200,6 +203,84 @@ def test_atomic_save_keeps_previous_file(tmp_path):
             w.add("bad", "not a tensor")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.q8"]
     assert torch.equal(q8.load_file(path)["old"], torch.arange(10))
+
+
+_HANGING_WRITER = """
+import sys, time, torch, q8
+with q8.Writer(sys.argv[1]) as w:
+    w.add("a", torch.randn(1000))
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_later_save_removes_what_killed_writers_left(tmp_path):
+    path = tmp_path / "m.q8"
+    writer = subprocess.Popen([sys.executable, "-c", _HANGING_WRITER, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"ready\n"
+        (live,) = [p.name for p in tmp_path.iterdir()]
+        q8.save_file({"x": torch.ones(2)}, path)  # a writer still at work keeps its file
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, "m.q8"])
+    finally:
+        writer.kill()
+        writer.wait()
+    q8.save({"y": torch.ones(3)}, path)  # killed: nothing could clean up but the next save
+    assert [p.name for p in tmp_path.iterdir()] == ["m.q8"]
+    assert torch.equal(q8.load(path)["y"], torch.ones(3))
+
+
+def test_stale_temp_files_are_judged_by_lock_and_pid(tmp_path):
+    path, dead = tmp_path / "m.q8", _dead_pid()
+    stale = tmp_path / f".m.q8.{dead}.0123abcd.tmp"  # dead pid, unlocked: removed
+    reused = tmp_path / f".m.q8.{os.getpid()}.0123abcd.tmp"  # pid running (perhaps reused): kept
+    locked = tmp_path / f".m.q8.{dead}.4567abcd.tmp"  # dead here, locked (another pid namespace): kept
+    other = tmp_path / f".n.q8.{dead}.0123abcd.tmp"  # another destination's: kept
+    link = tmp_path / f".m.q8.{dead}.89abcdef.tmp"  # never followed
+    for p in (stale, reused, locked, other):
+        p.write_bytes(b"partial")
+    link.symlink_to(other)
+    with open(locked, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        q8.save_file({"x": torch.ones(2)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (path, reused, locked, other, link))
+    assert other.read_bytes() == b"partial"
+
+
+_FSIZE_LIMITED_SAVE = """
+import os, resource, signal, sys, torch, q8
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    q8.save_file({"w": torch.randn(1 << 20)}, sys.argv[1])
+except OSError as e:
+    print("refused:", os.strerror(e.errno))
+"""
+
+
+def test_a_save_refused_by_the_file_size_limit_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "m.q8"
+    q8.save_file({"old": torch.arange(10)}, path)
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", _FSIZE_LIMITED_SAVE, str(path)], capture_output=True, check=True)
+    assert done.stdout.decode().startswith("refused: File too large"), done
+    assert [p.name for p in tmp_path.iterdir()] == ["m.q8"] and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["x" * 252 + ".q8", "é" * 126 + ".q8"], ids=["255-ascii", "255-utf8"])
+def test_names_up_to_255_bytes_save(tmp_path, name):
+    path = tmp_path / name
+    assert len(os.fsencode(path.name)) == 255
+    q8.save_file({"w": torch.ones(3)}, path)
+    q8.save_file({"w": torch.zeros(3)}, path)  # and a second save (cleanup of the same names) replaces it
+    assert torch.equal(q8.load_file(path)["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_sharding(tmp_path):
