@@ -457,3 +457,32 @@ def test_exponent_planes_use_huffman(tmp_path):
     with q8.safe_open(path) as f:
         compressions = [s[3] for s in f.record("w")["segments"]]
     assert compressions == [0, 0, 0, 2]  # mantissa planes raw, the exponent plane Huffman coded
+
+
+def test_writer_refuses_what_the_reader_would_refuse(tmp_path):
+    """q8 reads everything q8 writes: tensors that would fail the reader's value checks are
+    refused at save, before the destination is touched."""
+    path = tmp_path / "m.q8"
+    code = q8.codec.get_code("dynamic")
+    ok = q8.QTensor(torch.full((64,), 255, dtype=torch.uint8), torch.tensor([65504.0]), code, 64, (64,), torch.float16)
+    q8.save_file({"q": ok}, path)  # fp16's largest value: decodes exactly to it
+    assert q8.load_file(path)["q"].max() == 65504
+    bad = {
+        "absmax": q8.QTensor(ok.codes, torch.tensor([float("nan")]), code, 64, (64,), torch.float32),
+        "overflow": q8.QTensor(ok.codes, torch.tensor([65520.0]), code, 64, (64,), torch.float16),  # rounds to inf
+        "bool": torch.tensor([0, 1, 2], dtype=torch.uint8).view(torch.bool),
+    }
+    for name, x in bad.items():
+        with pytest.raises(ValueError, match=rf"tensor {name!r}|QTensor {name!r}"):
+            q8.save_file({name: x}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.q8"]
+
+
+def test_nesting_limit_is_the_same_for_save_and_load(tmp_path):
+    deepest = 1
+    for _ in range(127):
+        deepest = (deepest,)
+    q8.save({"a": deepest}, tmp_path / "s.q8")
+    assert q8.load(tmp_path / "s.q8") == {"a": deepest}
+    with pytest.raises(ValueError, match="nested deeper than 128"):
+        q8.save({"a": (deepest,)}, tmp_path / "s.q8")
