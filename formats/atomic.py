@@ -24,7 +24,15 @@ import secrets
 import shutil
 from pathlib import Path
 
-__all__ = ["TempFile", "fsync_dir", "make_temp_dir", "remove_stale", "stale_pattern", "temp_name"]
+__all__ = [
+    "TempFile",
+    "fsync_dir",
+    "make_temp_dir",
+    "remove_stale",
+    "remove_stale_matching",
+    "stale_pattern",
+    "temp_name",
+]
 
 NAME_MAX = 255
 _RANDOM_HEX = 8
@@ -74,14 +82,23 @@ def remove_stale(dest: Path) -> None:
     `.tmp` entries are always garbage once their writer is gone; an `.old` folder (the
     previous output moved aside by q8convert) only once `dest` exists again.
     """
-    pattern = stale_pattern(dest)
+    _remove_stale(dest.parent, stale_pattern(dest), old_is_garbage=dest.exists())
+
+
+def remove_stale_matching(folder: Path, names: bytes) -> None:
+    """Remove what dead writers left for any destination in `folder` whose name matches the
+    regex `names` (DCP rank files get a fresh name on every save)."""
+    _remove_stale(folder, re.compile(rb"\." + names + rb"\." + _SUFFIX.pattern), old_is_garbage=False)
+
+
+def _remove_stale(folder: Path, pattern: re.Pattern[bytes], old_is_garbage: bool) -> None:
     try:
-        entries = list(os.scandir(dest.parent))
+        entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
         m = pattern.fullmatch(os.fsencode(entry.name))
-        if not m or _running(int(m.group(1))) or (m.group(2) == b"old" and not dest.exists()):
+        if not m or _running(int(m.group(1))) or (m.group(2) == b"old" and not old_is_garbage):
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)

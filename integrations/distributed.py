@@ -72,6 +72,7 @@ from ..codec import Code
 from ..codec.blockwise import FLOAT_DTYPES
 from ..formats import MIN_QUANTIZE_NUMEL
 from ..formats.api import read_tree
+from ..formats.atomic import remove_stale_matching
 from ..formats.container import MAGIC, MAX_NDIM
 from ..formats.dtypes import DTYPES, dtype_name
 from ..formats.tree import pack_tree
@@ -194,6 +195,7 @@ class Q8StorageWriter(StorageWriter):
         for old in self.path.iterdir():
             if _DATA_FILE.fullmatch(old.name) and old.name not in keep:
                 old.unlink(missing_ok=True)
+        remove_stale_matching(self.path, rb"__\d+_[0-9a-f]{16}\.q8")  # temp files of killed saves
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:

@@ -8,6 +8,8 @@ process saves, the ranks load) and 2 -> 1 (the ranks save, the test process load
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -315,6 +317,17 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_later_save_removes_temp_files_of_killed_saves(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead = int(dead.stdout)
+    stale = [tmp_path / f".__1_0123456789abcdef.q8.{dead}.0123abcd.tmp", tmp_path / f"..metadata.{dead}.4567abcd.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    dcp.save({"w": torch.ones(4), "step": 1}, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+    assert not any(p.exists() for p in stale)
+    assert len(list(tmp_path.iterdir())) == 2  # .metadata and the rank file
 
 
 def test_reader_never_unpickles_metadata(tmp_path):
