@@ -214,6 +214,24 @@ with q8.Writer(sys.argv[1]) as w:
 """
 
 
+_ABANDONED_WRITER = """
+import sys, torch, q8
+w = q8.Writer(sys.argv[1])  # never closed: the process ends with an error
+w.add("a", torch.randn(1000))
+raise SystemExit("gave up")
+"""
+
+
+def test_a_writer_never_closed_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "m.q8"
+    w = q8.Writer(path)
+    w.add("a", torch.ones(3))
+    del w  # garbage collected (CPython: at once)
+    assert list(tmp_path.iterdir()) == []
+    done = subprocess.run([sys.executable, "-c", _ABANDONED_WRITER, str(path)], capture_output=True)
+    assert done.returncode == 1 and list(tmp_path.iterdir()) == []  # removed at interpreter exit
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
