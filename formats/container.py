@@ -614,9 +614,9 @@ class Reader:
         return self._unzstd(view, raw, name)
 
     def _unzstd(self, view: memoryview, raw: int, name: str) -> torch.Tensor:
-        """Decode one zstd frame into a new tensor of `raw` bytes. A frame whose header or
-        output disagrees with `raw` is refused as soon as it does: nothing is allocated
-        beyond `raw` bytes, and no more than `raw + 1` bytes are ever decoded."""
+        """Decode one zstd frame straight into a new tensor of exactly `raw` bytes. A frame
+        whose header or output disagrees with `raw` is refused as soon as it does: the
+        output never grows or moves, and decoding stops one byte past `raw`."""
         try:
             params = zstandard.get_frame_parameters(view)
         except zstandard.ZstdError as e:
