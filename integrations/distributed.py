@@ -26,9 +26,10 @@ bytes that q8 itself made from it. A pickled `.metadata` (DCP's, or an older q8'
 refused, never unpickled.
 
 Layout of a checkpoint folder: `.metadata` (a q8 file) plus `__<rank>_<token>.q8` per
-rank, where `token` is fresh for every save. Saving over an existing checkpoint never touches its
-files until the new `.metadata` has atomically replaced the old one; only then are the
-old data files removed. A failed save therefore leaves the previous checkpoint loadable.
+rank, where `token` is fresh for every save. Saving over an existing checkpoint never
+touches its files until the new `.metadata` has atomically replaced the old one; only then
+are the old data files (and temporary files of killed saves) removed. A failed save
+therefore leaves the previous checkpoint loadable.
 """
 
 from __future__ import annotations
@@ -233,9 +234,9 @@ class Q8StorageReader(StorageReader):
             raise FileNotFoundError(f"{path}: no DCP metadata; is {self.path} a DCP checkpoint folder?") from None
         if magic != MAGIC:
             raise FormatError(
-                f"{path}: not a q8 DCP checkpoint; a pickled .metadata (DCP's FileSystemWriter, or "
-                "an older q8's Q8StorageWriter) is never unpickled by q8: read it with "
-                "torch.distributed.checkpoint.FileSystemReader if you trust it"
+                f"{path}: not a q8 DCP checkpoint but a pickled .metadata, which q8 never unpickles: "
+                "DCP's FileSystemWriter writes those (read it with torch.distributed.checkpoint."
+                "FileSystemReader if you trust it), and so did Q8StorageWriter before q8 stopped using pickle"
                 if magic[:1] == b"\x80"
                 else f"{path}: not a q8 DCP checkpoint (magic {magic!r})"
             )

@@ -16,5 +16,5 @@ def test_demo_runs_every_section():
     assert out.count("identical to the uninterrupted run: True") == 2, out
     assert ": OK" in out  # q8convert verify
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
-    assert "never unpickled" in out and "the pickle's code ran: False" in out
+    assert "q8 never unpickles" in out and "the pickle's code ran: False" in out
     assert "one flipped bit: FormatError" in out and "removed it: []" in out

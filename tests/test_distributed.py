@@ -342,9 +342,9 @@ def test_reader_never_unpickles_metadata(tmp_path):
     folder, marker = tmp_path / "evil", tmp_path / "pwned"
     dcp.save({"w": torch.randn(4)}, storage_writer=Q8StorageWriter(folder), no_dist=True)
     (folder / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
-    with pytest.raises(q8.FormatError, match="never unpickled"):
+    with pytest.raises(q8.FormatError, match="q8 never unpickles"):
         Q8StorageReader(folder).read_metadata()
-    with pytest.raises(CheckpointException, match="never unpickled"):
+    with pytest.raises(CheckpointException, match="q8 never unpickles"):
         dcp.load({"w": torch.zeros(4)}, storage_reader=Q8StorageReader(folder), no_dist=True)
     assert not marker.exists()
 
