@@ -21,6 +21,9 @@ typedef struct {
     int64_t n, blocksize;
     uint8_t zero_code, *codes;
     float *absmax;
+    const float *values; /* NULL: nearest; else the table, for stochastic rounding */
+    uint32_t key;
+    int64_t offset;
 } encode_job;
 
 /* Encode blocks [b0, b1). Returns -1, or the index of the first block holding a
@@ -34,7 +37,11 @@ static int64_t encode_blocks(const void *job, int64_t b0, int64_t b1) {
         const float m = q8_block_absmax(e->x + start, len, &finite);
         if (!finite) return b;
         e->absmax[b] = m;
-        q8_encode_block(e->x + start, len, m, e->thresholds, e->lut, e->zero_code, e->codes + start);
+        if (e->values)
+            q8_encode_block_stochastic(e->x + start, len, m, e->values, e->thresholds, e->lut, e->zero_code,
+                                       e->key, e->offset + start, e->codes + start);
+        else
+            q8_encode_block(e->x + start, len, m, e->thresholds, e->lut, e->zero_code, e->codes + start);
     }
     return -1;
 }
@@ -57,14 +64,16 @@ static int64_t decode_blocks(const void *job, int64_t b0, int64_t b1) {
 }
 
 static PyObject *py_encode(PyObject *self, PyObject *args) {
-    unsigned long long x, thr, lut, codes, absmax;
-    long long n, blocksize, b0, b1;
+    unsigned long long x, thr, lut, codes, absmax, values = 0;
+    unsigned long key = 0;
+    long long n, blocksize, b0, b1, offset = 0;
     int zero_code, threads;
-    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi", &x, &n, &blocksize, &b0, &b1, &thr, &lut, &zero_code,
-                          &codes, &absmax, &threads))
+    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi|KkL", &x, &n, &blocksize, &b0, &b1, &thr, &lut, &zero_code,
+                          &codes, &absmax, &threads, &values, &key, &offset))
         return NULL;
     const encode_job job = {(const float *)x, (const float *)thr, (const uint8_t *)lut, n, blocksize,
-                            (uint8_t)zero_code, (uint8_t *)codes, (float *)absmax};
+                            (uint8_t)zero_code, (uint8_t *)codes, (float *)absmax,
+                            (const float *)values, (uint32_t)key, offset};
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = q8_parallel_blocks(encode_blocks, &job, b0, b1, threads);
@@ -104,7 +113,8 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"encode", py_encode, METH_VARARGS,
-     "encode(x, n, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads) -> first bad block or -1"},
+     "encode(x, n, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads[, values, key, offset]) -> "
+     "first bad block or -1; with values (the table): stochastic rounding keyed by key and offset + index"},
     {"decode", py_decode, METH_VARARGS, "decode(codes, absmax, table, n, blocksize, b0, b1, out, threads)"},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes): hint that a fresh buffer be backed by huge pages"},

@@ -219,11 +219,11 @@ def quantize_stochastic(x: torch.Tensor, code: str | Code, blocksize: int, key: 
     one of the two table entries around it, the upper with probability equal to its
     position between them, drawn from a hash of (`key`, the element's index `offset + i`).
     Unbiased, so an EMA whose increments are below half a step still moves on average; a
-    positive value never takes the code of 0.0. The reference in torch ops of the rule the
-    fused optimizer kernels implement (optim/_native.c, q8.kernels.optim).
+    positive value never takes the code of 0.0. The rule the optimizers use for
+    non-negative state (docs/OPTIMIZERS.md); the fused optimizer kernels implement it too.
 
     Args:
-        x: fp32/fp16/bf16 tensor (CPU or CUDA).
+        x: fp32/fp16/bf16 tensor (CPU: the compiled path; CUDA: torch ops).
         code, blocksize: as for `quantize`.
         key: 32-bit key, `rounding_key(seed, step)` for optimizer state.
         offset: index of x's first element in the whole tensor it is part of (a shard's
@@ -231,12 +231,27 @@ def quantize_stochastic(x: torch.Tensor, code: str | Code, blocksize: int, key: 
     """
     _check_input(x)
     _check_blocksize(blocksize)
-    table = get_code(code)
+    table, key = get_code(code), key & _U32
+    if x.device.type == "cpu":
+        from . import native
+
+        codes, absmax, bad = native.encode(_flat_fp32(x), table, blocksize, key, offset)
+    else:
+        codes, absmax, bad = _encode_stochastic_torch(x, table, blocksize, key, offset)
+    if bad >= 0:
+        raise ValueError(f"quantize_stochastic: input has NaN or inf in block {bad}")
+    return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype)
+
+
+def _encode_stochastic_torch(
+    x: torch.Tensor, table: Code, blocksize: int, key: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The stochastic rounding rule in torch ops (any device): codes, absmax, bad block."""
     blocks, n = _flat_blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
     bad = torch.nonzero(~torch.isfinite(absmax))
     if bad.numel():
-        raise ValueError(f"quantize_stochastic: input has NaN or inf in block {int(bad[0, 0])}")
+        return blocks.new_empty(0, dtype=torch.uint8), absmax, int(bad[0, 0])
     q = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
     values = table.values.to(x.device)
     floor = (torch.searchsorted(values, q, right=True) - 1).clamp_(0, 255)
@@ -244,12 +259,12 @@ def quantize_stochastic(x: torch.Tensor, code: str | Code, blocksize: int, key: 
     lo, hi = values[below], values[below + 1]
     frac = (q - lo) / (hi - lo)
     index = torch.arange(offset, offset + blocks.numel(), device=x.device).view_as(blocks)
-    u = mix32(mix32(index & _U32 ^ key) ^ (index >> 32))
-    up = ((u >> 8).float() * 2.0**-24 < frac) & (floor < 255)
+    u = mix32(mix32((index & _U32) ^ key) ^ (index >> 32))
+    codes = floor + (((u >> 8).float() * 2.0**-24 < frac) & (floor < 255))
     z = table.zero_index
-    codes = floor + up
-    codes = torch.where((blocks > 0) & (codes == z), z + 1, codes).to(torch.uint8).view(-1)[:n]
-    return QTensor(codes.contiguous(), absmax, table, blocksize, x.shape, x.dtype)
+    if z < 255:
+        codes = torch.where((blocks > 0) & (codes == z), z + 1, codes)
+    return codes.to(torch.uint8).view(-1)[:n].contiguous(), absmax, -1
 
 
 def _quantize_auto(x: torch.Tensor, blocksize: int) -> QTensor:

@@ -61,19 +61,25 @@ def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Encode a contiguous 1-D fp32 CPU tensor. Returns (codes, absmax, bad_block) where
-    bad_block is -1, or the first block holding a NaN/inf (the outputs are then invalid)."""
+def encode(
+    x: torch.Tensor, code: Code, blocksize: int, key: int | None = None, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Encode a contiguous 1-D fp32 CPU tensor, to the nearest codes or, given a `key`, by
+    stochastic rounding (x's elements numbered from `offset`). Returns (codes, absmax,
+    bad_block) where bad_block is -1, or the first block holding a NaN/inf (the outputs
+    are then invalid)."""
     n = x.numel()
     nblocks = -(-n // blocksize)
     codes = _fresh(n, torch.uint8)
     absmax = torch.empty(nblocks, dtype=torch.float32)
     thresholds, lut = code.thresholds, search_lut(code)
 
+    stochastic = () if key is None else (code.values.data_ptr(), key, offset)
+
     def run(b0: int, b1: int, threads: int) -> int:
         return _native.encode(
             x.data_ptr(), n, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
-            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads,
+            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads, *stochastic,
         )  # fmt: skip
 
     return codes, absmax, _run_blocks(run, nblocks, n)

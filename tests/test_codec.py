@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from q8.codec import AUTO_CODES, get_code, mix32, quantize_stochastic, rounding_key
+from q8.codec.blockwise import _encode_stochastic_torch
 
 DATA = Path(__file__).parent / "data"
 NAMES = ("dynamic", "udynamic", "udynamic_sq", "linear", "ulinear")
@@ -353,8 +354,9 @@ def test_squared_dynamic_table_is_udynamic_squared():
 
 
 def test_stochastic_rounding_follows_the_spec():
-    """quantize_stochastic against the rule of docs/CODEC.md evaluated element by element
-    in numpy float32 with the hash on Python ints."""
+    """quantize_stochastic (compiled CPU path) against the rule of docs/CODEC.md evaluated
+    element by element in numpy float32 with the hash on Python ints, and the torch-ops
+    path (what CUDA tensors take) against it."""
     g = torch.Generator().manual_seed(3)
     x = torch.rand(700, generator=g) ** 6
     x[::50] = 0.0
@@ -375,6 +377,8 @@ def test_stochastic_rounding_follows_the_spec():
             f = 1
         assert qt.codes[i] == f, i
     assert int(mix32(torch.tensor([123456789]))[0]) == mix32(123456789) == lowbias32(123456789)
+    codes, absmax, bad = _encode_stochastic_torch(x, code, blocksize, key, offset)  # the CUDA path's ops
+    assert bad == -1 and torch.equal(codes, qt.codes) and torch.equal(absmax, qt.absmax)
 
 
 def test_stochastic_rounding_is_unbiased_and_keeps_positive_values_positive():
