@@ -24,6 +24,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -217,7 +218,7 @@ FAMILIES: dict[str, tuple[dict[str, dict], Callable]] = {
     "RMSprop": ({"gpt2": {"lr": 5e-4}, "clf": {"lr": 2e-4}}, torch.optim.RMSprop),
     "Adagrad": ({"gpt2": {"lr": 2e-2}, "clf": {"lr": 1e-2}}, torch.optim.Adagrad),
     "LAMB": ({"gpt2": {"lr": 1e-2, "weight_decay": 0.01}, "clf": {"lr": 5e-3, "weight_decay": 0.01}}, LAMB),
-    "LARS": ({"gpt2": {"lr": 20.0}, "clf": {"lr": 5.0}}, LARS),
+    "LARS": ({"gpt2": {"lr": 20.0, "momentum": 0.9}, "clf": {"lr": 5.0, "momentum": 0.9}}, LARS),
 }
 
 
@@ -264,7 +265,15 @@ _TASKS: dict[str, object] = {}
 
 
 def run(task_name: str, family: str, variant: str, seed: int, steps: int) -> dict:
-    """Train one model; returns its eval curve, final eval loss and largest step / lr."""
+    """Train one model; returns its eval curve, final eval loss and largest step / lr, or
+    the error that stopped it (an anchor library may not support a setting on CPU)."""
+    try:
+        return _train(task_name, family, variant, seed, steps)
+    except Exception as err:  # reported in the table, the other runs go on
+        return {"error": f"{type(err).__name__}: {err}"[:120]}
+
+
+def _train(task_name: str, family: str, variant: str, seed: int, steps: int) -> dict:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     task = _TASKS.setdefault(task_name, TASKS[task_name]())
@@ -373,6 +382,10 @@ def summarize(results: dict, task: str, families: list[str], seeds: list[int]) -
         ref = statistics.fmean(results[task, family, "fp32", s]["final"] for s in seeds)
         ref_std = statistics.stdev(results[task, family, "fp32", s]["final"] for s in seeds) if len(seeds) > 1 else 0
         for variant in variants(family):
+            errors = [results[task, family, variant, s].get("error") for s in seeds]
+            if any(errors):
+                rows.append((f"{family} {variant}", "failed:", next(e for e in errors if e), "", "", "", "", ""))
+                continue
             finals = [results[task, family, variant, s]["final"] for s in seeds]
             mean = statistics.fmean(finals)
             std = statistics.stdev(finals) if len(seeds) > 1 else 0.0
@@ -419,6 +432,8 @@ def plot(results: dict, tasks: list[str], families: list[str], seeds: list[int],
         for col, family in enumerate(families):
             ax = axes[row][col]
             for variant in variants(family):
+                if any("error" in results[task, family, variant, s] for s in seeds):
+                    continue
                 curves = [results[task, family, variant, s]["curve"] for s in seeds]
                 xs = [x for x, _ in curves[0]]
                 ys = [statistics.fmean(c[i][1] for c in curves) for i in range(len(xs))]
@@ -469,8 +484,12 @@ def main() -> None:
         for seed in seeds
     ]
     t0 = time.perf_counter()
+    results = {}
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = dict(zip([j[:4] for j in jobs], pool.map(run, *zip(*jobs, strict=True)), strict=True))
+        for job, result in zip(jobs, pool.map(run, *zip(*jobs, strict=True)), strict=True):
+            results[job[:4]] = result
+            done = result.get("error") or f"final eval loss {result['final']:.4f}, {result['seconds']:.0f} s"
+            print(f"[{len(results)}/{len(jobs)}] {' '.join(map(str, job[:4]))}: {done}", file=sys.stderr, flush=True)
     for task in tasks:
         steps = args.steps or TASKS[task].default_steps
         print(
