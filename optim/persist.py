@@ -77,7 +77,9 @@ def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
                 qt = f.get_qtensor(name)
                 if qt.code != get_code(qt.code.name):
                     raise ValueError(f"{path}: tensor {name!r} uses a table named {qt.code.name!r} that is not q8's")
-                value = QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype)
+                value = QTensor(
+                    qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype, qt.row_length
+                )
             else:
                 value = f.get_tensor(name).clone()
             state[index].update(pack_state({key: value}, params[index]))
