@@ -2,9 +2,10 @@
 
 A tensor is flattened (row-major) and cut into blocks of `blocksize` elements; the last
 block may be shorter. With `row_length`, blocks restart at every row of that many elements
-(the row layout of `q8.codec.layout`, which 8-bit optimizer state uses). Each block stores absmax = max |x| (fp32) and one uint8 code per
-element: the exact nearest table entry to x / absmax, ties to the lower entry. Decoding
-is table[code] * absmax in fp32, then a cast to the requested dtype. The rule is
+(the row layout of `q8.codec.layout`, which 8-bit optimizer state uses). Each block stores
+absmax = max |x| (fp32) and one uint8 code per element: the exact nearest table entry to
+x / absmax, ties to the lower entry. Decoding is table[code] * absmax in fp32, then a cast
+to the requested dtype. The rule is
 specified in docs/CODEC.md; CPU tensors use the compiled path in `native`, CUDA tensors
 the Triton kernels in `q8.kernels`, and both give identical bytes.
 """

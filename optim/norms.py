@@ -66,9 +66,8 @@ def exact_norms(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tenso
     scales = []
     for m in maxes.tolist():
         scales.append(math.ldexp(1.0, 62 - 2 * math.frexp(m)[1]) if m and math.isfinite(m) else None)
-    sums = torch.stack(
-        [_square_sums(x, s) if s else torch.zeros(2, dtype=torch.int64, device=device) for x, s in zip(tensors, scales)]
-    )
+    zero = torch.zeros(2, dtype=torch.int64, device=device)
+    sums = torch.stack([_square_sums(x, s) if s else zero for x, s in zip(tensors, scales, strict=True)])
     if group is not None:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     norms = []

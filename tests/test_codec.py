@@ -356,7 +356,8 @@ def test_row_layout_is_every_row_quantized_on_its_own(shape, blocksize):
         ref_codes, ref_absmax = brute_force_codes(r, get_code("dynamic"), blocksize)
         assert torch.equal(ref.codes, ref_codes) and torch.equal(ref.absmax, ref_absmax)
     y = qt.dequantize()
-    assert y.shape == x.shape and torch.equal(y.reshape(-1), torch.cat([r.dequantize() for r in rows] + [torch.empty(0)]))
+    assert y.shape == x.shape
+    assert torch.equal(y.reshape(-1), torch.cat([r.dequantize() for r in rows] + [torch.empty(0)]))
 
 
 def test_row_layout_equal_to_flat_is_normalised():

@@ -3,8 +3,8 @@ rule, state dicts (round trip, validation, torch and bitsandbytes interop), edge
 
 import io
 import math
-import statistics
 import re
+import statistics
 import warnings
 
 import pytest
@@ -377,7 +377,8 @@ def test_bitsandbytes_state_loads_losslessly():
         assert torch.equal(qt.codes, bnb_state[f"state{i}"].reshape(-1))
         assert torch.equal(qt.absmax, bnb_state[f"absmax{i}"])
         qt, bnb_state = opt.state[cut][key], ref.state[cut]
-        flat = q8.QTensor(bnb_state[f"state{i}"].reshape(-1), bnb_state[f"absmax{i}"], qt.code, 256, cut.shape, qt.dtype)
+        codes, absmax = bnb_state[f"state{i}"].reshape(-1), bnb_state[f"absmax{i}"]
+        flat = q8.QTensor(codes, absmax, qt.code, 256, cut.shape, qt.dtype)
         again = q8.quantize(flat.dequantize(), qt.code, 256, row_length=100)
         assert qt.row_length == 100 and torch.equal(qt.codes, again.codes) and torch.equal(qt.absmax, again.absmax)
         b8 = ref.state[vector]

@@ -1,9 +1,10 @@
 """What q8convert does to each tensor, and the error it measured doing it.
 
 Large floating tensors are quantized blockwise; small ones, 1-D weights (norms, biases),
-integer and bool tensors, and the absmax of q8 optimizers' 8-bit state stay exact. Adam moments get the dynamic tables they were
-designed for (signed for exp_avg, unsigned for exp_avg_sq); already-8-bit optimizer state
-is stored as it is. `--lossless`, `--keep` and `--max-error` keep tensors exact.
+integer and bool tensors, and the absmax of q8 optimizers' 8-bit state stay exact. Adam
+moments get the dynamic tables they were designed for (signed for exp_avg, unsigned for
+exp_avg_sq); already-8-bit optimizer state is stored as it is. `--lossless`, `--keep` and
+`--max-error` keep tensors exact.
 """
 
 from __future__ import annotations
