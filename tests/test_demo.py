@@ -13,6 +13,6 @@ def test_demo_runs_every_section():
     sections = [line for line in out.splitlines() if line.startswith("== ")]
     assert len(sections) == 7, sections
     assert "Traceback" not in out and "skipped" not in out
-    assert out.count("identical to the uninterrupted run: True") == 2, out
+    assert out.count("identical to the uninterrupted run: True") == 3, out
     assert ": OK" in out  # q8convert verify
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
