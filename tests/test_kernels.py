@@ -297,7 +297,7 @@ def test_compiled_ptx_is_exact(in_dtype):
     encode_ptx = kernel_ptx(
         kernel_codec._encode_kernel,
         {"x_ptr": f"*{in_dtype}", "tree_ptr": "*fp32", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
-         "bad_ptr": "*i64", "n": "i32", "nblocks": "i32", "zero_code": "i32"},
+         "bad_ptr": "*i64", "row_length": "i32", "per_row": "i32", "nblocks": "i32", "zero_code": "i32"},
         {"BLOCKSIZE": blocksize, "ROWS": rows},
     )  # fmt: skip
     assert_exact_ptx(encode_ptx)
@@ -306,7 +306,7 @@ def test_compiled_ptx_is_exact(in_dtype):
     decode_ptx = kernel_ptx(
         kernel_codec._decode_kernel,
         {"codes_ptr": "*u8", "absmax_ptr": "*fp32", "values_ptr": "*fp32", "out_ptr": f"*{in_dtype}",
-         "n": "i32", "nblocks": "i32"},
+         "row_length": "i32", "per_row": "i32", "nblocks": "i32"},
         {"BLOCKSIZE": blocksize, "ROWS": rows},
     )  # fmt: skip
     assert_exact_ptx(decode_ptx)
@@ -325,7 +325,7 @@ def test_compiled_adam_ptx_is_exact(p_dtype):
     for s in "mv":
         signature.update({f"{s}_codes_ptr": "*u8", f"{s}_absmax_ptr": "*fp32", f"{s}_values_ptr": "*fp32",
                           f"{s}_tree_ptr": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
-    signature.update({"bad_ptr": "*i64", "n": "i32", "nblocks": "i32"})
+    signature.update({"bad_ptr": "*i64", "row_length": "i32", "per_row": "i32", "nblocks": "i32"})
     signature.update(
         dict.fromkeys(["beta1", "c1", "beta2", "c2", "eps", "step_size", "bc2_sqrt", "decay", "l2"], "fp32")
     )
