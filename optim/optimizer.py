@@ -374,7 +374,7 @@ def unpack_entry(saved: dict, key: str, p: torch.Tensor, where: str) -> QTensor 
         if value.shape != p.shape:
             raise ValueError(f"codes must be shaped like the parameter {tuple(p.shape)}, got {tuple(value.shape)}")
         if absmax.shape != absmax_shape(p, blocksize):
-            old = f" (q8's earlier FSDP2 layout, {key}.shard_rows, loads only where rows are whole blocks)"
+            old = f" (q8's earlier FSDP2 layout, {key}.shard_rows: export it with that q8's to_torch_state_dict)"
             raise ValueError(
                 f"absmax must have shape {absmax_shape(p, blocksize)} (rows, blocks of {blocksize} per row), got "
                 f"{tuple(absmax.shape)}{old if f'{key}.shard_rows' in saved else ''}"
