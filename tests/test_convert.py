@@ -406,3 +406,17 @@ def test_decode_q8_files_written_by_the_api(tmp_path, capsys):
     got = torch.load(tmp_path / "nested.pt", weights_only=True)
     assert got["step"] == 3 and got["groups"] == [{"lr": 0.1}]
     assert torch.equal(got["state"][0]["exp_avg"], q8.dequantize(state["state"][0]["exp_avg"]))
+
+
+def test_info_shows_the_row_layout(tmp_path, capsys):
+    """8-bit optimizer state whose rows cut blocks: `info` names the row length."""
+    opt = q8.optim.AdamW8bit([torch.nn.Parameter(torch.randn(64, 100))], blocksize=64)
+    opt.param_groups[0]["params"][0].grad = torch.randn(64, 100)
+    opt.step()
+    q8.save_optimizer(opt, tmp_path / "opt.q8")
+    capsys.readouterr()
+    assert run("info", tmp_path / "opt.q8", "--json") == EXIT_OK
+    (rows,) = json.loads(capsys.readouterr().out)["files"].values()
+    assert {(r["name"], r["row_length"]) for r in rows} == {("state.0.exp_avg", 100), ("state.0.exp_avg_sq", 100)}
+    assert run("info", tmp_path / "opt.q8") == EXIT_OK
+    assert "blockwise dynamic/64, rows of 100" in capsys.readouterr().out
