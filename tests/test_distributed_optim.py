@@ -10,8 +10,9 @@ then, each in one process group:
   codes, absmax, fp32 state), for AdamW8bit (fused C path) and LAMB8bit / LARS8bit
   (generic path, whole-parameter norms summed over the ranks);
 - continue a DCP checkpoint in q8 storage written by the previous mesh and match the
-  uninterrupted reference: 1 -> 2 -> 3 -> 4 ranks, then the test process loads the 4-rank
-  checkpoint in one plain process (4 -> 1) and checks 2 -> 1 too.
+  uninterrupted reference: 1 -> 2 -> 3 -> 4 ranks (3 ranks save with dcp.async_save), then
+  the test process loads the 4-rank checkpoint in one plain process (4 -> 1) and checks
+  2 -> 1 too.
 
 The model has uneven shapes on purpose: rows that cut blocks (row lengths 96, 130, 3 with
 blocksize 64), rows of whole blocks (64), 96/130/300 rows split unevenly over 3 and 4
@@ -70,9 +71,13 @@ def full_state(model, opt) -> dict:
     return copy.deepcopy({"model": msd, "optim": osd})
 
 
-def save(model, opt, folder: Path, **kwargs) -> None:
+def save(model, opt, folder: Path, asynchronous: bool = False, **kwargs) -> None:
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, storage_writer=Q8StorageWriter(folder), **kwargs)
+    state, writer = {"model": msd, "optim": osd}, Q8StorageWriter(folder)
+    if asynchronous:
+        dcp.async_save(state, storage_writer=writer, **kwargs).result()
+    else:
+        dcp.save(state, storage_writer=writer, **kwargs)
 
 
 def load(model, opt, folder: Path, **kwargs) -> None:
@@ -127,7 +132,7 @@ def mesh_worker(rank: int, world: int, root: str) -> None:
     step = CHAIN[world]
     train(model, opt, range(step, step + 1))
     check(model, opt, refs["AdamW8bit"][step], f"{world - 1} -> {world} ranks, one step on")
-    save(model, opt, root / f"ck{world}")
+    save(model, opt, root / f"ck{world}", asynchronous=world == 3)
 
     if world == 2:
         extras(rank, mesh, refs, root)
