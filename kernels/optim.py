@@ -17,7 +17,16 @@ import triton.language as tl
 
 from ..codec import Code, QTensor
 from .blockwise import DTYPES, NUM_WARPS, _check, _grid, _launch_context, device_tables
-from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, quantize_tile_stochastic, round_to, to_float32
+from .quant import (
+    EXACT,
+    block_absmax,
+    block_offsets,
+    dequantize_tile,
+    quantize_tile,
+    quantize_tile_stochastic,
+    round_to,
+    to_float32,
+)
 
 
 @triton.jit
@@ -26,8 +35,8 @@ def adam_rule(p, g, m, v, beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay,
 
     Hyperparameters are the binary32 per-step constants of `q8.optim.fused.adam_hyper`:
     l2 != 0 adds Adam's L2 term to the gradient, decay != 1 is AdamW's decoupled decay, and
-    the m used in the update is clamped to bound * sqrt(v). Every product and sum rounds on
-    its own (launch with `EXACT`). Returns (p, m, v).
+    the m used in the update is clamped to bound * sqrt(v) (docs/OPTIMIZERS.md). Every
+    product and sum rounds on its own (launch with `EXACT`). Returns (p, m, v).
     """
     g = tl.where(l2 != 0.0, g + l2 * p, g)
     m = beta1 * m + c1 * g
@@ -42,7 +51,7 @@ def adam_rule(p, g, m, v, beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay,
 
 @triton.jit
 def _store_state(codes, absmax, codes_ptr, absmax_ptr, offs, rows, mask, nblocks):
-    """Write one moment's new codes and per-row absmax."""
+    """Write one moment's new codes and per-block absmax."""
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
     tl.store(codes_ptr + offs, codes, mask=mask)
 
@@ -52,13 +61,12 @@ def _adam_kernel(
     p_ptr, g_ptr,
     m_codes_ptr, m_absmax_ptr, m_table_ptr, m_values_ptr, m_tree_ptr, m_zero,
     v_codes_ptr, v_absmax_ptr, v_table_ptr, v_values_ptr, v_tree_ptr, v_zero,
-    bad_ptr, n, nblocks,
+    bad_ptr, row_length, per_row, nblocks,
     beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2, bound, key, offset,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    mask = offs < n
+    offs, mask = block_offsets(rows, row_length, per_row, nblocks, BLOCKSIZE)
     row_ok = rows < nblocks
     p = to_float32(tl.load(p_ptr + offs, mask=mask, other=0.0))
     g = to_float32(tl.load(g_ptr + offs, mask=mask, other=0.0))
@@ -82,11 +90,12 @@ def _adam_kernel(
     tl.atomic_min(bad_ptr, first_bad, mask=first_bad < nblocks)
 
 
-def _state_args(qt: QTensor, code, name: str, n: int, blocksize: int) -> tuple:
-    if qt.numel() != n or qt.blocksize != blocksize:
+def _state_args(qt: QTensor, code: Code, name: str, n: int, blocksize: int, row_length: int) -> tuple:
+    """A moment for the kernel: decoded with its own table, re-encoded in `code`."""
+    if (qt.numel(), qt.blocksize, qt.row_length) != (n, blocksize, row_length):
         raise ValueError(
-            f"q8.kernels.adam_update: {name} has {qt.numel()} elements in blocks of {qt.blocksize}, "
-            f"expected {n} in blocks of {blocksize}"
+            f"q8.kernels.adam_update: {name} has {qt.numel()} elements in blocks of {qt.blocksize} "
+            f"(rows of {qt.row_length}), expected {n} in blocks of {blocksize} (rows of {row_length})"
         )
     _check(qt.codes, f"{name}.codes", (torch.uint8,))
     _check(qt.absmax, f"{name}.absmax", (torch.float32,))
@@ -111,8 +120,8 @@ def adam_update(
         p: contiguous fp32/fp16/bf16 CUDA parameter (updated in fp32, written back
             rounded to nearest even, as `p.copy_(p32)` would).
         grad: gradient, same numel and device, any of those dtypes (widened exactly).
-        m, v: first and second moments, QTensors of `p`'s numel on its device (codes and
-            absmax overwritten).
+        m, v: first and second moments, QTensors of `p`'s numel on its device, in the same
+            block layout (codes and absmax overwritten).
         hyper: the ten binary32 constants of `q8.optim.fused.adam_hyper`.
         key: the 32-bit stochastic rounding key of v (`q8.codec.rounding_key(seed, step)`).
         offset: global index of `p`'s first element (a shard's start).
@@ -123,7 +132,7 @@ def adam_update(
         -1, or the first block whose new m or v is not finite (fp32 overflow); the state
         is then invalid, as on the CPU path.
     """
-    n, blocksize = p.numel(), m.blocksize
+    n, blocksize, row_length = p.numel(), m.blocksize, m.row_length
     for name, t in (("p", p), ("grad", grad)):
         if not t.is_contiguous() or t.numel() != n:
             raise ValueError(f"q8.kernels.adam_update: {name} must be contiguous with {n} elements")
@@ -135,7 +144,8 @@ def adam_update(
     if len(hyper) != 10:
         raise ValueError(f"q8.kernels.adam_update: hyper must hold 10 values, got {len(hyper)}")
     m_code, v_code = codes if codes is not None else (m.code, v.code)
-    m_args, v_args = _state_args(m, m_code, "m", n, blocksize), _state_args(v, v_code, "v", n, blocksize)
+    m_args = _state_args(m, m_code, "m", n, blocksize, row_length)
+    v_args = _state_args(v, v_code, "v", n, blocksize, row_length)
     nblocks = m.absmax.numel()
     if n == 0:
         return -1
@@ -143,7 +153,8 @@ def adam_update(
     rows, grid = _grid(nblocks, blocksize)
     with _launch_context(p.device):
         _adam_kernel[grid](
-            p, grad, *m_args, *v_args, bad, n, nblocks, *(float(h) for h in hyper), key, offset,
+            p, grad, *m_args, *v_args, bad, row_length, -(-row_length // blocksize), nblocks,
+            *(float(h) for h in hyper), key & 0xFFFFFFFF, offset,
             BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
         )  # fmt: skip
     first_bad = int(bad.item())

@@ -140,10 +140,10 @@ def generic_update(opt, p: torch.Tensor, grad: torch.Tensor, state: dict, group:
             continue
         code = get_code(code)
         if code.signed:
-            state[name] = quantize(buffers[name], code, s.blocksize)
+            state[name] = quantize(buffers[name], code, s.blocksize, row_length=s.row_length)
         else:
             key = rounding_key(state["seed"], state["step"])
-            state[name] = quantize_stochastic(buffers[name], code, s.blocksize, key, offset)
+            state[name] = quantize_stochastic(buffers[name], code, s.blocksize, key, offset, row_length=s.row_length)
     if p32 is not p:
         p.copy_(p32)
 
@@ -173,18 +173,20 @@ def _native_adam(
     offset: int,
 ) -> int:
     """The compiled CPU kernel over block ranges on several threads; -1 or the first bad block."""
-    if m.blocksize != v.blocksize:
-        raise ValueError(f"fused Adam: moments with different blocksizes ({m.blocksize}, {v.blocksize})")
+    if (m.blocksize, m.row_length) != (v.blocksize, v.row_length):
+        raise ValueError(f"fused Adam: moments with different block layouts ({m!r}, {v!r})")
     p32 = p if p.dtype == torch.float32 else p.float()
     g32 = grad.detach().float().contiguous()
     hyper_t = torch.tensor(hyper, dtype=torch.float32)
-    n, blocksize = p32.numel(), m.blocksize
+    n, blocksize, row_length = p32.numel(), m.blocksize, m.row_length
+    if n == 0:
+        return -1
     m_args, v_args = _state_args(m, m_code), _state_args(v, v_code)
 
     def run(b0: int, b1: int, threads: int) -> int:
         return _native.adam(
-            p32.data_ptr(), g32.data_ptr(), n, blocksize, b0, b1, m_args, v_args, hyper_t.data_ptr(), key, offset,
-            threads,
+            p32.data_ptr(), g32.data_ptr(), row_length, blocksize, b0, b1, m_args, v_args, hyper_t.data_ptr(), key,
+            offset, threads,
         )  # fmt: skip
 
     bad = _run_blocks(run, m.absmax.numel(), n)

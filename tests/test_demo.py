@@ -14,7 +14,7 @@ def test_demo_runs_every_section():
     sections = [line for line in out.splitlines() if line.startswith("== ")]
     assert len(sections) == 8, sections
     assert "Traceback" not in out and "skipped" not in out
-    assert out.count("identical to the uninterrupted run: True") == 2, out
+    assert out.count("identical to the uninterrupted run: True") == 3, out
     steps = re.search(r"largest step of any weight: torch ([\d.]+) lr, q8 ([\d.]+) lr .* ([\d.]+) lr at step 8", out)
     assert steps and float(steps[2]) <= float(steps[3]), out
     assert ": OK" in out  # q8convert verify

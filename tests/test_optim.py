@@ -5,6 +5,7 @@ import copy
 import io
 import math
 import re
+import statistics
 import warnings
 
 import pytest
@@ -118,6 +119,39 @@ def test_gpt2_parity(name, one_thread):
     assert abs(ours - ref) <= 0.02 * ref, f"{name}: 8-bit final loss {ours:.4f} vs 32-bit {ref:.4f}"
 
 
+def test_mlp_regression_parity(one_thread):
+    """A small MLP regression: the 8-bit optimizers end no worse than 5% above 32-bit, in the
+    median over eight initialisations: the final loss of one run moves by tens of percent
+    with any change of rounding, 32-bit too. (LAMB's swings by +-40% between seeds in 32 and
+    8 bits alike, here; its parity is test_gpt2_parity's.)"""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 32)
+    y = torch.sin(x @ torch.randn(32, 1) / 4) + 0.1 * torch.randn(1024, 1)
+
+    def train(make_opt, seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+        )
+        opt = make_opt(model.parameters())
+        for _ in range(150):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    start = torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()
+    sgd = (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), lambda p: SGD8bit(p, lr=0.05, momentum=0.9))
+    for make_ref, make_q8 in (PARITY["AdamW"], PARITY["Lion"], sgd):
+        ratios = []
+        for seed in range(1, 9):
+            ref, ours = train(make_ref, seed), train(make_q8, seed)
+            assert ref < 0.2 * start
+            ratios.append(ours / ref)
+        assert statistics.median(ratios) <= 1.05, ratios
+
+
 VOCAB, BAG = 1024, 16
 ZIPF = 1.0 / torch.arange(1, VOCAB + 1).float() ** 1.1  # rare words: gradients over decades
 WORD_CLASS = torch.randn(VOCAB, 10, generator=torch.Generator().manual_seed(0)) * 2
@@ -204,7 +238,8 @@ def step_both(cls, kwargs, p_init, grads):
     "cls,kwargs,shape,dtype",
     [
         (AdamW8bit, {"lr": 1e-2, "weight_decay": 0.1}, (97, 131), torch.float32),
-        (Adam8bit, {"lr": 1e-2, "weight_decay": 0.1, "blocksize": 64}, (5000,), torch.float32),
+        (Adam8bit, {"lr": 1e-2, "weight_decay": 0.1, "blocksize": 64}, (50, 100), torch.float32),
+        (Adam8bit, {"lr": 1e-2, "blocksize": 64}, (40, 128), torch.float32),  # rows of whole blocks: flat
         (Adam8bit, {"lr": 1e-3, "betas": (0.8, 0.99), "blocksize": 4096}, (3, 4099), torch.float32),
         (AdamW8bit, {"lr": 1e-2}, (64, 100), torch.bfloat16),
         (AdamW8bit, {"lr": 1e-2, "blocksize": 128}, (64, 100), torch.float16),
@@ -217,6 +252,8 @@ def test_fused_cpu_path_is_bit_exact(cls, kwargs, shape, dtype):
     grads = [torch.randn(shape) * scales[i % 7] for i in range(6)]
     grads[2].view(-1)[: shape[-1]] = 0  # an all-zero stretch of gradient
     (p1, s1), (p2, s2) = step_both(cls, kwargs, torch.randn(shape).to(dtype), grads)
+    row, blocksize = shape[1], kwargs.get("blocksize", 256)
+    assert s1["exp_avg"].row_length == (row if row % blocksize else p1.numel())  # the row layout
     assert p1.dtype == dtype and torch.equal(p1, p2)
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(s1[key].codes, s2[key].codes), key
@@ -250,12 +287,12 @@ def test_adam_steps_stay_within_the_exact_bound(cls, path, monkeypatch):
     if path == "generic":
         monkeypatch.setattr(cls, "native_kind", None)
     lr = 1e-3
-    p = torch.nn.Parameter(torch.zeros(8192))
+    p = torch.nn.Parameter(torch.zeros(64, 128))
     opt = cls([p], lr=lr, weight_decay=0.0)
     worst = 0.0
     for step, grad in enumerate(adversarial_gradients(8192, 12), start=1):
         before = p.detach().clone()
-        p.grad = grad
+        p.grad = grad.view(64, 128)
         opt.step()
         bound = q8.optim.fused.moment_bound((0.9, 0.999), step) * math.sqrt(1 - 0.999**step) / (1 - 0.9**step)
         worst = max(worst, ((p - before).abs().max() / lr / bound).item())
@@ -279,8 +316,8 @@ def test_adagrad_sum_keeps_growing():
     """Staleness: an increment below half a quantization step used to round back, so the
     8-bit sum of a constant gradient stopped growing; stochastic rounding keeps it on
     t * g^2 on average."""
-    g = torch.exp(torch.randn(8192, generator=torch.Generator().manual_seed(0)) * 2)
-    p = torch.nn.Parameter(torch.zeros(8192))
+    g = torch.exp(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 2)
+    p = torch.nn.Parameter(torch.zeros(64, 128))
     opt = Adagrad8bit([p], lr=1e-3)
     for _ in range(300):
         p.grad = g
@@ -294,14 +331,14 @@ def test_second_moment_decays_when_its_gradient_stops():
     so nearest rounding froze the v of elements whose gradient stopped while their block's
     absmax held up. After 500 silent steps v must be 0.999**500 (0.61) of what it was."""
     n = 8192
-    g = torch.ones(n)
-    p = torch.nn.Parameter(torch.zeros(n))
+    g = torch.ones(n).view(64, 128)
+    p = torch.nn.Parameter(torch.zeros(64, 128))
     opt = AdamW8bit([p], lr=1e-6, weight_decay=0.0)
     for _ in range(20):
         p.grad = g
         opt.step()
     v0 = opt.state[p]["exp_avg_sq"].dequantize().clone()
-    silent = torch.arange(n) % 2 == 1
+    silent = (torch.arange(n) % 2 == 1).view(64, 128)
     for _ in range(500):
         p.grad = torch.where(silent, 0.0, g)
         opt.step()
@@ -310,30 +347,33 @@ def test_second_moment_decays_when_its_gradient_stops():
 
 
 def test_older_second_moments_load_and_are_re_encoded_at_the_next_step():
-    """A state saved in the unsigned dynamic table (q8 before the squared table, or
+    """A second moment saved in the unsigned dynamic table (q8 before the squared table, or
     bitsandbytes) loads as it is, decodes to the same values, and the next step re-encodes
     it in the optimizer's table with the same bytes on the fused and the generic path."""
-    model = mlp()
-    opt = AdamW8bit(model.parameters())
-    train_steps(model, opt, 2, seed=0)
-    w = model[0].weight
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(32, 256, generator=g) * torch.exp(torch.randn(32, 256, generator=g)) for _ in range(3)]
+    p = torch.nn.Parameter(torch.randn(32, 256, generator=g))
+    opt = AdamW8bit([p])
+    for grad in grads[:2]:
+        p.grad = grad
+        opt.step()
     sd = opt.state_dict()
-    v = opt.state[w]["exp_avg_sq"].dequantize()
-    old = q8.quantize(v, "udynamic", 256)
-    sd["state"][0] |= {"exp_avg_sq": old.codes, "exp_avg_sq.absmax": old.absmax, "exp_avg_sq.code": "udynamic"}
+    old = q8.quantize(opt.state[p]["exp_avg_sq"].dequantize(), "udynamic", 256)
+    sd["state"][0] |= {"exp_avg_sq": old.codes.view(32, 256), "exp_avg_sq.absmax": old.absmax.view(32, 1)}
+    sd["state"][0] |= {"exp_avg_sq.code": "udynamic"}
     sd["state"][0].pop("seed")  # older states have none: the parameter's index
     runs = []
     for native_kind in ("adamw", None):
-        model2 = mlp()
-        model2.load_state_dict(model.state_dict())
-        opt2 = AdamW8bit(model2.parameters())
+        p2 = torch.nn.Parameter(p.detach().clone())
+        opt2 = AdamW8bit([p2])
         opt2.native_kind = native_kind
         opt2.load_state_dict(copy.deepcopy(sd))  # loading shares the tensors, steps update them
-        loaded = opt2.state[model2[0].weight]["exp_avg_sq"]
+        loaded = opt2.state[p2]["exp_avg_sq"]
         assert loaded.code.name == "udynamic" and torch.equal(loaded.dequantize(), old.dequantize())
-        assert opt2.state[model2[0].weight]["seed"] == 0
-        train_steps(model2, opt2, 1, seed=1)
-        runs.append((model2[0].weight.detach(), opt2.state[model2[0].weight]["exp_avg_sq"]))
+        assert opt2.state[p2]["seed"] == 0
+        p2.grad = grads[2]
+        opt2.step()
+        runs.append((p2.detach(), opt2.state[p2]["exp_avg_sq"]))
     (w1, v1), (w2, v2) = runs
     assert v1.code.name == v2.code.name == "udynamic_sq"
     assert torch.equal(w1, w2) and torch.equal(v1.codes, v2.codes) and torch.equal(v1.absmax, v2.absmax)
@@ -445,10 +485,12 @@ def test_load_state_dict_validation_errors():
         return sd
 
     cases = [
-        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"][:-1]}), "codes must be flat uint8"),
-        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].float()}), "codes must be flat uint8"),
-        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 512}), "absmax values"),
-        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 100}), "power of two"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"][:-1]}), "codes must be uint8 shaped"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].float()}), "codes must be uint8"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].view(64, 128)}), "got (64, 128)"),
+        (lambda sd: sd["state"][0].update({"exp_avg.absmax": torch.zeros(128, 2)}), "absmax must have shape (128, 1)"),
+        (lambda sd: sd["state"][0].update({"exp_avg.absmax": torch.zeros(127)}), "127 absmax values"),
+        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 100}), "blocksize must be one of"),
         (lambda sd: sd["state"][0].update({"exp_avg.code": "udynamic"}), "this optimizer uses 'dynamic'"),
         (lambda sd: sd["state"][0].update({"exp_avg.code": "mystery"}), "unknown code"),
         (lambda sd: sd["state"][0].update({"exp_avg.absmax": sd["state"][0]["exp_avg.absmax"].bfloat16()}), "float32"),
@@ -476,7 +518,8 @@ def test_torch_adam_state_converts_to_8bit_and_back():
     w = model[0].weight
     for key, code in (("exp_avg", "dynamic"), ("exp_avg_sq", "udynamic_sq")):
         qt = opt.state[w][key]
-        expected = q8.quantize(ref.state[w][key], code, 256)
+        expected = q8.quantize(ref.state[w][key], code, 256, row_length=w.shape[1])  # rows of 64: a block each
+        assert qt.absmax.numel() == w.shape[0]
         assert torch.equal(qt.codes, expected.codes) and torch.equal(qt.absmax, expected.absmax)
     assert opt.state[w]["step"] == 3
     assert torch.equal(opt.state[model[0].bias]["exp_avg"], ref.state[model[0].bias]["exp_avg"])  # small: fp32
@@ -489,23 +532,35 @@ def test_torch_adam_state_converts_to_8bit_and_back():
 
 
 def test_bitsandbytes_state_loads_losslessly():
+    """bitsandbytes' flat blocks are q8's row blocks where rows are whole blocks (rows of 512:
+    codes and absmax as they are); where rows cut them (rows of 100) they are decoded and
+    re-encoded in rows, one more rounding; its 8-bit state of a 1-D parameter is decoded."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 10))  # 10000 elements: 40 blocks
+    model = torch.nn.Sequential(torch.nn.Linear(512, 100), torch.nn.Linear(100, 60), torch.nn.Linear(60, 5000))
     ref = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
-    train_steps_in(model, ref, 100)
+    train_steps_in(model, ref, 512)
     opt = AdamW8bit(model.parameters())
     opt.load_state_dict(ref.state_dict())
-    w = model[0].weight
-    bnb_state = ref.state[w]
+    whole, cut, vector = model[0].weight, model[1].weight, model[2].bias
     for i, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
-        qt = opt.state[w][key]
-        assert qt.blocksize == 256
+        bnb_table = q8.codec.get_code("dynamic" if i == 1 else "udynamic")  # kept until the next step
+        qt, bnb_state = opt.state[whole][key], ref.state[whole]
+        assert qt.blocksize == 256 and qt.code == bnb_table
         assert torch.equal(qt.codes, bnb_state[f"state{i}"].reshape(-1))
         assert torch.equal(qt.absmax, bnb_state[f"absmax{i}"])
-    assert opt.state[w]["step"] == bnb_state["step"] == 2
+        qt, bnb_state = opt.state[cut][key], ref.state[cut]
+        codes, absmax = bnb_state[f"state{i}"].reshape(-1), bnb_state[f"absmax{i}"]
+        flat = q8.QTensor(codes, absmax, bnb_table, 256, cut.shape, qt.dtype)
+        again = q8.quantize(flat.dequantize(), qt.code, 256, row_length=100)  # in the optimizer's table
+        assert qt.row_length == 100 and torch.equal(qt.codes, again.codes) and torch.equal(qt.absmax, again.absmax)
+        b8 = ref.state[vector]
+        assert b8[f"state{i}"].dtype == torch.uint8  # bitsandbytes keeps this 5000-element bias in 8 bits
+        decoded = q8.QTensor(b8[f"state{i}"], b8[f"absmax{i}"], bnb_table, 256, vector.shape, torch.float32)
+        assert torch.equal(opt.state[vector][key], decoded.dequantize())
+    assert opt.state[whole]["step"] == ref.state[whole]["step"] == 2
     assert torch.equal(opt.state[model[0].bias]["exp_avg"], ref.state[model[0].bias]["state1"])
-    train_steps_in(model, opt, 100)
+    train_steps_in(model, opt, 512)
 
 
 def train_steps_in(model, opt, dim):
@@ -581,7 +636,7 @@ def test_which_state_is_8bit():
     assert not isinstance(opt.state[override.weight]["exp_avg"], q8.QTensor)  # override_32bit
     n8 = model[0].weight.numel()
     fp32 = sum(p.numel() for p in [model[0].bias, *model[2].parameters(), *override.parameters()])
-    assert opt.state_nbytes() == 2 * (n8 + 4 * (n8 // 256)) + 2 * 4 * fp32
+    assert opt.state_nbytes() == 2 * (n8 + 4 * 128) + 2 * 4 * fp32  # rows of 64: one block (absmax) each
     with pytest.raises(ValueError, match="optim_bits must be 8 or 32"):
         p = torch.nn.Parameter(torch.ones(5000))
         p.grad = torch.ones(5000)
