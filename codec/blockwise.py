@@ -252,7 +252,7 @@ def quantize_stochastic(
     position between them, drawn from a hash of (`key`, the element's index `offset + i`).
     Unbiased, so an EMA whose increments are below half a step still moves on average; a
     positive value never takes the code of 0.0. The rule the optimizers use for
-    non-negative state (docs/OPTIMIZERS.md); the fused optimizer kernels implement it too.
+    non-negative state (docs/OPTIMIZER_STATE.md); the fused optimizer kernels implement it too.
 
     Args:
         x: fp32/fp16/bf16 tensor (CPU: the compiled path; CUDA: torch ops).

@@ -35,7 +35,7 @@ def adam_rule(p, g, m, v, beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay,
 
     Hyperparameters are the binary32 per-step constants of `q8.optim.fused.adam_hyper`:
     l2 != 0 adds Adam's L2 term to the gradient, decay != 1 is AdamW's decoupled decay, and
-    the m used in the update is clamped to bound * sqrt(v) (docs/OPTIMIZERS.md). Every
+    the m used in the update is clamped to bound * sqrt(v) (docs/OPTIMIZER_STATE.md). Every
     product and sum rounds on its own (launch with `EXACT`). Returns (p, m, v).
     """
     g = tl.where(l2 != 0.0, g + l2 * p, g)

@@ -2,7 +2,7 @@
  *
  * SPEC (the CUDA kernel must match it bit for bit; the torch reference is
  * q8.optim.algorithms.Adam8bit.update followed by q8.optim.fused.generic_update's encoding;
- * the rule and why: docs/OPTIMIZERS.md):
+ * the rule and why: docs/OPTIMIZER_STATE.md):
  *
  * All arithmetic is IEEE binary32, round-to-nearest-even, no FMA contraction, denormals
  * honoured. Hyperparameters arrive as binary32 values h[0..9] computed once per step in

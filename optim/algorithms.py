@@ -29,7 +29,7 @@ __all__ = [
 SIGNED, NON_NEGATIVE = "dynamic", "udynamic_sq"
 """Codes of 8-bit state: signed entries round to the nearest "dynamic" entry; non-negative
 ones (second moments, Adagrad's sum) take the squared table with stochastic rounding
-(optim/fused.py; docs/OPTIMIZERS.md)."""
+(optim/fused.py; docs/OPTIMIZER_STATE.md)."""
 
 
 def _check(cls: str, **values: tuple[float, bool]) -> None:

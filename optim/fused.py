@@ -5,7 +5,7 @@ state entry with `q8.dequantize`, apply the optimizer's update rule in fp32 torc
 encode it again in the optimizer's code for that entry: signed entries to the nearest code
 (`q8.quantize`), non-negative ones with deterministic stochastic rounding
 (`q8.codec.quantize_stochastic`, keyed by the parameter's seed, the step and the element's
-global index; docs/OPTIMIZERS.md says why). The fused paths compute the same bytes in one
+global index; docs/OPTIMIZER_STATE.md says why). The fused paths compute the same bytes in one
 pass per block without materialising the fp32 state (spec: optim/_native.c).
 """
 

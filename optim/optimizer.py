@@ -8,7 +8,7 @@ at least two dimensions and `min_8bit_size` elements (its global shape, if shard
 neither its group (`optim_bits=32`) nor the parameter (`override_32bit`) asks for 32 bits.
 Signed entries use the "dynamic" code (nearest rounding), non-negative ones "udynamic_sq"
 (stochastic rounding keyed by "seed", the parameter's index in the optimizer, the step and
-the element's global index; docs/OPTIMIZERS.md). A loaded entry in another table (older q8
+the element's global index; docs/OPTIMIZER_STATE.md). A loaded entry in another table (older q8
 or bitsandbytes state: "udynamic") keeps it until the next step re-encodes it. 8-bit state
 is in the codec's row layout, a row being one slice along dim 0: no block crosses a row, so
 the same bytes result whether the parameter is whole or split into rows over any number of

@@ -260,7 +260,7 @@ def test_fused_cpu_path_is_bit_exact(cls, kwargs, shape, dtype):
         assert torch.equal(s1[key].absmax, s2[key].absmax), key
 
 
-# --- the rule: bounded updates, no stale state (docs/OPTIMIZERS.md) -------------------------
+# --- the rule: bounded updates, no stale state (docs/OPTIMIZER_STATE.md) -------------------------
 
 
 def adversarial_gradients(n: int, steps: int, seed: int = 0) -> list[torch.Tensor]:

@@ -348,7 +348,7 @@ def section_optim() -> None:
     ]
     print(_table(rows, ("optimizer", "state bytes", "smaller", "loss after 8 steps")))
     print(f"largest step of any weight: torch {largest[ref]:.2f} lr, q8 {largest[opt]:.2f} lr (8-bit Adam is held to "
-          f"exact Adam's own bound, {bound:.2f} lr at step 8: docs/OPTIMIZERS.md)")  # fmt: skip
+          f"exact Adam's own bound, {bound:.2f} lr at step 8: docs/OPTIMIZER_STATE.md)")  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "opt.q8"
         q8.save_optimizer(opt, path)
