@@ -110,7 +110,8 @@ def fused_update(opt, p: torch.Tensor, grad: torch.Tensor, state: dict, group: d
     else:
         from .. import kernels
 
-        bad = kernels.adam_update(target, grad.contiguous(), m, v, hyper, (m_code, v_code), key, offset)
+        codes_mv = (m_code, v_code)
+        bad = kernels.adam_update(target, grad.contiguous(), m, v, hyper, key=key, offset=offset, codes=codes_mv)
     if bad >= 0:
         raise FloatingPointError(
             f"{type(opt).__name__}: the updated state of a parameter of shape {tuple(p.shape)} overflowed fp32 "
