@@ -74,6 +74,27 @@ def test_adam_steps_match_the_cpu_optimizer(cls, rows, blocksize, dtype):
         assert_same_state(p, m, v, p_ref, opt)
 
 
+def test_a_moment_loaded_in_another_table_is_re_encoded_as_on_the_cpu():
+    """A second moment in bitsandbytes' / an earlier q8's table: decoded with it, re-encoded
+    in udynamic_sq by stochastic rounding (global indices from `offset`), as the C kernel does."""
+    from q8.codec import get_code
+    from q8.optim.fused import _native_adam
+
+    n, g = 4 * 64 + 5, torch.Generator().manual_seed(3)
+    p0, grad = torch.randn(n, generator=g), gradient(n, 3, torch.float32)
+    m0 = q8.quantize(torch.randn(n, generator=g), "dynamic", 64)
+    v0 = q8.quantize(torch.rand(n, generator=g) ** 6, "udynamic", 64)
+    hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-2, "weight_decay": 0.1, "eps": 1e-8}, 3, decoupled=True)
+    codes, key, offset = (get_code("dynamic"), get_code("udynamic_sq")), rounding_key(7, 3), 3 * 2**31
+    ref = [p0.clone(), *(q8.QTensor(t.codes.clone(), t.absmax.clone(), t.code, 64, t.shape, t.dtype) for t in (m0, v0))]
+    assert _native_adam(ref[0], grad, ref[1], ref[2], hyper, *codes, key, offset) == -1
+    p, m, v = p0.to(DEVICE), m0.to(DEVICE), v0.to(DEVICE)
+    assert adam_update(p, grad.to(DEVICE), m, v, hyper, key=key, offset=offset, codes=codes) == -1
+    assert torch.equal(bits(p), bits(ref[0]))
+    for mine, theirs in ((m, ref[1]), (v, ref[2])):
+        assert torch.equal(mine.codes.cpu(), theirs.codes) and torch.equal(bits(mine.absmax), bits(theirs.absmax))
+
+
 def test_overflow_reports_the_first_bad_block():
     n, blocksize = 8 * 64, 64
     p = torch.zeros(4, 128, device=DEVICE)
