@@ -262,7 +262,7 @@ def test_resume_with_another_optimizer_raises(full_run, tmp_path):
 def test_quantized_fp32_state(fp32_run, tmp_path, caplog):
     """quantize_optimizer_state=True: ~4x smaller fp32 state, a logged one-time error, and a working resume."""
     _, out, _ = fp32_run
-    with caplog.at_level(logging.WARNING, logger="q8.integrations.hf"):
+    with caplog.at_level(logging.WARNING, logger="q8"):
         train(tmp_path, quantize_optimizer_state=True)
     assert "max relative L2 error" in caplog.text
     lossless = os.path.getsize(out / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE)
@@ -351,7 +351,7 @@ def test_model_weights_in_q8(tmp_path):
 
 
 def test_model_weights_in_q8_8bit(fp32_run, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="q8.integrations.hf"):
+    with caplog.at_level(logging.WARNING, logger="q8"):
         train(tmp_path, model_weights="q8-8bit")  # trains exactly as fp32_run: only the files differ
     assert "model weights stored as 8-bit codes" in caplog.text
     checkpoint = tmp_path / f"checkpoint-{SAVE_EVERY}"
