@@ -159,8 +159,8 @@ def load_bytes(data: bytes | bytearray | memoryview, device: str | torch.device 
 
 
 def shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    """Names of tensors whose bytes overlap, in groups of two or more (safetensors' rule:
-    views of disjoint parts of one storage do not count)."""
+    """Names of tensors whose bytes overlap, in groups of two or more, each in the order of
+    `tensors` (safetensors' rule: views of disjoint parts of one storage do not count)."""
     by_storage: dict[tuple, list[tuple[int, int, str]]] = {}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
@@ -169,6 +169,7 @@ def shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
         reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
         key = (t.device, t.untyped_storage().data_ptr())
         by_storage.setdefault(key, []).append((start, start + reach * t.element_size(), name))
+    order = {name: i for i, name in enumerate(tensors)}
     groups = []
     for spans in by_storage.values():
         spans.sort()
@@ -183,7 +184,7 @@ def shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
             end = max(end, stop)
         if len(group) > 1:
             groups.append(group)
-    return groups
+    return [sorted(group, key=order.__getitem__) for group in groups]
 
 
 def worth_quantizing(x: torch.Tensor) -> bool:

@@ -25,33 +25,11 @@ from typing import Any
 import torch
 
 from ..codec import QTensor
+from .checkpoints import safetensors_dtype
 from .container import PLANE_WIDTH, Reader, blockwise_problem, bool_problem, dtype_name
 from .planes import from_planes
 
-__all__ = ["TensorSlice", "safetensors_dtype"]
-
-_SAFETENSORS_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-def safetensors_dtype(dtype: torch.dtype) -> str:
-    """safetensors' name of `dtype` ("F32", "BF16", ...), or q8's for dtypes it lacks."""
-    return _SAFETENSORS_NAMES.get(dtype) or dtype_name(dtype)
+__all__ = ["TensorSlice"]
 
 
 class TensorSlice:
@@ -71,7 +49,8 @@ class TensorSlice:
         return list(self._rec["shape"])
 
     def get_dtype(self) -> str:
-        return safetensors_dtype(self._rec["dtype"])
+        """safetensors' name of the dtype ("F32", "BF16", ...), or q8's for those it lacks."""
+        return safetensors_dtype(self._rec["dtype"]) or dtype_name(self._rec["dtype"])
 
     def __len__(self) -> int:
         shape = self._rec["shape"]

@@ -23,6 +23,7 @@ from typing import Any
 import q8
 import q8.optim
 import torch
+from q8.formats.checkpoints import Q8_MODEL_FILE, Q8_OPTIMIZER_FILE, SCHEDULER_FILE, TORCH_OPTIMIZER_FILE
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
@@ -39,12 +40,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_FILE = "optimizer.q8"
-"""Where `Q8Trainer` keeps the optimizer state in a checkpoint folder."""
-TORCH_OPTIMIZER_FILE = "optimizer.pt"  # transformers' name; in a Q8Trainer checkpoint: the placeholder below
-SCHEDULER_FILE = "scheduler.pt"  # written and read as transformers does
-MODEL_FILE = "model.q8"
-"""Where `Q8Trainer(model_weights="q8" | "q8-8bit")` keeps the model weights in a checkpoint folder."""
+# The layout of a Q8Trainer checkpoint (q8.formats.checkpoints): optimizer.q8 with a placeholder optimizer.pt,
+# scheduler.pt as transformers writes it, and with model_weights="q8" | "q8-8bit" the weights in model.q8.
+OPTIMIZER_FILE = Q8_OPTIMIZER_FILE
+MODEL_FILE = Q8_MODEL_FILE
 MODEL_WEIGHTS = ("safetensors", "q8", "q8-8bit")
 
 # Name -> class name in q8.optim. The names follow bitsandbytes' (AdamW8bit -> "adamw8bit").

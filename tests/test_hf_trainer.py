@@ -133,6 +133,25 @@ def test_every_optimizer_name(tmp_path):
         q8_optimizer_cls_and_kwargs("adamw32bit", training_args(tmp_path), model)
 
 
+def test_q8_optim_is_checked_at_construction_and_logged(tmp_path, caplog):
+    for q8_optim, optim_args, message in [
+        ("adamw9bit", None, "unknown q8_optim 'adamw9bit'"),
+        ("adamw8bit", "nonsense=1", "optim_args: 'nonsense=1'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Q8Trainer(make_model(), training_args(tmp_path, optim_args=optim_args), q8_optim=q8_optim)
+    args = training_args(tmp_path, optim_args="optim_bits=8,blocksize=128,maximize=false")
+    trainer = Q8Trainer(make_model(), args, train_dataset=ByteText(), q8_optim="adamw8bit")
+    with caplog.at_level(logging.INFO, logger="q8"):
+        opt = trainer.create_optimizer()
+    assert opt.blocksize == 128
+    trainer.model(**ByteText()[0:BATCH]).loss.backward()
+    opt.step()  # now every parameter has its state
+    # 4 layers x 4 matrices in 8 bits; embeddings (32-bit state), norms and biases in fp32
+    expected = f"optimizer: q8 AdamW8bit, 8-bit state for 16 of 52 parameters, {opt.state_nbytes() / 1e6:.1f} MB"
+    assert expected in caplog.text
+
+
 OPTIMIZERS = {"adamw_torch": {}, "adamw8bit": {"q8_optim": "adamw8bit"}}
 
 

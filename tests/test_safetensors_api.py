@@ -126,7 +126,7 @@ def test_bytes_api(tmp_path):
         assert f.metadata() == {"a": "b"}
     quantized = q8.load_bytes(q8.save_bytes({"w": tensors["w"]}, quantize=True, blocksize=256))["w"]
     assert 0 < q8.quant_error(tensors["w"], quantized).rel_l2 < 0.02
-    with pytest.raises(q8.FormatError, match="<bytes>: .*too short"):
+    with pytest.raises(q8.FormatError, match=r"<bytes>: .*too short"):
         q8.load_bytes(b"nonsense")
     with pytest.raises(q8.FormatError, match="<bytes>: not a q8 file"):
         q8.load_bytes(bytes(200))
@@ -151,10 +151,10 @@ def test_save_file_refuses_shared_memory(tmp_path):
 class TiedLM(torch.nn.Module):
     def __init__(self, vocab: int = 300, dim: int = 32) -> None:
         super().__init__()
-        self.emb = torch.nn.Embedding(vocab, dim)
+        self.wte = torch.nn.Embedding(vocab, dim)
         self.norm = torch.nn.LayerNorm(dim)
         self.head = torch.nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.emb.weight
+        self.head.weight = self.wte.weight
 
 
 def test_save_model_stores_tied_weights_once_and_load_model_keeps_the_tie(tmp_path, caplog):
@@ -162,13 +162,13 @@ def test_save_model_stores_tied_weights_once_and_load_model_keeps_the_tie(tmp_pa
     model = TiedLM()
     q8.save_model(model, tmp_path / "m.q8")
     with q8.safe_open(tmp_path / "m.q8") as f:
-        assert sorted(f) == ["emb.weight", "norm.bias", "norm.weight"]
+        assert sorted(f) == ["norm.bias", "norm.weight", "wte.weight"]  # under its first name, not "head.weight"
     torch.manual_seed(1)
     fresh = TiedLM()
     assert q8.load_model(fresh, tmp_path / "m.q8") == ([], [])
-    assert fresh.head.weight is fresh.emb.weight and torch.equal(fresh.head.weight, model.emb.weight)
+    assert fresh.head.weight is fresh.wte.weight and torch.equal(fresh.head.weight, model.wte.weight)
 
-    q8.save_file({"head.weight": model.emb.weight.detach().clone()}, tmp_path / "head.q8")  # under the other name
+    q8.save_file({"head.weight": model.wte.weight.detach().clone()}, tmp_path / "head.q8")  # under the other name
     assert q8.load_model(TiedLM(), tmp_path / "head.q8", strict=False) == (["norm.weight", "norm.bias"], [])
     with pytest.raises(ValueError, match=r"head\.q8: model weights do not match the model: missing \['norm"):
         q8.load_model(TiedLM(), tmp_path / "head.q8")
@@ -179,7 +179,7 @@ def test_save_model_stores_tied_weights_once_and_load_model_keeps_the_tie(tmp_pa
         q8.save_model(model, tmp_path / "m8.q8", quantize=True)
     assert "max relative L2 error" in caplog.text
     with q8.safe_open(tmp_path / "m8.q8") as f:
-        assert f.info("emb.weight")["encoding"] == "blockwise" and f.info("norm.weight")["encoding"] == "raw"
+        assert f.info("wte.weight")["encoding"] == "blockwise" and f.info("norm.weight")["encoding"] == "raw"
         error = float(f.metadata()["quantized_rel_l2_max"])
     q8.load_model(fresh, tmp_path / "m8.q8")
-    assert 0 < q8.quant_error(model.emb.weight, fresh.emb.weight).rel_l2 <= error
+    assert 0 < q8.quant_error(model.wte.weight, fresh.wte.weight).rel_l2 <= error

@@ -29,9 +29,7 @@ from typing import Any
 import q8
 import torch
 from q8.formats.atomic import make_temp_dir, temp_name
-from tqdm import tqdm
-
-from .checkpoints import (
+from q8.formats.checkpoints import (
     TORCH_SUFFIXES,
     InputError,
     SafetensorsFile,
@@ -41,8 +39,11 @@ from .checkpoints import (
     is_flat_state_dict,
     load_torch_file,
     safetensors_name,
+    shard_refs,
     write_safetensors,
 )
+from tqdm import tqdm
+
 from .policy import Decision, Policy
 from .state import from_container, to_container
 
@@ -253,19 +254,22 @@ def _convert_folder(src: Path, out: Path | None, policy: Policy, args, bar_args:
     ckpt = find_checkpoint(src)
     results = []
     if ckpt.weights:
-        refs = file_refs(src / ckpt.weights)
-        meta = _weights_metadata(src / ckpt.weights, ckpt.weights)
+        first = ckpt.weights[0]
+        refs = file_refs(src / first) if len(ckpt.weights) == 1 or first.endswith(INDEX_SUFFIX) else None
+        refs = refs if refs is not None else shard_refs(src, ckpt.weights)
+        meta = _weights_metadata(src / first, first)
+        out_weights = out and out / ckpt.weights_name
         with tqdm(total=sum(r.nbytes for r in refs), desc="weights", **bar_args) as bar:
-            results.append((ckpt.weights, _convert_weights(refs, out and out / "model.q8", meta, policy, args, bar)))
+            results.append((first, _convert_weights(refs, out_weights, meta, policy, args, bar)))
     if ckpt.optimizer:
         path = src / ckpt.optimizer
         with tqdm(total=path.stat().st_size, desc="optimizer", **bar_args) as bar:
             obj = load_torch_file(path)
             results.append((ckpt.optimizer, _convert_object(path, obj, out and out / "optimizer.q8", policy, bar)))
     if out:
-        for name in ckpt.copies:
+        for name in ckpt.q8_files + ckpt.copies:
             (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, out / name)
-    return results, ckpt.copies
+    return results, ckpt.q8_files + ckpt.copies
 
 
 def cmd_convert(args) -> int:

@@ -16,8 +16,8 @@ import q8
 import torch
 from q8.codec import get_code
 from q8.codec.blockwise import BLOCKSIZES
+from q8.formats.checkpoints import InputError
 
-from .checkpoints import InputError
 from .policy import Decision, Policy
 
 __all__ = ["BNB_TABLES", "from_container", "infer_blocksize", "to_container"]
