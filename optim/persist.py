@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -24,10 +25,10 @@ import torch
 from ..codec import CODE_NAMES, QTensor, get_code, quantize_best
 from ..formats import FormatError, Writer, load, safe_open, save
 from ..formats.api import worth_quantizing
-from .optimizer import Optimizer8bit, pack_state, split_state_mark
+from .optimizer import Optimizer8bit, pack_state, split_state_mark, state_mark
 from .sharded import is_sharded
 
-__all__ = ["load_optimizer", "save_optimizer"]
+__all__ = ["load_optimizer", "load_optimizer_state_dict", "save_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,40 +104,70 @@ def load_optimizer(opt: torch.optim.Optimizer, path: str | os.PathLike) -> None:
     """
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"load_optimizer expects a torch.optim.Optimizer, got {type(opt).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: optimizer state file not found")
-    with safe_open(path) as f:
-        metadata = f.metadata()
-    if METADATA_KEY not in metadata:
-        _load_state_dict(opt, path, metadata)
-        return
-    if not isinstance(opt, Optimizer8bit):
+    metadata = _metadata(path)
+    saved = _header(metadata, path)["class"] if METADATA_KEY in metadata else metadata.get(CLASS_KEY)
+    ours = type(opt).__name__ if METADATA_KEY in metadata else class_name(opt)
+    if METADATA_KEY in metadata and not isinstance(opt, Optimizer8bit):
         raise ValueError(f"{path}: holds a q8 optimizer's 8-bit state, which {class_name(opt)} cannot load")
+    if saved is not None and saved != ours:  # None: not from save_optimizer (q8convert of an optimizer.pt)
+        raise ValueError(f"{path}: state of a {saved}, cannot load it into {ours}")
+    state = load_optimizer_state_dict(path)
+    if not isinstance(opt, Optimizer8bit) and (_holds_codes(state) or split_state_mark(state["param_groups"])[1]):
+        # torch.optim would cast the uint8 codes of 8-bit state to float
+        raise ValueError(f"{path}: holds 8-bit optimizer state, which {class_name(opt)} cannot load")
+    groups, mark = split_state_mark(state["param_groups"])
+    current = opt.param_groups + [{}] * len(groups)  # a count mismatch is reported by load_state_dict
+    groups = [_restore_tuples(g, c) for g, c in zip(groups, current, strict=False)]
+    try:
+        opt.load_state_dict({**state, "param_groups": groups + ([state_mark(mark)] if mark else [])})
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise ValueError(f"{path}: optimizer state does not match the optimizer's parameters: {err}") from None
+
+
+def load_optimizer_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The `state_dict()` of the optimizer whose state the file `path` holds
+    (`save_optimizer`, or q8convert of an `optimizer.pt`), without that optimizer: a q8
+    optimizer's 8-bit entries as its state dict packs them (uint8 codes and absmax, not
+    decoded; its class in the last, parameterless group), other optimizers' state as they
+    keep it (what was quantized, decoded). What `q8convert decode` writes to optimizer.pt;
+    `load_optimizer` loads it into an optimizer. Raises as `load_optimizer` does.
+
+    Example:
+        >>> torch.save(q8.optim.load_optimizer_state_dict("optimizer.q8"), "optimizer.pt")
+    """
+    metadata = _metadata(path)
+    if METADATA_KEY not in metadata:
+        state = load(path)
+        if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and "param_groups" in state):
+            raise FormatError(f"{path}: not a q8 optimizer state file (nor an optimizer's state dict)")
+        return _dequantize_state(state)
+    header = _header(metadata, path)
+    defaults = getattr(sys.modules[__package__], header["class"], None)  # the class's tuples (betas)
+    defaults = defaults([torch.nn.Parameter(torch.zeros(1))]).defaults if isinstance(defaults, type) else {}
+    state: dict[int, dict[str, Any]] = {int(i): {"step": step} for i, step in header["steps"].items()}
     with safe_open(path) as f:
-        header = _header(metadata, path)
-        if header["class"] != type(opt).__name__:
-            raise ValueError(f"{path}: state of a {header['class']}, cannot load it into {type(opt).__name__}")
-        current = opt.param_groups + [{}] * len(header["param_groups"])  # a count mismatch is reported below
-        groups = [_restore_tuples(saved, group) for saved, group in zip(header["param_groups"], current, strict=False)]
-        state: dict[int, dict[str, Any]] = {int(i): {"step": step} for i, step in header["steps"].items()}
-        params = [p for group in opt.param_groups for p in group["params"]]
         for name in f.keys():
             parts = name.split(".", 2)
             if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in state:
                 raise FormatError(f"{path}: unexpected tensor {name!r} in an optimizer state file")
-            if int(parts[1]) >= len(params):
-                raise ValueError(f"{path}: state for parameter {parts[1]}, the optimizer has {len(params)} parameters")
             index, key = int(parts[1]), parts[2]
             try:
-                state[index].update(pack_state({key: _entry(f, name)}, params[index]))
+                value = _entry(f, name)
+                like = torch.empty(value.shape, device="meta")  # packed for a parameter of the entry's shape
+                state[index].update(pack_state({key: value}, like))
             except FormatError:
                 raise
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{path}: tensor {name!r}: {err}") from None
-    try:
-        opt.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{path}: {err}") from None
+    groups = [_restore_tuples(g, defaults) for g in header["param_groups"]]
+    return {"state": state, "param_groups": [*groups, state_mark(header["class"])]}
+
+
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: optimizer state file not found")
+    with safe_open(path) as f:
+        return f.metadata()
 
 
 def _entry(f: Any, name: str) -> Any:
@@ -180,23 +211,6 @@ def _save_state_dict(
         metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
         logger.warning(f"{path}: fp32 optimizer state stored as 8-bit codes, max relative L2 error {worst:.3e}")
     save(state, path, metadata=metadata)
-
-
-def _load_state_dict(opt: torch.optim.Optimizer, path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    saved = metadata.get(CLASS_KEY)  # None: not from save_optimizer (q8convert of an optimizer.pt)
-    if saved is not None and saved != class_name(opt):
-        raise ValueError(f"{path}: state of a {saved}, cannot load it into {class_name(opt)}")
-    state = load(path)
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and "param_groups" in state):
-        raise FormatError(f"{path}: not a q8 optimizer state file (nor an optimizer's state dict)")
-    state = _dequantize_state(state)
-    if not isinstance(opt, Optimizer8bit) and (_holds_codes(state) or split_state_mark(state["param_groups"])[1]):
-        # torch.optim would cast the uint8 codes of 8-bit state to float
-        raise ValueError(f"{path}: holds 8-bit optimizer state, which {class_name(opt)} cannot load")
-    try:
-        opt.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: optimizer state does not match the optimizer's parameters: {e}") from e
 
 
 def _holds_codes(state: dict[str, Any]) -> bool:

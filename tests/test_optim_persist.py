@@ -258,3 +258,23 @@ def test_quantized_torch_state_and_8bit_state_into_torch(tmp_path, caplog):
     q8.save(eight.state_dict(), tmp_path / "state_dict.q8")  # 8-bit state as a plain state dict
     with pytest.raises(ValueError, match=r"state_dict\.q8: holds 8-bit optimizer state"):
         q8.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path / "state_dict.q8")
+
+
+def test_state_dict_of_a_file_without_its_optimizer(tmp_path):
+    """load_optimizer_state_dict gives exactly the optimizer's state_dict() (what q8convert
+    decode writes to optimizer.pt): 8-bit entries as codes + absmax, the class mark, tuples."""
+    model, batches = model_and_data()
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    run(model, opt, batches[:2])
+    q8.save_optimizer(opt, tmp_path / "opt.q8")
+    got, expected = q8.optim.load_optimizer_state_dict(tmp_path / "opt.q8"), opt.state_dict()
+    assert got["param_groups"] == expected["param_groups"] and got["param_groups"][-1]["q8_optimizer"] == "AdamW8bit"
+    assert got["state"].keys() == expected["state"].keys()
+    for i, entries in expected["state"].items():
+        assert got["state"][i].keys() == entries.keys()
+        for key, value in entries.items():
+            other = got["state"][i][key]
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value, (i, key)
+    again = AdamW8bit(model.parameters(), lr=1e-2)
+    again.load_state_dict(got)
+    assert_equal_lists(state_bytes(opt), state_bytes(again))
