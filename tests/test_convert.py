@@ -451,7 +451,7 @@ def test_decode_q8_files_written_by_the_api(tmp_path, capsys):
     assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.safetensors", "-q") == EXIT_OK
     back = st_load(tmp_path / "flat.safetensors")
     assert q8.quant_error(w, back["w"]).rel_l2 < 0.02 and torch.equal(back["b"], torch.zeros(4))
-    assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.txt") == EXIT_OUTPUT
+    assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.txt") == EXIT_USAGE
     assert "*.safetensors" in capsys.readouterr().err
     state = {"step": 3, "state": {0: {"exp_avg": q8.quantize(w, "dynamic")}}, "groups": [{"lr": 0.1}]}
     q8.save(state, tmp_path / "nested.q8")
