@@ -12,6 +12,7 @@ end: a conversion that fails leaves no partial output (and any previous DST unto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -64,6 +65,7 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  #
 KIND, SOURCE = "q8convert.kind", "q8convert.source"  # metadata: "weights" or "object"; the original file name
 OPTIMIZER_KEYS = {q8.optim.persist.METADATA_KEY, q8.optim.persist.CLASS_KEY}  # metadata of q8.save_optimizer files
 INDEX_SUFFIX = ".index.json"
+TRAINING_WEIGHTS = "training checkpoint: weights kept exact for an exact resume (--quantize-weights)"
 
 EXAMPLES = """\
 examples:
@@ -264,8 +266,11 @@ def _convert_folder(src: Path, out: Path | None, policy: Policy, args, bar_args:
         refs = refs if refs is not None else shard_refs(src, ckpt.weights)
         meta = _weights_metadata(src / first, first)
         out_weights = out and out / ckpt.weights_name
+        weights_policy = policy
+        if ckpt.is_training and not args.quantize_weights and not policy.lossless:
+            weights_policy = dataclasses.replace(policy, lossless=True, lossless_reason=TRAINING_WEIGHTS)
         with progress(sum(r.nbytes for r in refs), "weights", **bar_args) as bar:
-            results.append((first, _convert_weights(refs, out_weights, meta, policy, args, bar)))
+            results.append((first, _convert_weights(refs, out_weights, meta, weights_policy, args, bar)))
     if ckpt.optimizer:
         path = src / ckpt.optimizer
         with progress(path.stat().st_size, "optimizer", **bar_args) as bar:
@@ -654,6 +659,12 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     )
     convert.add_argument(
         "--max-error", type=_fraction, metavar="X", help="keep a tensor exact if its relative L2 error would exceed X"
+    )
+    convert.add_argument(
+        "--quantize-weights",
+        action="store_true",
+        help="in a Trainer checkpoint, quantize the model weights too (by default they stay exact there, so that "
+        "a resume is exact; a model folder's weights are quantized)",
     )
     convert.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="split the weights, e.g. 5GB")
     convert.add_argument("--dry-run", action="store_true", help="decide and measure everything, write nothing")

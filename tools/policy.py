@@ -61,6 +61,8 @@ class Policy:
     code: str = "auto"
     keep: tuple[str, ...] = ()
     max_error: float | None = None
+    lossless_reason: str = "--lossless"
+    """Why `lossless` keeps every tensor exact, for the report."""
 
     def apply(self, name: str, x: torch.Tensor, key: str = "") -> tuple[torch.Tensor | q8.QTensor, Decision]:
         """Decide for tensor `name` and produce what is stored: `x` itself or a QTensor.
@@ -96,7 +98,7 @@ class Policy:
         if not x.is_floating_point():
             return f"{str(x.dtype).removeprefix('torch.')} (not float)"
         if self.lossless:
-            return "--lossless"
+            return self.lossless_reason
         if pattern := next((p for p in self.keep if fnmatch.fnmatchcase(name, p)), None):
             return f"--keep {pattern}"
         if x.dtype not in QUANTIZABLE:
