@@ -148,3 +148,29 @@ def test_output_folders_are_made_and_permissions_follow_the_umask(weights, tmp_p
         assert mode(path.stat().st_mode) == reference, path
     for folder in (tmp_path / "a" / "b", tmp_path / "c" / "folder.q8", tmp_path / "d" / "back"):
         assert mode(folder.stat().st_mode) == 0o750, folder
+
+
+def test_max_error_report_shows_what_was_stored(tmp_path, capsys):
+    """Tensors --max-error keeps exact count as exact (error 0) in the table and its total, in one
+    row; the error they would have had is in the JSON and the file (`refused_rel_l2`)."""
+    g = torch.Generator().manual_seed(0)
+    outliers = [torch.randn(512, 64, generator=g) for _ in range(2)]
+    for t in outliers:
+        t[:, 0] *= 50  # a linear table loses precision on every other element
+    tensors = {"a.weight": outliers[0], "b.weight": outliers[1], "mlp.weight": torch.randn(256, 256, generator=g)}
+    st_save(tensors, tmp_path / "m.safetensors")
+    argv = ("--code", "linear", "--blocksize", "256", "--max-error", "0.01")
+    assert run(tmp_path / "m.safetensors", "-o", tmp_path / "m.q8", *argv, "--json") == EXIT_OK
+    got = {t["name"]: t for t in json.loads(capsys.readouterr().out)["files"][0]["tensors"]}
+    for name in ("a.weight", "b.weight"):
+        assert got[name]["encoding"] == "exact" and got[name]["rel_l2"] == 0 and got[name]["refused_rel_l2"] > 0.01
+    stored = got["mlp.weight"]["rel_l2"]
+    assert 0 < stored <= 0.01
+    assert run(tmp_path / "m.safetensors", "-o", tmp_path / "n.q8", *argv) == EXIT_OK
+    table = capsys.readouterr().out.splitlines()
+    (fallback,) = [line for line in table if "> --max-error" in line]  # one row for both
+    assert fallback.split()[-1] == "0" and "  2  " in fallback
+    total = next(line for line in table if line.startswith("total"))
+    assert total.split()[-1] == f"{stored:.2e}"  # the error of what was stored, nothing else
+    with q8.safe_open(tmp_path / "n.q8") as f:
+        assert f.info("a.weight")["extra"]["refused_rel_l2"] == f"{got['a.weight']['refused_rel_l2']:.3e}"

@@ -40,8 +40,9 @@ class Decision:
     raw_bytes: int
     code: str | None = None
     blocksize: int | None = None
-    rel_l2: float = 0.0
+    rel_l2: float = 0.0  # of what was stored: 0 for an exact tensor
     max_abs: float = 0.0
+    refused_rel_l2: float | None = None  # kept exact by --max-error: the error quantizing would have caused
     stored_bytes: int | None = None  # what the file holds for it (after compression, once written)
 
     def extra(self) -> dict[str, str]:
@@ -49,6 +50,8 @@ class Decision:
         out = {"q8convert": self.reason}
         if self.encoding == "quantized":
             out |= {"rel_l2": f"{self.rel_l2:.3e}", "max_abs": f"{self.max_abs:.3e}"}
+        if self.refused_rel_l2 is not None:
+            out["refused_rel_l2"] = f"{self.refused_rel_l2:.3e}"
         return out
 
 
@@ -82,10 +85,10 @@ class Policy:
         signed = lo < 0
         candidates = [moment] if moment else self._candidates(signed)
         best, err = quantize_best(x, candidates, self.blocksize)
-        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
-        if self.max_error is not None and d.rel_l2 > self.max_error:
-            d.reason = f"error {d.rel_l2:.2e} > --max-error {self.max_error:g}"
+        if self.max_error is not None and err.rel_l2 > self.max_error:  # stored exact: its error is 0
+            d.reason, d.refused_rel_l2 = f"8-bit error > --max-error {self.max_error:g}", err.rel_l2
             return x, d
+        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
         d.encoding, d.code, d.blocksize = "quantized", best.code.name, self.blocksize
         d.reason = f"Adam {key}" if moment else f"--code {self.code}"
         return best, d
