@@ -46,7 +46,7 @@ from q8.formats.checkpoints import (
 )
 
 from .policy import Decision, Policy
-from .progress import LineProgress, progress
+from .progress import LineProgress, fmt_bytes, progress
 from .state import from_container, to_container
 
 __all__ = [
@@ -315,14 +315,6 @@ def _default_output(src: Path) -> Path:
 # -- report ------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def _table(rows: list[tuple], header: tuple) -> str:
     cells = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -361,7 +353,7 @@ def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> Non
         err = f"{max(d.rel_l2 for d in ds):.2e}" if any(d.rel_l2 for d in ds) else "0"
         ratio = f"{n_raw / n_stored:.2f}x" if n_stored else "-"
         why = f"{what}: {reason}" if what else ""
-        rows.append((name, why, len(ds), _fmt_bytes(n_raw), _fmt_bytes(n_stored), ratio, err))
+        rows.append((name, why, len(ds), fmt_bytes(n_raw), fmt_bytes(n_stored), ratio, err))
     print(_table(rows, ("source", "what: why", "tensors", "input", "stored", "ratio", "max rel L2")))
     if copies:
         print(f"carried over unchanged: {', '.join(copies)}")
@@ -575,7 +567,7 @@ def cmd_info(args) -> int:
             table.append((r["name"], shape, r["dtype"], enc, r["stored_bytes"], ratio, err))
         print(_table(table, ("tensor", "shape", "dtype", "encoding", "stored bytes", "ratio", "rel L2")))
     print(
-        f"total: {len(files)} file(s), {_fmt_bytes(raw)} -> {_fmt_bytes(stored)} ({raw / stored:.2f}x)"
+        f"total: {len(files)} file(s), {fmt_bytes(raw)} -> {fmt_bytes(stored)} ({raw / stored:.2f}x)"
         if stored
         else "total: empty"
     )

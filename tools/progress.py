@@ -13,10 +13,11 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-__all__ = ["LineProgress", "progress"]
+__all__ = ["LineProgress", "fmt_bytes", "progress"]
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """1234567 -> "1.2 MB" (decimal units, as q8convert's report)."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -40,7 +41,7 @@ class LineProgress:
         now = time.monotonic()
         percent = 100 * self.n / self.total if self.total else 100.0
         if now - self._last_time >= self.interval or percent - self._last_percent >= self.step:
-            self._print(f"{percent:.0f}% ({_fmt(self.n)} of {_fmt(self.total)}){self._item}", now)
+            self._print(f"{percent:.0f}% ({fmt_bytes(self.n)} of {fmt_bytes(self.total)}){self._item}", now)
             self._last_time, self._last_percent = now, percent
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
@@ -50,7 +51,7 @@ class LineProgress:
         print(f"q8convert: {self.desc}: {what}, {now - self.start:.0f} s", file=self.file, flush=True)
 
     def close(self) -> None:
-        self._print(f"done ({_fmt(self.n)})", time.monotonic())
+        self._print(f"done ({fmt_bytes(self.n)})", time.monotonic())
 
     def __enter__(self) -> LineProgress:
         return self
