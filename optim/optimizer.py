@@ -195,7 +195,9 @@ class Optimizer8bit(torch.optim.Optimizer):
             state[name] = quantize(value, code, self.blocksize, row_length=row_length(p)) if eight else value
         return state
 
-    @torch.compiler.disable
+    # torch.compiler.disable, importing torch._dynamo (150 MB) on first use rather than at
+    # import (q8convert's memory bound); torch.optim's zero_grad uses the same decorator.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step over every parameter with a gradient.

@@ -3,8 +3,11 @@ rule, state dicts (round trip, validation, torch and bitsandbytes interop), edge
 
 import io
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -695,3 +698,6 @@ def test_step_inside_a_compiled_training_step():
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    # ... and importing q8 does not import torch._dynamo (150 MB: q8convert's memory bound)
+    code = "import sys, q8; assert 'torch._dynamo' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONSAFEPATH": "1"}, timeout=120)
