@@ -165,7 +165,8 @@ def _convert_weights(
         for ref in refs:
             bar.set_postfix_str(ref.name[-40:], refresh=False)
             stored, d = policy.apply(ref.name, ref.load(), "", held)  # the fp32 original is freed once quantized
-            d.stored_bytes = stored.nbytes
+            if d.stored_bytes is None:  # the target search measured it compressed already
+                d.stored_bytes = stored.nbytes
             if writer:
                 writer.add(ref.name, stored, d.extra())
             decisions.append(d)
@@ -333,7 +334,7 @@ def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> Non
     if copies:
         print(f"carried over unchanged: {', '.join(copies)}")
     if args.dry_run:
-        print(f"dry run: nothing written (would write {dst}; stored sizes above are before lossless compression)")
+        print(f"dry run: nothing written (would write {dst}; sizes above: exact tensors before compression)")
     else:
         print(f"wrote {dst}")
 

@@ -144,6 +144,8 @@ class Policy:
             return x, d
         d.encoding, d.code, d.blocksize = "quantized", best.code.name, best.blocksize
         d.reason = why
+        if self.target_error is not None:
+            d.stored_bytes = found.nbytes  # measured compressed (a dry run reports it)
         if held is not None:
             held.add(best.code)
         return best, d

@@ -75,7 +75,8 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
                 d.reason, stored = "bitsandbytes 32-bit state", x
             else:
                 stored, d = policy.apply(path, x, key, held)
-            d.stored_bytes = stored.nbytes
+            if d.stored_bytes is None:  # the target search measured it compressed already
+                d.stored_bytes = stored.nbytes
             decisions.append(d)
             return stored
         if isinstance(x, dict):
