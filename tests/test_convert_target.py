@@ -166,3 +166,19 @@ def test_plot_without_matplotlib_names_the_extra(src, tmp_path, capsys, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert run("info", tmp_path / "m.q8", "--plot", tmp_path / "t.png") == EXIT_USAGE
     assert "q8[plot]" in capsys.readouterr().err and not (tmp_path / "t.png").exists()
+
+
+def test_adam_moments_keep_their_tables_and_follow_an_explicit_target(tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(256, 128, generator=g) * torch.rand(256, 1, generator=g)
+    state = {"state": {0: {"step": torch.tensor(5.0), "exp_avg": grad * 0.1, "exp_avg_sq": grad.square() * 1e-3}},
+             "param_groups": [{"lr": 1e-3, "params": [0]}]}  # fmt: skip
+    torch.save(state, tmp_path / "optimizer.pt")
+    got = convert_json(tmp_path / "optimizer.pt", tmp_path / "o.q8", capsys=capsys)  # the default target is for weights
+    m, v = got["state.0.exp_avg"], got["state.0.exp_avg_sq"]
+    assert (m["code"], m["blocksize"], m["reason"]) == ("dynamic", 2048, "Adam exp_avg")
+    assert (v["code"], v["blocksize"], v["reason"]) == ("udynamic", 2048, "Adam exp_avg_sq")
+    got = convert_json(tmp_path / "optimizer.pt", tmp_path / "o.q8", "--target-error", "0.03", capsys=capsys)
+    m, v = got["state.0.exp_avg"], got["state.0.exp_avg_sq"]
+    assert m["code"] == "dynamic" and v["code"] == "udynamic"
+    assert m["rel_l2"] <= 0.03 and m["reason"] == "Adam exp_avg: smallest within --target-error 0.03"

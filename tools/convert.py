@@ -254,8 +254,16 @@ def cmd_convert(args) -> int:
     dst = Path(args.output) if args.output else _default_output(src)
     target = args.target_error
     if target is None and args.code is None and args.blocksize is None:
-        target = DEFAULT_TARGET_ERROR
-    policy = Policy(args.lossless, args.blocksize, args.code, tuple(args.keep), args.max_error, target)
+        target = DEFAULT_TARGET_ERROR  # for weights: Adam moments keep their tables at blocksize 2048
+    policy = Policy(
+        args.lossless,
+        args.blocksize,
+        args.code,
+        tuple(args.keep),
+        args.max_error,
+        target,
+        args.target_error is not None,
+    )
     bar_args = {"unit": "B", "unit_scale": True, "disable": args.quiet or args.json or None, "leave": False}
     if args.dry_run:
         results, copies = _run_convert(src, None, policy, args, bar_args)
@@ -539,9 +547,10 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         "--target-error",
         type=_fraction,
         metavar="E",
-        help="per tensor, the smallest encoding (code table, blocksize) whose relative L2 error is <= E "
-        f"(default {DEFAULT_TARGET_ERROR:g}, unless --code or --blocksize is given alone); "
-        "a tensor no 8-bit option reaches gets the lowest-error one, or stays exact if that is smaller",
+        help="per tensor, the smallest encoding (code table, blocksize, or exact) whose relative L2 error is <= E; "
+        "one no option reaches gets the lowest-error one (or exact, if smaller). Default: "
+        f"{DEFAULT_TARGET_ERROR:g} for weights (Adam moments then keep their dynamic tables at blocksize 2048), "
+        "unless --code or --blocksize is given alone",
     )
     convert.add_argument(
         "--blocksize",

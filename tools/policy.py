@@ -86,7 +86,8 @@ class Policy:
 
     `target_error` None: every tensor at `blocksize` (default 2048) with the `code` of
     lowest error. Otherwise the target search over `code`'s tables (all when None or
-    "auto") and `blocksize` (all when None).
+    "auto") and `blocksize` (all when None); for Adam moments over their dynamic table's
+    blocksizes, unless `moments_by_target` is False.
     """
 
     lossless: bool = False
@@ -95,6 +96,9 @@ class Policy:
     keep: tuple[str, ...] = ()
     max_error: float | None = None
     target_error: float | None = DEFAULT_TARGET_ERROR
+    moments_by_target: bool = True
+    """False: Adam moments keep their dynamic table at `DEFAULT_BLOCKSIZE` whatever the
+    target (q8convert's default target is chosen for weights)."""
 
     def apply(
         self, name: str, x: torch.Tensor, key: str = "", held: set[q8.Code] | None = None
@@ -117,7 +121,7 @@ class Policy:
             return x, d
         signed = lo < 0
         why = f"Adam {key}" if moment else f"--code {self.code or 'auto'}"
-        if self.target_error is None:
+        if self.target_error is None or (moment and not self.moments_by_target):
             blocksize = self.blocksize or DEFAULT_BLOCKSIZE
             best, err = quantize_best(
                 x, [moment] if moment else AUTO_CODES[signed] if self._auto else (self.code,), blocksize
@@ -144,7 +148,7 @@ class Policy:
             return x, d
         d.encoding, d.code, d.blocksize = "quantized", best.code.name, best.blocksize
         d.reason = why
-        if self.target_error is not None:
+        if d.tried:
             d.stored_bytes = found.nbytes  # measured compressed (a dry run reports it)
         if held is not None:
             held.add(best.code)
