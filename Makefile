@@ -11,7 +11,7 @@ export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.q8-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench fuzz
 
 $(STAMP): pyproject.toml setup.py $(wildcard */*.c */*.h)
 	@if [ ! -x $(PY) ]; then \
@@ -37,3 +37,17 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# A long fuzz run outside CI: the C extensions built with AddressSanitizer + UBSan into
+# build/fuzz (a copy of the package, so the in-place build stays as it is), then the
+# mutation fuzz, the hostile corpus and the codec/format tests against them.
+# FUZZ_EXAMPLES=200000 by default (about an hour on 2 cores); any sanitizer report aborts.
+FUZZ_EXAMPLES ?= 200000
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
+fuzz: $(STAMP)
+	rm -rf build/fuzz && mkdir -p build/fuzz/q8
+	CFLAGS="$(SANITIZE)" LDFLAGS="$(SANITIZE)" $(PY) setup.py -q build_ext --build-lib build/fuzz --build-temp build/fuzz-obj
+	git ls-files '*.py' ':!tests/*' | tar -cf - -T - | tar -xf - -C build/fuzz/q8
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=build/fuzz Q8_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_formats_fuzz.py tests/test_formats.py tests/test_codec_native.py

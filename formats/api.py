@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import torch
 
 from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
-from .container import FormatError, Reader, Writer, _check_str_map, _fsync_dir, check_storable
+from .atomic import TempFile, fsync_dir
+from .container import FormatError, Reader, Writer, _check_str_map, check_storable
 from .tree import pack_tree, unpack_tree
 
 __all__ = ["load", "load_file", "safe_open", "save", "save_file", "verify"]
@@ -147,18 +147,17 @@ def _write(path: Path, items: list, metadata: dict, code: str | Code, blocksize:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temp = TempFile(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        temp.file.write(text.encode("utf-8"))
+        temp.file.flush()
+        os.fsync(temp.file.fileno())
+        os.replace(temp.path, path)
+        fsync_dir(path.parent)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        temp.discard()
         raise
+    temp.file.close()
 
 
 def save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
@@ -216,7 +215,7 @@ class ShardedReader:
         if name not in self.weight_map:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         reader = self._reader(self.weight_map[name])
-        if name not in reader.records:
+        if name not in reader:
             raise FormatError(f"{reader.path}, tensor {name!r}: listed in {self.path.name} but not in the shard")
         return reader
 
@@ -293,22 +292,27 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """Load what `q8.save` wrote (QTensors come back as QTensors); for a file written by
     `save_file`, the dict of its tensors."""
     with safe_open(path, device) as f:
-        tree = getattr(f, "tree", None)
-        if tree is None:
+        if getattr(f, "tree", None) is None:
             return {name: _load_one(f, name) for name in f.keys()}
-        loaded: dict[str, Any] = {}  # a tensor referenced twice loads once (tied weights stay tied)
+        return read_tree(f)
 
-        def load_one(name: str) -> Any:
-            if name not in loaded:
-                loaded[name] = _load_one(f, name)
-            return loaded[name]
 
-        try:
-            return unpack_tree(tree, load_one)
-        except FormatError:
-            raise
-        except Exception as e:
-            raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
+def read_tree(f: Reader) -> Any:
+    """The nested object in the `tree` of an open q8 file, its tensors loaded (each once:
+    tied tensors stay tied). FormatError on a malformed structure."""
+    loaded: dict[str, Any] = {}
+
+    def load_one(name: str) -> Any:
+        if name not in loaded:
+            loaded[name] = _load_one(f, name)
+        return loaded[name]
+
+    try:
+        return unpack_tree(f.tree, load_one)
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
 
 
 def _load_one(f: Reader | ShardedReader, name: str) -> torch.Tensor | QTensor:

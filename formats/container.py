@@ -8,13 +8,14 @@ validated before use, and anything wrong raises `FormatError` naming the file an
 
 from __future__ import annotations
 
-import itertools
+import array
+import io
 import math
 import mmap
 import os
 import struct
 import sys
-import tempfile
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy
 import torch
 import zstandard
 
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
+from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
 
@@ -42,10 +45,13 @@ MAX_NDIM = 64
 MAX_BYTES = 1 << 62
 MAX_INDEX_BYTES = 1 << 30
 MAX_NAME_BYTES = 1 << 16
+MAX_ZSTD_RATIO = 1 << 15  # a zstd block regenerates at most 128 KiB and takes at least 4 bytes (RLE)
+MAX_ZSTD_WINDOW = 1 << 27  # zstd's default limit: the decoder's history buffer
 _MIN_SAVING = 0.03  # keep a compressed segment only if it saves at least 3%
 _MIN_COMPRESS_BYTES = 256
 _ZSTD_PROBE = 1 << 16  # bytes per probe slice when deciding whether zstd pays
 _PLANES_MIN_NUMEL = 1024  # smaller float tensors: raw bytes (planes would not pay)
+_UNPACK = {"raw": False, "strict_map_key": True, "use_list": True}
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("q8.formats assumes a little-endian host (the file format is little-endian)")
@@ -124,8 +130,9 @@ class Writer:
     def _open(self) -> None:
         if self._file is not None:
             raise RuntimeError(f"Writer for {self.path} is already open")
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._file = os.fdopen(fd, "wb")
+        temp = TempFile(self.path)
+        self._file, self._tmp = temp.file, temp.path
+        self._discard = weakref.finalize(self, temp.discard)  # also on garbage collection and at exit
         self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
 
     def _write(self, data) -> None:
@@ -163,7 +170,7 @@ class Writer:
                 raise TypeError(f"{self.path}: cannot quantize tensor {name!r} of dtype {tensor.dtype}")
             tensor = quantize(tensor.detach().cpu(), self._code, self._blocksize)
         if isinstance(tensor, QTensor):
-            record = self._add_qtensor(tensor)
+            record = self._add_qtensor(name, tensor)
         elif isinstance(tensor, torch.Tensor):
             record = self._add_tensor(name, tensor)
         else:
@@ -175,6 +182,8 @@ class Writer:
     def _add_tensor(self, name: str, x: torch.Tensor) -> dict:
         check_storable(x, f"{self.path}: tensor {name!r}")
         x = x.detach().cpu().contiguous()
+        if x.dtype == torch.bool and (problem := bool_problem(x)):
+            raise ValueError(f"{self.path}: tensor {name!r}: {problem}")
         encoding, parts = _exact_parts(x)
         return {
             "dtype": dtype_name(x.dtype),
@@ -183,7 +192,9 @@ class Writer:
             "segments": self._segments(parts),
         }
 
-    def _add_qtensor(self, qt: QTensor) -> dict:
+    def _add_qtensor(self, name: str, qt: QTensor) -> dict:
+        if problem := blockwise_problem(qt.absmax, qt.code, qt.dtype):
+            raise ValueError(f"{self.path}: QTensor {name!r}: {problem}")
         qt = qt.to("cpu")
         code = self._codes.setdefault(qt.code, len(self._codes))
         segments = self._segments(_blockwise_parts(qt))
@@ -241,26 +252,47 @@ class Writer:
         offset = self._pos
         self._write(blob)
         self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
-        f, tmp = self._file, self._tmp
+        f = self._file
         try:
             f.flush()
             os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
+            fsync_dir(self.path.parent)
         except BaseException:
             self.abort()
             raise
+        self._discard.detach()
         self._file = self._tmp = None
+        f.close()
 
     def abort(self) -> None:
         """Drop the temporary file; the previous file at `path`, if any, is untouched."""
-        f, tmp = self._file, self._tmp
-        self._file = self._tmp = None
-        if f is not None:
-            f.close()
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if self._file is not None:
+            self._file = self._tmp = None
+            self._discard()
+
+
+def blockwise_problem(absmax: torch.Tensor, code: Code, dtype: torch.dtype) -> str | None:
+    """Why 8-bit codes with these fp32 scales cannot be stored: an absmax that is negative
+    or not finite, or values that would decode beyond `dtype`'s range (the largest
+    |table entry| x the largest absmax, rounded to `dtype` as decoding rounds, is inf).
+    None if they are fine. One pass over the absmax, none over the codes."""
+    if absmax.numel() == 0:
+        return None
+    low, high = torch.aminmax(absmax)
+    if not (low >= 0 and high < math.inf):  # also false for NaN
+        return "absmax holds negative or non-finite values"
+    extreme = torch.maximum(-code.values[0], code.values[-1]) * high.cpu()
+    if not torch.isfinite(extreme.to(dtype)):
+        return f"decodes to values beyond {dtype}'s range (largest |table entry| x absmax = {extreme.item():.4g})"
+    return None
+
+
+def bool_problem(data: torch.Tensor) -> str | None:
+    """Why the bytes of a bool tensor are not one (0 or 1 per element), or None."""
+    if data.numel() and bool((data.view(torch.uint8) > 1).any()):
+        return "bool tensor holds bytes other than 0 and 1"
+    return None
 
 
 def _exact_parts(x: torch.Tensor) -> tuple[str, Iterable[torch.Tensor]]:
@@ -351,17 +383,6 @@ def check_storable(x: Any, what: str) -> None:
     dtype_name(x.dtype)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -423,18 +444,33 @@ class Reader:
         self.data_end = self.size - FOOTER.size - length
         if length > MAX_INDEX_BYTES or offset != self.data_end or offset < HEADER.size or offset % ALIGN:
             raise self.error(f"index at {offset} (+{length} bytes) does not fit a {self.size}-byte file")
-        blob = self._mm[offset : offset + length]
+        blob = self._mm[offset : offset + length]  # a copy: the checked bytes cannot change under us
         if zlib.crc32(blob) != crc:
             raise self.error("index checksum mismatch (file corrupt)")
+        self._index = blob
         try:
-            index = msgpack.unpackb(blob, raw=False, strict_map_key=True, use_list=True)
+            self._parse_index(msgpack.Unpacker(io.BytesIO(blob), max_buffer_size=max(1, length), **_UNPACK))
+        except FormatError:
+            raise
         except Exception as e:
             raise self.error(f"index is not valid msgpack/UTF-8: {e}") from None
-        self._parse_index(index)
 
-    def _parse_index(self, index: Any) -> None:
-        if not isinstance(index, dict):
-            raise self.error("index is not a map")
+    def _parse_index(self, unpacker: msgpack.Unpacker) -> None:
+        """Everything but the tensor records, which `_scan_records` only locates."""
+        try:
+            entries = unpacker.read_map_header()
+        except Exception:
+            raise self.error("index is not a map") from None
+        index: dict[Any, Any] = {}
+        for _ in range(entries):
+            key = unpacker.unpack()
+            if key in index:
+                raise self.error(f"index has two {key!r} entries")
+            index[key] = self._scan_records(unpacker) if key == "tensors" else unpacker.unpack()
+        if unpacker.tell() != len(self._index):
+            raise self.error("index has trailing bytes")
+        if "tensors" not in index:
+            raise self.error("tensors is not an array")
         self._metadata = self._str_map(index.get("metadata", {}), "metadata")
         self.q8_metadata = self._str_map(index.get("q8", {}), "q8 metadata")
         tree = index.get("tree")
@@ -444,27 +480,59 @@ class Reader:
         codes = index.get("codes", [])
         if not isinstance(codes, list):
             raise self.error("codes is not an array")
-        self.codes = [self._parse_code(i, c) for i, c in enumerate(codes)]
-        records = index.get("tensors")
-        if not isinstance(records, list):
-            raise self.error("tensors is not an array")
-        self.records: dict[str, dict] = {}
-        spans = []
-        for record in records:
-            name, rec = self._parse_record(record)
-            if name in self.records:
+        self._code_tables = codes
+        self.codes: list[Code | None] = [None] * len(codes)  # parsed on first use
+
+    def _scan_records(self, unpacker: msgpack.Unpacker) -> int:
+        """Locate every record (its name, where it lies in the index) and check that the
+        segments of all records lie in the data area without overlapping; the rest of a
+        record is parsed when the tensor is asked for. Work and memory are linear in the
+        index size, a few small objects per record."""
+        try:
+            count = unpacker.read_array_header()
+        except Exception:
+            raise self.error("tensors is not an array") from None
+        self._where: dict[str, int] = {}
+        self._bounds = array.array("q", [unpacker.tell()])
+        starts, ends, owners = array.array("q"), array.array("q"), array.array("q")
+        for k in range(count):
+            record = unpacker.unpack()
+            name, segments = record.get("name") if isinstance(record, dict) else None, None
+            if isinstance(name, str):
+                segments = record.get("segments")
+            if not isinstance(segments, list):
+                raise self.error("a tensor record has no name or no segments", name if isinstance(name, str) else None)
+            if name in self._where:
                 raise self.error("duplicate tensor name", name)
-            self.records[name] = rec
-            spans.extend((s[0], s[0] + s[1], name) for s in rec["segments"])
-        spans.sort()
-        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
-            if start < end:
-                raise self.error(f"segments of {a!r} and {b!r} overlap", b)
+            self._where[name] = k
+            for seg in segments:
+                if not (isinstance(seg, list) and len(seg) == 5 and type(seg[0]) is int and type(seg[1]) is int):
+                    raise self.error(f"malformed segment {seg!r:.100}", name)
+                offset, stored = seg[0], seg[1]
+                if not (HEADER.size <= offset and 0 <= stored <= self.data_end - offset):
+                    raise self.error(f"segment at {offset} (+{stored} bytes) lies outside the data area", name)
+                starts.append(offset)
+                ends.append(offset + stored)
+                owners.append(k)
+            self._bounds.append(unpacker.tell())
+        begin, end = numpy.frombuffer(starts, numpy.int64), numpy.frombuffer(ends, numpy.int64)
+        order = numpy.lexsort((end, begin))  # by start, then end
+        clash = numpy.flatnonzero(begin[order][1:] < end[order][:-1])
+        if clash.size:
+            names = list(self._where)
+            a, b = (names[owners[order[i]]] for i in (clash[0], clash[0] + 1))
+            raise self.error(f"segments of {a!r} and {b!r} overlap", b)
+        return count
 
     def _str_map(self, value: Any, what: str, name: str | None = None) -> dict[str, str]:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise self.error(f"{what} is not a map of str to str", name)
         return value
+
+    def _code(self, i: int) -> Code:
+        if self.codes[i] is None:
+            self.codes[i] = self._parse_code(i, self._code_tables[i])
+        return self.codes[i]
 
     def _parse_code(self, i: int, c: Any) -> Code:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(c.get("values"), bytes):
@@ -514,7 +582,7 @@ class Reader:
                 _check_blocksize(blocksize)
             except ValueError as e:
                 raise self.error(str(e), name) from None
-            rec.update(code=self.codes[code], blocksize=blocksize)
+            rec.update(code=self._code(code), blocksize=blocksize)
             expected = [numel, 4 * -(-numel // blocksize)]
         else:
             raise self.error(f"unknown encoding {encoding!r} for dtype {dtype_name(dtype)}", name)
@@ -540,16 +608,22 @@ class Reader:
     # - tensors -
 
     def keys(self) -> list[str]:
-        return list(self.records)
+        return list(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 
     def record(self, name: str) -> dict:
+        """The validated record of tensor `name` (parsed from the index on each call)."""
         try:
-            return self.records[name]
+            k = self._where[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        raw = msgpack.unpackb(memoryview(self._index)[self._bounds[k] : self._bounds[k + 1]], **_UNPACK)
+        return self._parse_record(raw)[1]
 
     def info(self, name: str) -> dict:
         rec = self.record(name)
@@ -567,7 +641,7 @@ class Reader:
 
     def _segment(self, seg: tuple[int, int, int, int, int], name: str) -> torch.Tensor:
         """The raw bytes of one segment as a uint8 tensor: zero-copy into the map if stored
-        uncompressed, else decompressed with memory bounded by the data actually present."""
+        uncompressed, else decoded straight into a buffer of exactly its raw length."""
         offset, stored, raw, compression, crc = seg
         view = memoryview(self._mm)[offset : offset + stored]
         if zlib.crc32(view) != crc:
@@ -581,62 +655,74 @@ class Reader:
             if isinstance(out, str):
                 raise self.error(out, name)
             return out
-        return torch.frombuffer(self._unzstd(view, raw, name), dtype=torch.uint8)
+        return self._unzstd(view, raw, name)
 
-    def _unzstd(self, view: memoryview, raw: int, name: str) -> bytearray:
+    def _unzstd(self, view: memoryview, raw: int, name: str) -> torch.Tensor:
+        """Decode one zstd frame straight into a new tensor of exactly `raw` bytes. A frame
+        whose header or output disagrees with `raw` is refused as soon as it does: the
+        output never grows or moves, and decoding stops one byte past `raw`."""
         try:
             params = zstandard.get_frame_parameters(view)
         except zstandard.ZstdError as e:
             raise self.error(f"bad zstd segment: {e}", name) from None
         if params.content_size != raw:
             raise self.error(f"zstd frame holds {params.content_size} bytes, index says {raw}", name)
-        # Grow the output with the data actually decoded, so a lying size costs no memory.
-        out = bytearray(min(raw, 32 * view.nbytes + (1 << 20)))
-        pos = 0
+        if raw > MAX_ZSTD_RATIO * view.nbytes:
+            raise self.error(f"zstd segment of {view.nbytes} bytes cannot hold {raw} bytes", name)
+        out = torch.empty(raw, dtype=torch.uint8)
+        dst, pos = memoryview(out.numpy()), 0
         try:
-            with zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=False) as r:
-                while True:
-                    if pos == len(out):
-                        if pos == raw:
-                            break
-                        out.extend(bytes(min(len(out), raw - len(out))))
-                    n = r.readinto(memoryview(out)[pos:])
-                    if n == 0:
-                        break
+            with zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
+                view, read_across_frames=False
+            ) as r:
+                while pos < raw and (n := r.readinto(dst[pos:])):
                     pos += n
                 trailing = r.read(1)
         except zstandard.ZstdError as e:
             raise self.error(f"bad zstd segment: {e}", name) from None
         if pos != raw or trailing:
-            raise self.error(f"zstd segment decodes to {'more' if trailing else pos} bytes, expected {raw}", name)
+            raise self.error(f"zstd segment decodes to {'more than' if trailing else pos} bytes, expected {raw}", name)
         return out
 
+    def _decoded(self, name: str) -> tuple[dict, list[torch.Tensor]]:
+        """The record of `name` and its segments: checksummed, decoded, and checked for
+        everything decoding relies on (`q8.verify` runs exactly these checks)."""
+        rec = self.record(name)
+        parts = [self._segment(s, name) for s in rec["segments"]]
+        if rec["encoding"] == "blockwise":
+            problem = blockwise_problem(parts[1].view(torch.float32), rec["code"], rec["dtype"])
+        elif rec["dtype"] == torch.bool:
+            problem = bool_problem(parts[0])
+        else:
+            problem = None
+        if problem:
+            raise self.error(problem, name)
+        return rec, parts
+
     def verify(self) -> None:
-        """Read and check every segment (checksum, and zstd frames decode to their size)."""
-        for name, rec in self.records.items():
-            for seg in rec["segments"]:
-                self._segment(seg, name)
+        """Read and check every tensor as loading it would, without decoding 8-bit codes
+        or reassembling byte planes."""
+        for name in self._where:
+            self._decoded(name)
 
     def get_qtensor(self, name: str) -> QTensor:
         """The codes + absmax of a quantized tensor, not decoded, on the reader's device."""
-        rec = self.record(name)
-        if rec["encoding"] != "blockwise":
-            raise ValueError(f"{self.path}: tensor {name!r} is stored exactly ({rec['encoding']}), not quantized")
-        codes, absmax = (self._segment(s, name) for s in rec["segments"])
-        absmax = absmax.view(torch.float32)
-        if not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
-            raise self.error("absmax holds negative or non-finite values", name)
+        if self.record(name)["encoding"] != "blockwise":
+            raise ValueError(f"{self.path}: tensor {name!r} is stored exactly, not quantized")
+        return self._qtensor(*self._decoded(name))
+
+    def _qtensor(self, rec: dict, parts: list[torch.Tensor]) -> QTensor:
+        codes, absmax = parts[0], parts[1].view(torch.float32)
         qt = QTensor(codes, absmax, rec["code"], rec["blocksize"], rec["shape"], rec["dtype"])
         return qt if self.device.type == "cpu" else qt.to(self.device)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor, decoded, on the reader's device. Uncompressed exact tensors read on
         CPU are zero-copy views of the memory-mapped file (copy-on-write)."""
-        rec = self.record(name)
+        rec, parts = self._decoded(name)
         dtype, shape = rec["dtype"], rec["shape"]
         if rec["encoding"] == "blockwise":
-            return self.get_qtensor(name).dequantize()
-        parts = [self._segment(s, name) for s in rec["segments"]]
+            return self._qtensor(rec, parts).dequantize()
         if rec["encoding"] == "planes":
             x = from_planes(parts, dtype, shape)
         else:

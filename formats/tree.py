@@ -20,7 +20,7 @@ __all__ = ["pack_tree", "unpack_tree"]
 
 EXT_TENSOR, EXT_TUPLE = 1, 2
 _INT_RANGE = (-(1 << 63), (1 << 64) - 1)
-_MAX_DEPTH = 512
+_MAX_DEPTH = 128  # levels of dicts, lists and tuples; saving recurses once per level
 
 
 def pack_tree(obj: Any) -> tuple[bytes, dict[str, torch.Tensor | QTensor]]:
@@ -80,18 +80,24 @@ def pack_tree(obj: Any) -> tuple[bytes, dict[str, torch.Tensor | QTensor]]:
     return packed, tensors
 
 
+class _Packed(bytes):
+    """A tuple's still packed items, met while unpacking its parent."""
+
+
 def unpack_tree(blob: bytes, load: Callable[[str], Any]) -> Any:
     """Inverse of `pack_tree`; `load(name)` returns the tensor of a record. Raises
-    ValueError/KeyError (the caller turns them into FormatError) on anything malformed."""
+    ValueError/KeyError (the caller turns them into FormatError) on anything malformed,
+    including nesting deeper than `pack_tree` allows.
+
+    A tuple's items are a msgpack document of their own (an ext payload). They are unpacked
+    one level at a time from an explicit work list, never by msgpack calling back into
+    msgpack, so no file can exhaust the C stack; tuples are then built bottom-up."""
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == EXT_TENSOR:
             return load(data.decode("utf-8"))
         if code == EXT_TUPLE:
-            items = unpack(data)
-            if not isinstance(items, list):
-                raise ValueError("tuple payload is not an array")
-            return tuple(items)
+            return _Packed(data)
         raise ValueError(f"unknown msgpack ext type {code}")
 
     def pairs_hook(pairs: list[tuple[Any, Any]]) -> dict:
@@ -103,8 +109,31 @@ def unpack_tree(blob: bytes, load: Callable[[str], Any]) -> Any:
         return out
 
     def unpack(data: bytes) -> Any:
-        return msgpack.unpackb(
-            data, raw=False, strict_map_key=False, ext_hook=ext_hook, object_pairs_hook=pairs_hook, use_list=True
-        )
+        try:
+            return msgpack.unpackb(
+                data, raw=False, strict_map_key=False, ext_hook=ext_hook, object_pairs_hook=pairs_hook, use_list=True
+            )
+        except msgpack.StackError:
+            raise ValueError(f"structure nested deeper than {_MAX_DEPTH} levels") from None
 
-    return unpack(blob)
+    root = [unpack(blob)]
+    visited, todo = [], [(root, 0)]  # containers (lists, dicts, tuples' item lists) and their depth
+    tuples = set()  # ids of the item lists that become tuples
+    while todo:
+        node, depth = todo.pop()
+        if depth > _MAX_DEPTH + 1:
+            raise ValueError(f"structure nested deeper than {_MAX_DEPTH} levels")
+        visited.append(node)
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(v, _Packed):
+                v = node[k] = unpack(v)
+                if not isinstance(v, list):
+                    raise ValueError("tuple payload is not an array")
+                tuples.add(id(v))
+            if isinstance(v, (list, dict)):
+                todo.append((v, depth + 1))
+    for node in reversed(visited):  # children before their parents
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            if id(v) in tuples and isinstance(v, list):
+                node[k] = tuple(v)
+    return root[0]

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from ..codec import QTensor, get_code
+from ..codec import CODE_NAMES, QTensor, get_code
 from ..formats import FormatError, Writer, safe_open
 from .optimizer import Optimizer8bit, pack_state
 from .sharded import is_sharded
@@ -73,18 +73,26 @@ def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
             if int(parts[1]) >= len(params):
                 raise ValueError(f"{path}: state for parameter {parts[1]}, the optimizer has {len(params)} parameters")
             index, key = int(parts[1]), parts[2]
-            if f.info(name)["encoding"] == "blockwise":
-                qt = f.get_qtensor(name)
-                if qt.code != get_code(qt.code.name):
-                    raise ValueError(f"{path}: tensor {name!r} uses a table named {qt.code.name!r} that is not q8's")
-                value = QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype)
-            else:
-                value = f.get_tensor(name).clone()
-            state[index].update(pack_state({key: value}, params[index]))
+            try:
+                state[index].update(pack_state({key: _entry(f, name)}, params[index]))
+            except FormatError:
+                raise
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{path}: tensor {name!r}: {err}") from None
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
-    except ValueError as err:
+    except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _entry(f: Any, name: str) -> Any:
+    """One state entry, copied out of the file: a QTensor (table checked to be q8's own) or a tensor."""
+    if f.info(name)["encoding"] != "blockwise":
+        return f.get_tensor(name).clone()
+    qt = f.get_qtensor(name)
+    if qt.code.name not in CODE_NAMES or qt.code != get_code(qt.code.name):
+        raise ValueError(f"8-bit codes use a table {qt.code.name!r} that is not one of q8's {', '.join(CODE_NAMES)}")
+    return QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype)
 
 
 def _header(metadata: dict[str, str], path) -> dict:
@@ -92,8 +100,11 @@ def _header(metadata: dict[str, str], path) -> dict:
         header = json.loads(metadata[METADATA_KEY])
         if header.get("format") != FORMAT or not isinstance(header.get("class"), str):
             raise ValueError(f"format {header.get('format')!r}")
-        if not isinstance(header["param_groups"], list) or not isinstance(header["steps"], dict):
-            raise ValueError("param_groups/steps")
+        groups, steps = header["param_groups"], header["steps"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("param_groups")
+        if not isinstance(steps, dict) or not all(k.isdigit() for k in steps):
+            raise ValueError("steps")
         return header
     except (KeyError, ValueError, TypeError) as err:
         raise FormatError(f"{path}: not a q8 optimizer state file (bad {METADATA_KEY!r} metadata: {err})") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ from pathlib import Path
 import pytest
 import q8
 import torch
-from q8.tools.convert import EXIT_CORRUPT, EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, main
+from q8.tools.convert import (
+    EXIT_CORRUPT,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    main,
+)
 from q8.tools.state import infer_blocksize
 from safetensors.torch import load_file as st_load
 from safetensors.torch import save_file as st_save
@@ -328,6 +338,49 @@ def test_failed_conversion_leaves_nothing(gpt2, tmp_path):
     assert run(src / "optimizer.pt", "-o", tmp_path / "out.q8", "--overwrite", "-q") == EXIT_INPUT
     assert run(src / "model.safetensors", "-o", tmp_path / "out.q8", "-q") == EXIT_OUTPUT
     assert (tmp_path / "out.q8").read_bytes() == b"previous"
+
+
+_HANGING_CONVERT = """
+import sys, time
+import q8.tools.convert as c
+
+def hang(*args):  # the conversion stops here, its temporary folder already made
+    print("ready", flush=True)
+    time.sleep(120)
+
+c._run_convert = hang
+sys.exit(c.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [
+        (signal.SIGINT, EXIT_INTERRUPTED, "q8convert: interrupted"),
+        (signal.SIGTERM, EXIT_TERMINATED, "q8convert: terminated"),
+        (signal.SIGKILL, -signal.SIGKILL, None),  # no chance to clean up: the next run does
+    ],
+)
+def test_signals_stop_cleanly_and_the_next_run_removes_what_a_kill_left(tmp_path, sig, code, line):
+    src, dst = tmp_path / "m.safetensors", tmp_path / "out.q8"
+    st_save({"w": torch.randn(64, 64)}, src)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_CONVERT, str(src), "-o", str(dst), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == code
+    if line is not None:
+        assert err.decode().splitlines() == [line]  # one line, no traceback
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert run(src, "-o", dst, "-q") == EXIT_OK
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "out.q8"]
 
 
 def test_bad_inputs_name_the_file(tmp_path, capsys):

@@ -8,6 +8,8 @@ process saves, the ranks load) and 2 -> 1 (the ranks save, the test process load
 
 import os
 import pickle
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -307,7 +309,28 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert torch.equal(got["w"], new["w"])
 
 
-def test_reader_rejects_foreign_and_tampered_checkpoints(tmp_path):
+class Evil:
+    """A pickle that, once loaded, creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_later_save_removes_temp_files_of_killed_saves(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead = int(dead.stdout)
+    stale = [tmp_path / f".__1_0123456789abcdef.q8.{dead}.0123abcd.tmp", tmp_path / f"..metadata.{dead}.4567abcd.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    dcp.save({"w": torch.ones(4), "step": 1}, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+    assert not any(p.exists() for p in stale)
+    assert len(list(tmp_path.iterdir())) == 2  # .metadata and the rank file
+
+
+def test_reader_never_unpickles_metadata(tmp_path):
     # A checkpoint of DCP's own FileSystemWriter: told where it came from.
     dcp.save({"w": torch.randn(4)}, checkpoint_id=tmp_path / "plain", no_dist=True)
     with pytest.raises(CheckpointException, match="FileSystemWriter"):
@@ -316,28 +339,73 @@ def test_reader_rejects_foreign_and_tampered_checkpoints(tmp_path):
         dcp.load({"w": torch.zeros(4)}, storage_reader=Q8StorageReader(tmp_path / "missing"), no_dist=True)
 
     # A .metadata that would run code when unpickled: refused, nothing runs.
-    folder = tmp_path / "evil"
+    folder, marker = tmp_path / "evil", tmp_path / "pwned"
     dcp.save({"w": torch.randn(4)}, storage_writer=Q8StorageWriter(folder), no_dist=True)
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    (folder / ".metadata").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(CheckpointException, match=r"posix\.system|os\.system"):
+    (folder / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
+    with pytest.raises(q8.FormatError, match="q8 never unpickles"):
+        Q8StorageReader(folder).read_metadata()
+    with pytest.raises(CheckpointException, match="q8 never unpickles"):
         dcp.load({"w": torch.zeros(4)}, storage_reader=Q8StorageReader(folder), no_dist=True)
     assert not marker.exists()
 
-    # Storage entries may only name q8 data files inside the folder.
-    folder = tmp_path / "escape"
-    dcp.save({"w": torch.randn(4)}, storage_writer=Q8StorageWriter(folder), no_dist=True)
-    md = Q8StorageReader(folder).read_metadata()
-    md.storage_data = {k: ("../../etc/passwd", name) for k, (_, name) in md.storage_data.items()}
-    md.storage_meta = None
-    (folder / ".metadata").write_bytes(pickle.dumps(md))
-    with pytest.raises(q8.FormatError, match="bad storage entry"):
-        Q8StorageReader(folder).read_metadata()
+
+def test_non_tensor_values_are_plain_data_never_a_pickle(tmp_path):
+    """A rank file whose non-tensor value was replaced by a pickle that runs code (what
+    DCP's planner would `torch.load`) is refused with q8.FormatError; nothing runs."""
+    state = {"w": torch.randn(8), "step": 7, "name": "run", "extra": {"t": (1, "a", b"x", None, 2.5), "l": [1, 2]}}
+    dcp.save(state, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+    got = zeros_like_state(state)
+    dcp.load(got, storage_reader=Q8StorageReader(tmp_path), no_dist=True)
+    assert_states_equal(got, state, "state")
+
+    (data_file,) = tmp_path.glob("*.q8")
+    marker = tmp_path / "pwned"
+    with q8.safe_open(data_file) as f:
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    payload = torch.frombuffer(bytearray(pickle.dumps(Evil(marker))), dtype=torch.uint8)
+    names = [f"{i}:{k}" for i, k in enumerate(["w", "step", "name", "extra.t", "extra.l"])]
+    q8.save_file({**tensors, **{n: payload for n in names if n not in tensors}}, data_file)  # old layout, no tree
+    with pytest.raises(CheckpointException, match="FormatError") as e:
+        dcp.load(zeros_like_state(state), storage_reader=Q8StorageReader(tmp_path), no_dist=True)
+    assert str(data_file) in str(e.value)
+    assert not marker.exists()
+
+
+def test_values_that_are_not_plain_data_are_refused_at_save(tmp_path):
+    dcp.save({"w": torch.ones(3)}, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for value, match in [({1, 2}, "holds a set"), (Path("x"), "not plain data")]:
+        with pytest.raises(CheckpointException, match=match):
+            dcp.save({"w": torch.ones(3), "v": value}, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    tree = q8.load(folder / ".metadata")
+    edit(tree)
+    q8.save(tree, folder / ".metadata", {"format": "q8.dcp.metadata 1"})
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t["storage"][0].__setitem__(3, "../../etc/passwd"), "bad storage entry"),
+        (lambda t: t["storage"].pop(), "no storage entry"),
+        (lambda t: t["storage"].append(list(t["storage"][0])), "two storage entries"),
+        (lambda t: t["state_dict"]["w"].update(dtype="float128"), "dtype"),
+        (lambda t: t["state_dict"]["w"]["chunks"][0][1].__setitem__(0, 99), "outside"),
+        (lambda t: t["state_dict"]["w"].update(size=[-1]), "size"),
+        (lambda t: t["planner_data"].update(w=("w", 1 << 40)), "planner_data"),
+        (lambda t: t.update(version=3), "version"),
+        (lambda t: t.update(storage_meta={"save_id": 1}), "storage_meta"),
+        (lambda t: t.pop("storage"), "fields"),
+    ],
+)
+def test_tampered_metadata_raises_format_error(tmp_path, edit, match):
+    dcp.save({"w": torch.randn(4), "step": 1}, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+    _edit_metadata(tmp_path, edit)
+    with pytest.raises(q8.FormatError, match=match):
+        Q8StorageReader(tmp_path).read_metadata()
 
 
 def test_corrupt_data_file_raises_format_error_naming_the_file(tmp_path):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import msgpack
@@ -224,6 +227,102 @@ def test_atomic_save_keeps_previous_file(tmp_path):
     assert torch.equal(q8.load_file(path)["old"], torch.arange(10))
 
 
+_HANGING_WRITER = """
+import sys, time, torch, q8
+with q8.Writer(sys.argv[1]) as w:
+    w.add("a", torch.randn(1000))
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+_ABANDONED_WRITER = """
+import sys, torch, q8
+w = q8.Writer(sys.argv[1])  # never closed: the process ends with an error
+w.add("a", torch.randn(1000))
+raise SystemExit("gave up")
+"""
+
+
+def test_a_writer_never_closed_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "m.q8"
+    w = q8.Writer(path)
+    w.add("a", torch.ones(3))
+    del w  # garbage collected (CPython: at once)
+    assert list(tmp_path.iterdir()) == []
+    done = subprocess.run([sys.executable, "-c", _ABANDONED_WRITER, str(path)], capture_output=True)
+    assert done.returncode == 1 and list(tmp_path.iterdir()) == []  # removed at interpreter exit
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_later_save_removes_what_killed_writers_left(tmp_path):
+    path = tmp_path / "m.q8"
+    writer = subprocess.Popen([sys.executable, "-c", _HANGING_WRITER, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout.readline() == b"ready\n"
+        (live,) = [p.name for p in tmp_path.iterdir()]
+        q8.save_file({"x": torch.ones(2)}, path)  # a writer still at work keeps its file
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, "m.q8"])
+    finally:
+        writer.kill()
+        writer.wait()
+    q8.save({"y": torch.ones(3)}, path)  # killed: nothing could clean up but the next save
+    assert [p.name for p in tmp_path.iterdir()] == ["m.q8"]
+    assert torch.equal(q8.load(path)["y"], torch.ones(3))
+
+
+def test_stale_temp_files_are_judged_by_lock_and_pid(tmp_path):
+    path, dead = tmp_path / "m.q8", _dead_pid()
+    stale = tmp_path / f".m.q8.{dead}.0123abcd.tmp"  # dead pid, unlocked: removed
+    reused = tmp_path / f".m.q8.{os.getpid()}.0123abcd.tmp"  # pid running (perhaps reused): kept
+    locked = tmp_path / f".m.q8.{dead}.4567abcd.tmp"  # dead here, locked (another pid namespace): kept
+    other = tmp_path / f".n.q8.{dead}.0123abcd.tmp"  # another destination's: kept
+    link = tmp_path / f".m.q8.{dead}.89abcdef.tmp"  # never followed
+    for p in (stale, reused, locked, other):
+        p.write_bytes(b"partial")
+    link.symlink_to(other)
+    with open(locked, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        q8.save_file({"x": torch.ones(2)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (path, reused, locked, other, link))
+    assert other.read_bytes() == b"partial"
+
+
+_FSIZE_LIMITED_SAVE = """
+import os, resource, signal, sys, torch, q8
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    q8.save_file({"w": torch.randn(1 << 20)}, sys.argv[1])
+except OSError as e:
+    print("refused:", os.strerror(e.errno))
+"""
+
+
+def test_a_save_refused_by_the_file_size_limit_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "m.q8"
+    q8.save_file({"old": torch.arange(10)}, path)
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", _FSIZE_LIMITED_SAVE, str(path)], capture_output=True, check=True)
+    assert done.stdout.decode().startswith("refused: File too large"), done
+    assert [p.name for p in tmp_path.iterdir()] == ["m.q8"] and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["x" * 252 + ".q8", "é" * 126 + ".q8"], ids=["255-ascii", "255-utf8"])
+def test_names_up_to_255_bytes_save(tmp_path, name):
+    path = tmp_path / name
+    assert len(os.fsencode(path.name)) == 255
+    q8.save_file({"w": torch.ones(3)}, path)
+    q8.save_file({"w": torch.zeros(3)}, path)  # and a second save (cleanup of the same names) replaces it
+    assert torch.equal(q8.load_file(path)["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_sharding(tmp_path):
     tensors = {f"layer{i}.w": torch.randn(64, 64) for i in range(10)}
     tensors["ids"] = torch.arange(7)
@@ -273,7 +372,7 @@ def test_random_access_reads_only_needed_segments(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"a": torch.randn(50_000), "b": torch.arange(1000)}, path)
     with q8.safe_open(path) as f:
-        seg = f.records["a"]["segments"][3]  # the exponent plane of "a"
+        seg = f.record("a")["segments"][3]  # the exponent plane of "a"
     blob = bytearray(path.read_bytes())
     blob[seg[0] + 5] ^= 0xFF  # corrupt "a" only
     path.write_bytes(blob)
@@ -340,7 +439,7 @@ def test_zstd_bomb_and_lying_sizes(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"z": torch.zeros(1 << 16, dtype=torch.int64)}, path)
     with q8.safe_open(path) as f:
-        assert f.records["z"]["segments"][0][3] == 1  # zstd
+        assert f.record("z")["segments"][0][3] == 1  # zstd
     blob = path.read_bytes()
 
     def lie(i):
@@ -396,5 +495,34 @@ def test_exponent_planes_use_huffman(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"w": torch.randn(512, 512) * 0.02}, path)
     with q8.safe_open(path) as f:
-        compressions = [s[3] for s in f.records["w"]["segments"]]
+        compressions = [s[3] for s in f.record("w")["segments"]]
     assert compressions == [0, 0, 0, 2]  # mantissa planes raw, the exponent plane Huffman coded
+
+
+def test_writer_refuses_what_the_reader_would_refuse(tmp_path):
+    """q8 reads everything q8 writes: tensors that would fail the reader's value checks are
+    refused at save, before the destination is touched."""
+    path = tmp_path / "m.q8"
+    code = q8.codec.get_code("dynamic")
+    ok = q8.QTensor(torch.full((64,), 255, dtype=torch.uint8), torch.tensor([65504.0]), code, 64, (64,), torch.float16)
+    q8.save_file({"q": ok}, path)  # fp16's largest value: decodes exactly to it
+    assert q8.load_file(path)["q"].max() == 65504
+    bad = {
+        "absmax": q8.QTensor(ok.codes, torch.tensor([float("nan")]), code, 64, (64,), torch.float32),
+        "overflow": q8.QTensor(ok.codes, torch.tensor([65520.0]), code, 64, (64,), torch.float16),  # rounds to inf
+        "bool": torch.tensor([0, 1, 2], dtype=torch.uint8).view(torch.bool),
+    }
+    for name, x in bad.items():
+        with pytest.raises(ValueError, match=rf"tensor {name!r}|QTensor {name!r}"):
+            q8.save_file({name: x}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.q8"]
+
+
+def test_nesting_limit_is_the_same_for_save_and_load(tmp_path):
+    deepest = 1
+    for _ in range(127):
+        deepest = (deepest,)
+    q8.save({"a": deepest}, tmp_path / "s.q8")
+    assert q8.load(tmp_path / "s.q8") == {"a": deepest}
+    with pytest.raises(ValueError, match="nested deeper than 128"):
+        q8.save({"a": (deepest,)}, tmp_path / "s.q8")

@@ -2,10 +2,14 @@
 errors."""
 
 import os
+import zlib
 
+import msgpack
 import pytest
 import q8
 import torch
+from q8.formats import FORMAT_VERSION, MAGIC
+from q8.formats.container import FOOTER
 from q8.optim import AdamW8bit, LAMB8bit, Lion8bit, SGD8bit
 
 
@@ -118,3 +122,40 @@ def test_errors_name_the_file(tmp_path):
     assert path.read_bytes() == before
     with pytest.raises(TypeError, match=r"q8\.optim optimizer"):
         q8.save_optimizer(torch.optim.AdamW(model.parameters()), path)
+
+
+def _rewrite_index(path, edit) -> None:
+    blob = path.read_bytes()
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    index = msgpack.unpackb(blob[offset : offset + length])
+    edit(index)
+    new = msgpack.packb(index, use_bin_type=True)
+    path.write_bytes(blob[:offset] + new + FOOTER.pack(offset, len(new), zlib.crc32(new), FORMAT_VERSION, MAGIC))
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (lambda i: i["codes"][0].update(name="bool"), ValueError, r"tensor 'state\.0\.exp_avg.*'bool'.*not one of"),
+        (
+            lambda i: i["metadata"].update({"q8.optimizer": i["metadata"]["q8.optimizer"].replace('"0"', '"x"')}),
+            q8.FormatError,
+            "steps",
+        ),
+        (
+            lambda i: i["metadata"].update({"q8.optimizer": i["metadata"]["q8.optimizer"].replace('"params"', '"p"')}),
+            ValueError,
+            "params",
+        ),
+    ],
+)
+def test_tampered_files_raise_errors_naming_file_and_tensor(tmp_path, edit, error, match):
+    model, batches = model_and_data()
+    opt = AdamW8bit(model.parameters())
+    run(model, opt, batches[:1])
+    path = tmp_path / "opt.q8"
+    q8.save_optimizer(opt, path)
+    _rewrite_index(path, edit)
+    with pytest.raises(error, match=match) as e:
+        q8.load_optimizer(AdamW8bit(model.parameters()), path)
+    assert str(path) in str(e.value)

@@ -16,8 +16,11 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any
 
 import q8
 import torch
+from q8.formats.atomic import make_temp_dir, temp_name
 from tqdm import tqdm
 
 from .checkpoints import (
@@ -43,9 +47,19 @@ from .plot import PlotUnavailable, plot_tradeoff
 from .policy import DEFAULT_TARGET_ERROR, Decision, Policy
 from .state import from_container, to_container
 
-__all__ = ["EXIT_CORRUPT", "EXIT_INPUT", "EXIT_OK", "EXIT_OUTPUT", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_CORRUPT",
+    "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_OUTPUT",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "main",
+]
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shell's convention
 KIND, SOURCE = "q8convert.kind", "q8convert.source"  # metadata: "weights" or "object"; the original file name
 INDEX_SUFFIX = ".index.json"
 
@@ -61,11 +75,20 @@ examples:
   q8convert verify model.q8
 
 exit codes: 0 ok; 1 a q8 file is corrupt (verify, decode, info); 2 bad arguments;
-3 an input cannot be read or converted; 4 the output cannot be written (or exists)."""
+3 an input cannot be read or converted; 4 the output cannot be written (or exists);
+130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). Nothing partial is left behind."""
 
 
 class OutputError(Exception):
     """The output cannot be written (it exists, or the disk refused)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler, `timeout`, `kill`): unwinds like Ctrl-C, cleaning up."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 # -- staging: all or nothing -------------------------------------------------------------
@@ -83,10 +106,9 @@ def staged(dst: Path, folder: bool, overwrite: bool) -> Iterator[Path]:
         raise OutputError(f"{dst if dst.exists() else index}: already exists (pass --overwrite to replace it)")
     if not dst.parent.is_dir():
         raise OutputError(f"{dst.parent}: no such folder")
-    tmp = dst.parent / f".{dst.name}.q8convert-{os.getpid()}"
-    old = dst.parent / f".{dst.name}.q8convert-old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    token = secrets.token_hex(4)
+    tmp, lock = make_temp_dir(dst, token)  # also removes what killed runs left for dst
+    old = temp_name(dst, "old", token)
     try:
         yield tmp
         if folder:
@@ -103,6 +125,7 @@ def staged(dst: Path, folder: bool, overwrite: bool) -> Iterator[Path]:
                 os.replace(tmp / name, dst.parent / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 class ShardedWriter:
@@ -622,13 +645,16 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run q8convert with `argv` (default: sys.argv[1:]); returns the exit code."""
+    """Run q8convert with `argv` (default: sys.argv[1:]); returns the exit code. SIGINT and
+    SIGTERM stop it cleanly (temporary output removed) with exit code 130 / 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "convert"
     try:
         args = _parsers()[command].parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    handle = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = signal.signal(signal.SIGTERM, _terminate) if handle else None
     try:
         return args.func(args)
     except InputError as e:
@@ -647,6 +673,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"q8convert: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_OUTPUT
+    except KeyboardInterrupt:
+        print("q8convert: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("q8convert: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

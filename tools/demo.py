@@ -207,6 +207,60 @@ def section_distributed(tensors: dict[str, torch.Tensor]) -> None:
     print("FSDP2 + 8-bit optimizers across 2 ranks: README 'torch.distributed', tests/test_distributed*.py\n")
 
 
+class _Evil:
+    """A pickle that would create `marker` when loaded: what a hostile checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def section_security(tensors: dict[str, torch.Tensor]) -> None:
+    print("== Hostile files and killed saves: refused with q8.FormatError, no debris left ==")
+    import pickle
+    import signal
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from q8.integrations.distributed import Q8StorageReader, Q8StorageWriter
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.q8"
+        q8.save_file(tensors, path)
+        data = bytearray(path.read_bytes())
+        data[4096] ^= 0x40  # one flipped bit inside a tensor
+        path.write_bytes(bytes(data))
+        for label, check in [("q8.verify", q8.verify), ("q8.load_file", q8.load_file)]:
+            try:
+                check(path)
+            except q8.FormatError as e:
+                print(f"{label} on a file with one flipped bit: FormatError: {str(e).removeprefix(d + '/')}")
+
+        folder, marker = Path(d) / "ckpt", Path(d) / "pwned"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+            dcp.save({"w": torch.ones(4), "step": 7}, storage_writer=Q8StorageWriter(folder), no_dist=True)
+            (folder / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+            try:
+                Q8StorageReader(folder).read_metadata()
+            except q8.FormatError as e:
+                print(f"a DCP .metadata replaced by a code-running pickle: {str(e).split(': ', 1)[1]}")
+        print(f"the pickle's code ran: {marker.exists()}")
+
+        script = "import sys, time, torch, q8\nwith q8.Writer(sys.argv[1]) as w:\n"
+        script += "    w.add('a', torch.ones(9)); print('ready', flush=True); time.sleep(60)\n"
+        writer = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE)
+        writer.stdout.readline()
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        debris = sorted(p.name for p in Path(d).glob(".m.q8.*"))
+        q8.save_file({"w": torch.ones(3)}, path)
+        left = sorted(p.name for p in Path(d).glob(".m.q8.*"))
+        print(f"a save killed with SIGKILL left {debris}; the next save to m.q8 removed it: {left}\n")
+
+
 def section_optim() -> None:
     print("== 8-bit optimizers: q8.optim.AdamW8bit vs torch.optim.AdamW, save_optimizer, bit-exact resume ==")
     import copy
@@ -299,6 +353,7 @@ def main() -> None:
     section_formats(tensors)
     section_q8convert(tensors)
     section_distributed(tensors)
+    section_security(tensors)
     section_optim()
     section_hf_trainer()
 
