@@ -108,7 +108,8 @@ def evaluate(kind, model, weights, decoded, stored_bytes, raw_bytes, probe) -> d
         e2, r2 = float((d.double() - w.double()).square().sum()), float(w.double().square().sum())
         err2, ref2, worst = err2 + e2, ref2 + r2, max(worst, math.sqrt(e2 / r2))
     twin = build(kind)
-    twin.load_state_dict({**model.state_dict(), **decoded})
+    twin.load_state_dict(model.state_dict())
+    twin.load_state_dict(decoded, strict=False)  # after: a tied head takes its embedding's decoded values
     cos = torch.nn.functional.cosine_similarity(hidden(model, probe), hidden(twin.eval(), probe), dim=-1)
     rel = math.sqrt(err2 / ref2) if ref2 else 0.0
     return {"ratio": raw_bytes / stored_bytes, "rel_l2": rel, "max_rel_l2": worst, "cosine": float(cos.mean())}
@@ -141,25 +142,33 @@ def bnb_blockwise(weights: dict, blocksize: int) -> tuple[dict, int]:
     return out, size
 
 
+def untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The float weights, each stored once (a tied head or bias under its first name only)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            out[k] = v.detach().clone().contiguous()
+    return out
+
+
 def trained(kind: str, steps: int, cache: str | None) -> torch.nn.Module:
     """`train(kind, steps)`, or its weights from the cache folder of an earlier run."""
     path = Path(cache, f"{kind}-{steps}.safetensors") if cache else None
     if path and path.exists():
         model = build(kind)
-        model.load_state_dict(load_file(path), strict=False)  # the tied head follows the embedding
+        model.load_state_dict(load_file(path), strict=False)  # tied heads follow their embedding
         return model.eval()
     model = train(kind, steps)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        save_file(weights, path)
+        save_file(untied(model), path)
     return model
 
 
 def measure(kind: str, steps: int, folder: Path, cache: str | None) -> dict[str, list[tuple[str, dict]]]:
     model = trained(kind, steps, cache)
-    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if v.is_floating_point()}
-    weights.pop("lm_head.weight", None)  # tied to the token embedding in GPT-2
+    weights = untied(model)
     src = folder / f"{kind}.safetensors"
     save_file(weights, src, metadata={"format": "pt"})
     raw = src.stat().st_size

@@ -31,12 +31,18 @@ __all__ = ["BLOCKSIZES", "Found", "Option", "families", "sample", "search"]
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 MIN_LEVELS = 8
 """The coarsest linear table tried: 8 levels each side of zero (16 unsigned)."""
+LADDER = 8
+"""Linear tables per halving of the levels: 127, 117, 107, 98, ... (errors about 9% apart;
+the blocksizes fill in between). Few tables: each costs 1 KiB per file that uses it."""
 SLICE, SAMPLE_SLICES = 4096, 16
 REFINE_STEPS = 2
 """How many finer tables a candidate may step to when the whole tensor misses the target."""
-SIZE_SLACK = 1.01
-"""Options predicted within 1% of the smallest confirmed size are tried too."""
-MAX_CONFIRMED = 4
+SIZE_SLACK = 1.003
+"""Options predicted within 0.3% of the smallest confirmed one are tried too."""
+MAX_CONFIRMED = 2
+"""Whole-tensor measurements once one option is within the target..."""
+MAX_WHOLE = 8
+"""...and at most, before falling back to the lowest-error option."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +76,16 @@ class Found:
 def families(signed: bool, code: str = "auto") -> list[list[Code]]:
     """The tables the search considers, in families ordered from fine to coarse: the
     dynamic table alone, and the linear tables from 127 levels (255 unsigned) down to
-    `MIN_LEVELS` (`q8.linear_code(levels=...)`), for code "auto", "dynamic" or "linear"."""
+    `MIN_LEVELS` (`q8.linear_code(levels=...)`, `LADDER` per halving), for code "auto",
+    "dynamic" or "linear"."""
     if code not in ("auto", "dynamic", "linear"):
         raise ValueError(f"code must be 'auto', 'dynamic' or 'linear', got {code!r}")
     out = [[dynamic_code(signed)]] if code in ("auto", "dynamic") else []
     if code in ("auto", "linear"):
         top, low = (127, MIN_LEVELS) if signed else (255, 2 * MIN_LEVELS)
-        out.append([linear_code(signed, None if n == top else n) for n in range(top, low - 1, -1)])
+        steps = math.ceil(LADDER * math.log2(top / low))
+        levels = sorted({round(top * 2 ** (-k / LADDER)) for k in range(steps + 1)}, reverse=True)
+        out.append([linear_code(signed, None if n == top else n) for n in levels])
     return out
 
 
@@ -170,12 +179,15 @@ def search(
     if exact:
         chosen = candidates[0][0] if candidates else lowest_error
     else:
-        chosen, predicted = None, math.inf
-        for c, family, index in candidates[:MAX_CONFIRMED]:
-            if cost(c) > predicted * SIZE_SLACK:
+        chosen, predicted, whole = None, math.inf, 0
+        for c, family, index in candidates:
+            if chosen is not None and (cost(c) > predicted * SIZE_SLACK or whole >= MAX_CONFIRMED):
+                break
+            if whole >= MAX_WHOLE:
                 break
             for i in range(index, max(-1, index - 1 - REFINE_STEPS), -1):  # finer tables if the sample was optimistic
                 m = measure(x, Option(family[i], c.option.blocksize))
+                whole += 1
                 if m.error.rel_l2 <= target:
                     break
             if m.error.rel_l2 <= target and (chosen is None or cost(m) < cost(chosen)):
