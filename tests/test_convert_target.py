@@ -140,7 +140,7 @@ def test_sampled_search_confirms_on_the_whole_tensor():
     assert found.error == q8.quant_error(x, found.qt)
     assert found.nbytes == q8.formats.stored_nbytes(found.qt)
     every = len(search.BLOCKSIZES) * sum(len(f) for f in families)
-    assert found.tried < every / 5  # bisection on a sample, not every option on the whole tensor
+    assert found.tried < every / 3 and found.whole <= 3  # bisection on a sample, 1-3 whole tensors quantized
     # the choice is the smallest within the target among the options next to it
     for option in (search.Option(found.option.code, b) for b in search.BLOCKSIZES):
         qt = q8.quantize(x, option.code, option.blocksize)

@@ -70,7 +70,9 @@ class Found:
     met: bool
     """Whether the error is within the target (else: the lowest-error option)."""
     tried: int
-    """How many options were measured (on the sample, and on the whole tensor)."""
+    """How many options were measured (on the sample, and on the whole tensor)..."""
+    whole: int
+    """...of which on the whole tensor."""
 
 
 def families(signed: bool, code: str = "auto") -> list[list[Code]]:
@@ -143,11 +145,12 @@ def search(
         raise ValueError("search: no table or no blocksize to choose from")
     part = sample(x)
     exact = part is x  # a small tensor is its own sample: every figure is exact
-    tried = 0
+    tried = whole = 0
 
     def measure(t: torch.Tensor, option: Option) -> _Measured:
-        nonlocal tried
+        nonlocal tried, whole
         tried += 1
+        whole += t is x
         return _measure(t, option, keep=t is x)
 
     def cost(m: _Measured) -> float:
@@ -179,7 +182,7 @@ def search(
     if exact:
         chosen = candidates[0][0] if candidates else lowest_error
     else:
-        chosen, predicted, whole = None, math.inf, 0
+        chosen, predicted = None, math.inf
         for c, family, index in candidates:
             if chosen is not None and (cost(c) > predicted * SIZE_SLACK or whole >= MAX_CONFIRMED):
                 break
@@ -187,7 +190,6 @@ def search(
                 break
             for i in range(index, max(-1, index - 1 - REFINE_STEPS), -1):  # finer tables if the sample was optimistic
                 m = measure(x, Option(family[i], c.option.blocksize))
-                whole += 1
                 if m.error.rel_l2 <= target:
                     break
             if m.error.rel_l2 <= target and (chosen is None or cost(m) < cost(chosen)):
@@ -195,4 +197,4 @@ def search(
         if chosen is None:  # none within the target: the lowest-error option
             chosen = measure(x, lowest_error.option)
     met = chosen.error.rel_l2 <= target
-    return Found(chosen.option, chosen.qt, chosen.error, chosen.nbytes, round(cost(chosen)), met, tried)
+    return Found(chosen.option, chosen.qt, chosen.error, chosen.nbytes, round(cost(chosen)), met, tried, whole)
