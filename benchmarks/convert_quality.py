@@ -110,7 +110,9 @@ def evaluate(kind, model, weights, decoded, stored_bytes, raw_bytes, probe) -> d
     twin = build(kind)
     twin.load_state_dict(model.state_dict())
     twin.load_state_dict(decoded, strict=False)  # after: a tied head takes its embedding's decoded values
-    cos = torch.nn.functional.cosine_similarity(hidden(model, probe), hidden(twin.eval(), probe), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(
+        hidden(model, probe).double(), hidden(twin.eval(), probe).double(), dim=-1
+    )
     rel = math.sqrt(err2 / ref2) if ref2 else 0.0
     return {"ratio": raw_bytes / stored_bytes, "rel_l2": rel, "max_rel_l2": worst, "cosine": float(cos.mean())}
 
@@ -197,12 +199,12 @@ def measure(kind: str, steps: int, folder: Path, cache: str | None) -> dict[str,
 
 
 def print_table(kind: str, curves: dict) -> None:
-    rows = [("method", "setting", "ratio", "weights rel L2", "max tensor rel L2", "hidden cosine", "seconds")]
+    rows = [("method", "setting", "ratio", "weights rel L2", "max tensor rel L2", "1 - hidden cosine", "seconds")]
     for method, points in curves.items():
         for setting, p in points:
             seconds = f"{p['seconds']:.1f}" if "seconds" in p else ""
             rows.append((method, setting, f"{p['ratio']:.3f}x", f"{p['rel_l2']:.3e}", f"{p['max_rel_l2']:.3e}",
-                         f"{p['cosine']:.6f}", seconds))  # fmt: skip
+                         f"{1 - p['cosine']:.2e}", seconds))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\n{kind}")
     for i, r in enumerate(rows):
