@@ -7,13 +7,18 @@ the codes after the container's entropy coding (Huffman where it pays) plus the 
 (`q8.linear_code(levels=...)`) trade error for codes that entropy-code smaller, smaller
 blocks trade absmax bytes for error; the search finds the cheapest mix for each tensor.
 
-Cost: every option is first measured on a sample (`SAMPLE_SLICES` slices of 4096
-elements spread over the tensor, aligned so that they hold whole blocks of every
-blocksize; a tensor of up to twice that size is its own sample, and then every figure
-is exact). Then the options predicted smallest among those predicted within the target
-are quantized whole, in order of predicted size, until one is within the target and no
-other is predicted within `SIZE_SLACK` of it. The error of what is stored is always
-measured on the whole tensor.
+Cost: options are first measured on a sample (`SAMPLE_SLICES` slices of 4096 elements
+spread over the tensor, aligned so that they hold whole blocks of every blocksize; a
+tensor of up to twice that size is its own sample, and then every figure is exact). At
+each blocksize the coarsest table of a family within the target is found by bisection
+(about 50 sample measurements per tensor). The candidates are then quantized whole in
+the order of their predicted size, until one is within the target and the next is
+predicted more than `SIZE_SLACK` larger (1-2 whole quantizations as a rule). The error
+of what is stored is always measured on the whole tensor.
+
+Monotone: a larger target admits every option a smaller one admitted, so it never picks
+a larger one where the figures are exact (small tensors); on a sample it relies on the
+predicted sizes ranking options right (tests/test_convert*.py check whole models).
 """
 
 from __future__ import annotations
@@ -51,9 +56,6 @@ class Option:
 
     code: Code
     blocksize: int
-
-    def __str__(self) -> str:
-        return f"{self.code.name}/{self.blocksize}"
 
 
 @dataclass
@@ -99,11 +101,6 @@ class _Measured:
     nbytes: int
     """Stored bytes: codes and absmax after the container's compression."""
     numel: int
-
-    @property
-    def bits(self) -> float:
-        """Stored bits per element."""
-        return 8 * self.nbytes / max(1, self.numel)
 
 
 def _measure(x: torch.Tensor, option: Option, keep: bool = True) -> _Measured:
