@@ -2,7 +2,7 @@
 
     q8convert SRC -o DST          convert (file or folder); see `q8convert --help`
     q8convert decode SRC -o DST   back to safetensors / a Hugging Face folder / optimizer.pt
-    q8convert info FILE [--json]  per tensor: shape, dtype, encoding, bytes, ratio, error
+    q8convert info FILE [--json] [--plot PNG]  per tensor: encoding, bytes, error, why; the trade-off drawn
     q8convert verify FILE         every checksum; exit code 1 if one fails
 
 Everything is written into a temporary folder next to DST and renamed into place at the
@@ -66,12 +66,13 @@ INDEX_SUFFIX = ".index.json"
 EXAMPLES = """\
 examples:
   q8convert ./checkpoint-500 -o ./checkpoint-500.q8       # a Trainer checkpoint folder
-  q8convert model.safetensors -o model.q8 --blocksize 256
+  q8convert model.safetensors -o model.q8 --target-error 0.005   # per tensor: smallest within 0.5%
+  q8convert model.safetensors -o model.q8 --blocksize 256   # no target: every tensor at 256
   q8convert model.safetensors.index.json -o model.q8 --max-shard-size 2GB
   q8convert pytorch_model.bin -o model.q8 --keep 'lm_head.*' --max-error 0.01
   q8convert model.safetensors -o model.q8 --lossless      # exact, compressed only
   q8convert decode ./checkpoint-500.q8 -o ./checkpoint-500-restored
-  q8convert info model.q8 [--json]
+  q8convert info model.q8 [--json] [--plot tradeoff.png]
   q8convert verify model.q8
 
 exit codes: 0 ok; 1 a q8 file is corrupt (verify, decode, info); 2 bad arguments;
@@ -584,7 +585,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     convert.add_argument(
         "--code",
         choices=("auto", "dynamic", "linear"),
-        help="tables for weights: with a target, the only family tried (linear: 127 levels down to 11); alone, "
+        help="tables for weights: with a target, the only family tried (linear: 127 levels down to 8); alone, "
         "that table at one blocksize (auto: the lower-error of dynamic and linear)",
     )
     convert.add_argument(
