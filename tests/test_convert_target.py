@@ -34,6 +34,7 @@ def checkpoint() -> dict[str, torch.Tensor]:
         "heavy.weight": torch.randn(128, 256, generator=g)
         / torch.randn(3, 128, 256, generator=g).square().mean(0).sqrt(),
         "scale.weight": torch.rand(64, 128, generator=g) + 0.5,
+        "bf16.weight": torch.randn(160, 256, generator=g).bfloat16(),  # decodes to bf16: that rounding counts
         "big.weight": torch.randn(640, 512, generator=g) * 0.02,  # > 2 x 16 x 4096 elements: sampled
         "fp8.weight": torch.randn(128, 128, generator=g).to(torch.float8_e4m3fn).float() / 64,
         "norm.weight": torch.ones(256),

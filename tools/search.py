@@ -105,7 +105,9 @@ class _Measured:
 
 def _measure(x: torch.Tensor, option: Option, keep: bool = True) -> _Measured:
     qt = quantize(x, option.code, option.blocksize)
-    return _Measured(option, qt if keep else None, quant_error(x, qt), stored_nbytes(qt), x.numel())
+    # fp16/bf16 tensors decode to their own dtype: their error includes that rounding
+    err = quant_error(x, qt if x.dtype == torch.float32 else qt.dequantize())
+    return _Measured(option, qt if keep else None, err, stored_nbytes(qt), x.numel())
 
 
 def sample(x: torch.Tensor) -> torch.Tensor:
