@@ -10,6 +10,7 @@ import sys
 import pytest
 import q8
 import torch
+from q8.codec.blockwise import BLOCKSIZES
 from q8.tools import search
 from q8.tools.convert import EXIT_OK, EXIT_USAGE, main
 from q8.tools.policy import DEFAULT_TARGET_ERROR
@@ -35,6 +36,7 @@ def checkpoint() -> dict[str, torch.Tensor]:
         / torch.randn(3, 128, 256, generator=g).square().mean(0).sqrt(),
         "scale.weight": torch.rand(64, 128, generator=g) + 0.5,
         "bf16.weight": torch.randn(160, 256, generator=g).bfloat16(),  # decodes to bf16: that rounding counts
+        "fp16.weight": (torch.randn(64, 128, generator=g) * 9000).half(),  # coarse tables' far entries overflow fp16
         "big.weight": torch.randn(640, 512, generator=g) * 0.02,  # > 2 x 16 x 4096 elements: sampled
         "fp8.weight": torch.randn(128, 128, generator=g).to(torch.float8_e4m3fn).float() / 64,
         "norm.weight": torch.ones(256),
@@ -75,16 +77,14 @@ def test_target_is_met_and_the_error_reported_is_the_error_stored(src, tmp_path,
 
 
 def test_larger_target_never_gives_a_larger_file(src, tmp_path, capsys):
-    sizes, tensor_sizes = [], []
+    """The file, code tables included: a tensor may take a few more data bytes at a larger
+    target when that lets it share a table the file holds anyway."""
+    sizes = []
     for target in (0.002, 0.004, 0.006, 0.008, 0.009, 0.01, 0.015, 0.03, 0.1):
-        got = convert_json(src, tmp_path / "m.q8", "--target-error", target, capsys=capsys)
+        convert_json(src, tmp_path / "m.q8", "--target-error", target, capsys=capsys)
         sizes.append((tmp_path / "m.q8").stat().st_size)
-        tensor_sizes.append({k: t["stored_bytes"] for k, t in got.items()})
     assert sizes == sorted(sizes, reverse=True), sizes
     assert sizes[0] > 1.5 * sizes[-1]  # the target really moves the size
-    for name in tensor_sizes[0]:
-        per_tensor = [s[name] for s in tensor_sizes]
-        assert per_tensor == sorted(per_tensor, reverse=True), (name, per_tensor)
 
 
 def test_unreachable_target_gives_the_lowest_error_or_exact(src, tmp_path, capsys):
@@ -140,10 +140,10 @@ def test_sampled_search_confirms_on_the_whole_tensor():
     assert found.met and found.error.rel_l2 <= 0.009
     assert found.error == q8.quant_error(x, found.qt)
     assert found.nbytes == q8.formats.stored_nbytes(found.qt)
-    every = len(search.BLOCKSIZES) * sum(len(f) for f in families)
+    every = len(BLOCKSIZES) * sum(len(f) for f in families)
     assert found.tried < every / 3 and found.whole <= 3  # bisection on a sample, 1-3 whole tensors quantized
     # the choice is the smallest within the target among the options next to it
-    for option in (search.Option(found.option.code, b) for b in search.BLOCKSIZES):
+    for option in (search.Option(found.option.code, b) for b in BLOCKSIZES):
         qt = q8.quantize(x, option.code, option.blocksize)
         if q8.quant_error(x, qt).rel_l2 <= 0.009:
             assert q8.formats.stored_nbytes(qt) >= found.nbytes * 0.99, option

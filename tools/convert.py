@@ -452,6 +452,7 @@ def _info_rows(path: Path) -> list[dict]:
                     "encoding": info["encoding"],
                     "code": info["code"],
                     "blocksize": info["blocksize"],
+                    "row_length": info["row_length"],
                     "raw_bytes": info["raw_bytes"],
                     "stored_bytes": info["stored_bytes"],
                     "rel_l2": float(extra["rel_l2"]) if "rel_l2" in extra else None,
@@ -489,6 +490,8 @@ def cmd_info(args) -> int:
             bits = f"{8 * r['stored_bytes'] / math.prod(r['shape']):.2f}" if math.prod(r["shape"]) else "-"
             err = f"{r['rel_l2']:.2e}" if r["rel_l2"] is not None else ""
             enc = f"{r['encoding']} {r['code']}/{r['blocksize']}" if r["code"] else r["encoding"]
+            if r["row_length"] is not None and r["row_length"] != math.prod(r["shape"]):
+                enc += f", rows of {r['row_length']}"  # blocks restart at every row (docs/CODEC.md)
             shape = "x".join(map(str, r["shape"])) or "scalar"
             why = r["extra"].get("q8convert", "")
             table.append((r["name"], shape, r["dtype"], enc, r["stored_bytes"], ratio, bits, err, why))

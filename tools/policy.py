@@ -1,9 +1,10 @@
 """What q8convert does to each tensor, and the error it measured doing it.
 
 Large floating tensors are quantized blockwise; small ones, 1-D weights (norms, biases),
-integer and bool tensors stay exact. Adam moments get the dynamic tables they were
-designed for (signed for exp_avg, unsigned for exp_avg_sq); already-8-bit optimizer state
-is stored as it is. `--lossless`, `--keep` and `--max-error` keep tensors exact.
+integer and bool tensors, and the absmax of q8 optimizers' 8-bit state stay exact. Adam
+moments get the dynamic tables they were designed for (signed for exp_avg, unsigned for
+exp_avg_sq); already-8-bit optimizer state is stored as it is. `--lossless`, `--keep` and
+`--max-error` keep tensors exact.
 
 How a tensor is quantized: with a target error (the default, `DEFAULT_TARGET_ERROR`), per
 tensor the smallest stored option within it (`search.py`: code table and blocksize;
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import q8
 import torch
 from q8.codec import AUTO_CODES, get_code, quantize_best
+from q8.codec.blockwise import BLOCKSIZES
 from q8.formats import stored_nbytes
 
 from . import search
@@ -128,7 +130,7 @@ class Policy:
             )
         else:
             tables = [[get_code(moment)]] if moment else search.families(signed, self.code or "auto")
-            blocksizes = [self.blocksize] if self.blocksize else search.BLOCKSIZES
+            blocksizes = [self.blocksize] if self.blocksize else BLOCKSIZES
             found = search.search(x, self.target_error, tables, blocksizes, held if held is not None else ())
             best, err = found.qt, found.error
             d.target_error, d.tried = self.target_error, found.tried
@@ -172,4 +174,6 @@ class Policy:
             return f"small (< {MIN_QUANT_NUMEL} elements)"
         if x.dim() < 2 and moment is None:
             return "1-D (norm/bias)"
+        if name.endswith(".absmax"):
+            return "absmax of 8-bit state"  # a q8 optimizer's scales: quantizing them would round its state again
         return ""

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 
 import torch
 from q8.codec import Code, QTensor, QuantError, dynamic_code, linear_code, quant_error, quantize
+from q8.codec.blockwise import BLOCKSIZES
 from q8.formats import code_nbytes, stored_nbytes
+from q8.formats.container import blockwise_problem
 
-__all__ = ["BLOCKSIZES", "Found", "Option", "families", "sample", "search"]
+__all__ = ["Found", "Option", "families", "sample", "search"]
 
-BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 MIN_LEVELS = 8
 """The coarsest linear table tried: 8 levels each side of zero (16 unsigned)."""
 LADDER = 8
@@ -105,6 +106,8 @@ class _Measured:
 
 def _measure(x: torch.Tensor, option: Option, keep: bool = True) -> _Measured:
     qt = quantize(x, option.code, option.blocksize)
+    if blockwise_problem(qt.absmax, qt.code, qt.dtype):  # a coarse table's far entries x absmax overflow fp16
+        return _Measured(option, None, QuantError(math.inf, math.inf, -math.inf), stored_nbytes(qt), x.numel())
     # fp16/bf16 tensors decode to their own dtype: their error includes that rounding
     err = quant_error(x, qt if x.dtype == torch.float32 else qt.dequantize())
     return _Measured(option, qt if keep else None, err, stored_nbytes(qt), x.numel())
