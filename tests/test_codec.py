@@ -322,14 +322,14 @@ def test_quant_error_is_chunked_fp64():
 
 
 def test_quant_error_of_a_qtensor_is_against_its_fp32_decoding():
-    """The compiled per-block pass (CPU QTensors) gives the error of the fp32 decoding, for
-    half inputs too, and agrees with measuring the decoded tensor."""
+    """The compiled per-block pass (CPU QTensors, flat or in rows) gives the error of the
+    fp32 decoding, for half inputs too, and agrees with measuring the decoded tensor."""
     g = torch.Generator().manual_seed(4)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = (torch.randn(3001, generator=g) * 0.02).to(dtype)
-        qt = q8.quantize(x, "linear", 128)
-        got, ref = q8.quant_error(x, qt), q8.quant_error(x.float(), qt.dequantize(torch.float32))
-        assert got.rel_l2 == pytest.approx(ref.rel_l2, rel=1e-12) and got.max_abs == ref.max_abs
+        x = (torch.randn(3, 1000, generator=g) * 0.02).to(dtype)
+        for qt in (q8.quantize(x, "linear", 128), q8.quantize(x, "dynamic", 64, row_length=1000)):
+            got, ref = q8.quant_error(x, qt), q8.quant_error(x.float(), qt.dequantize(torch.float32))
+            assert got.rel_l2 == pytest.approx(ref.rel_l2, rel=1e-12) and got.max_abs == ref.max_abs
 
 
 def test_quant_error_measures():
