@@ -1,7 +1,7 @@
 """q8.formats: the q8 container file format (docs/FORMAT.md) and its save/load API."""
 
 from .api import MIN_QUANTIZE_NUMEL, ShardedReader, load, load_file, safe_open, save, save_file, verify
-from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer
+from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer, code_nbytes, stored_nbytes
 from .dtypes import DTYPES
 
 __all__ = [
@@ -13,10 +13,12 @@ __all__ = [
     "Reader",
     "ShardedReader",
     "Writer",
+    "code_nbytes",
     "load",
     "load_file",
     "safe_open",
     "save",
     "save_file",
+    "stored_nbytes",
     "verify",
 ]
