@@ -12,7 +12,7 @@ from .api import (
     save_file,
     verify,
 )
-from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer
+from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer, code_nbytes, stored_nbytes
 from .dtypes import DTYPES
 from .model import load_model, save_model
 
@@ -25,6 +25,7 @@ __all__ = [
     "Reader",
     "ShardedReader",
     "Writer",
+    "code_nbytes",
     "load",
     "load_bytes",
     "load_file",
@@ -34,5 +35,6 @@ __all__ = [
     "save_bytes",
     "save_file",
     "save_model",
+    "stored_nbytes",
     "verify",
 ]

@@ -109,6 +109,28 @@ def test_code_tables_stored_once(tmp_path):
     assert len(index["codes"]) == 1 and all(r["code"] == 0 for r in index["tensors"])
 
 
+def test_stored_nbytes_and_code_nbytes_predict_the_file(tmp_path):
+    """What q8convert's search ranks options by: the bytes the writer stores for a tensor
+    (compressed where it pays) and for a new code table, without writing."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "q": q8.quantize(torch.randn(300, 700, generator=g) * 0.02, q8.linear_code(levels=90), 256),
+        "zeros": q8.quantize(torch.zeros(50_000), "dynamic", 64),  # zstd-coded codes
+        "w": torch.randn(20_000, generator=g),  # planes
+        "ids": torch.arange(500),  # raw
+    }
+    q8.save_file(tensors, tmp_path / "m.q8")
+    with q8.safe_open(tmp_path / "m.q8") as f:
+        for k, t in tensors.items():
+            assert q8.formats.stored_nbytes(t) == f.info(k)["stored_bytes"], k
+    blob = (tmp_path / "m.q8").read_bytes()
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    entries = msgpack.unpackb(blob[offset : offset + length])["codes"]
+    assert [e["name"] for e in entries] == ["linear-90", "dynamic"]
+    for entry, code in zip(entries, (q8.linear_code(levels=90), q8.dynamic_code()), strict=True):
+        assert len(msgpack.packb(entry, use_bin_type=True)) == q8.formats.code_nbytes(code)
+
+
 def test_writer_streams_metadata_and_extra(tmp_path):
     path = tmp_path / "m.q8"
     with q8.Writer(path, metadata={"step": "7"}) as w:

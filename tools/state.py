@@ -78,6 +78,7 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
     """
     decisions: list[Decision] = []
     q8_class = q8_optimizer_class(obj)
+    held: set[q8.Code] = set()  # the code tables the file will hold
 
     def walk(x: Any, path: str, key: str) -> Any:
         if isinstance(x, torch.Tensor):
@@ -88,8 +89,9 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
                 d.reason = f"q8 {q8_class} state" if q8_class else "bitsandbytes 32-bit state"
                 stored = x
             else:
-                stored, d = policy.apply(path, x, key)
-            d.stored_bytes = stored.nbytes
+                stored, d = policy.apply(path, x, key, held)
+            if d.stored_bytes is None:  # the target search measured it compressed already
+                d.stored_bytes = stored.nbytes
             decisions.append(d)
             return stored
         if isinstance(x, dict):
