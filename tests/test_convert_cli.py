@@ -5,6 +5,7 @@ folders and permissions."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -16,6 +17,7 @@ import pytest
 import q8
 import torch
 from q8.tools.convert import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
+from q8.tools.progress import LineProgress
 from safetensors import safe_open as st_open
 from safetensors.torch import load_file as st_load
 from safetensors.torch import save_file as st_save
@@ -41,11 +43,17 @@ def test_progress_lines_without_a_terminal_and_quiet(weights, tmp_path, capsys):
     assert run(weights, "-o", tmp_path / "a.q8") == EXIT_OK
     err = capsys.readouterr().err.splitlines()  # pytest's stderr is not a terminal: lines, not a bar
     assert err and all(line.startswith("q8convert: weights: ") for line in err), err
-    assert "%" in err[0] and err[-1].startswith("q8convert: weights: done")
+    assert err[-1].startswith("q8convert: weights: done (787.5 KB)")
     assert run("decode", tmp_path / "a.q8", "-o", tmp_path / "back") == EXIT_OK
     assert "q8convert: model.q8: done" in capsys.readouterr().err
     assert run(weights, "-o", tmp_path / "b.q8", "-q") == EXIT_OK
     assert capsys.readouterr() == ("", "")
+    out = io.StringIO()  # a slow step: a line per 10% (here without the one-second gap)
+    with LineProgress(1000, "weights", out, gap=0) as bar:
+        for _ in range(20):
+            bar.update(50)
+    lines = out.getvalue().splitlines()
+    assert [line.split(": ")[2].split()[0] for line in lines] == [f"{p}%" for p in range(10, 101, 10)] + ["done"]
 
 
 def test_version_and_python_m_q8(capsys, tmp_path):

@@ -66,7 +66,7 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  #
 KIND, SOURCE = "q8convert.kind", "q8convert.source"  # metadata: "weights" or "object"; the original file name
 OPTIMIZER_KEYS = {q8.optim.persist.METADATA_KEY, q8.optim.persist.CLASS_KEY}  # metadata of q8.save_optimizer files
 INDEX_SUFFIX = ".index.json"
-TRAINING_WEIGHTS = "training checkpoint: weights kept exact for an exact resume (--quantize-weights)"
+TRAINING_WEIGHTS = "training checkpoint, for an exact resume (--quantize-weights)"
 
 EXAMPLES = """\
 examples:

@@ -1,8 +1,8 @@
 """Progress of q8convert's long steps on stderr: a bar on a terminal, lines in a log.
 
 Without a terminal (a batch job, `nohup`, a pipe) a redrawn bar is noise, and no output at
-all looks like a hang: there a line is printed every few seconds or every few percent,
-whichever comes first, and one when the step ends. `-q` silences both.
+all looks like a hang: there a line is printed every 5 seconds, or after 10% more of the
+work (at most one a second), and one when the step ends. `-q` silences both.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ def fmt_bytes(n: float) -> str:
 
 class LineProgress:
     """A tqdm-like counter that prints `q8convert: <desc>: 45% (1.2 GB of 2.7 GB), 12 s`
-    lines: at most one per `interval` seconds unless `step` percent more is done."""
+    lines: one `interval` seconds after the last, or once `step` percent more is done and
+    `gap` seconds have passed (a fast step prints only its end)."""
 
-    def __init__(self, total: int, desc: str, file: TextIO, interval: float = 5.0, step: float = 10.0) -> None:
+    def __init__(
+        self, total: int, desc: str, file: TextIO, interval: float = 5.0, step: float = 10.0, gap: float = 1.0
+    ) -> None:
         self.total, self.desc, self.file = total, desc, file
-        self.interval, self.step = interval, step
+        self.interval, self.step, self.gap = interval, step, gap
         self.n, self.start = 0, time.monotonic()
         self._last_time, self._last_percent = self.start, 0.0
         self._item = ""
@@ -40,7 +43,8 @@ class LineProgress:
         self.n += n
         now = time.monotonic()
         percent = 100 * self.n / self.total if self.total else 100.0
-        if now - self._last_time >= self.interval or percent - self._last_percent >= self.step:
+        since = now - self._last_time
+        if since >= self.interval or (since >= self.gap and percent - self._last_percent >= self.step):
             self._print(f"{percent:.0f}% ({fmt_bytes(self.n)} of {fmt_bytes(self.total)}){self._item}", now)
             self._last_time, self._last_percent = now, percent
 
