@@ -491,6 +491,34 @@ def test_huffman_round_trip_and_corruption():
     assert huffman_encode(torch.randint(0, 256, (10_000,), dtype=torch.uint8, generator=g)) is None
 
 
+def _optimal_limited_bits(hist: list[int], maxlen: int = 11) -> int:
+    """The fewest bits any prefix code with lengths <= maxlen spends on `hist`, by the
+    coin collector's problem: each symbol is a coin of every denomination 2^-1..2^-maxlen
+    (its frequency is its cost); the cheapest coins worth n - 1 in total give the lengths."""
+    coins = sorted(f for f in hist if f)
+    items = [(f, 1) for f in coins]  # (cost, leaves inside) at the deepest level
+    for _ in range(maxlen - 1):
+        packages = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(items[::2], items[1::2], strict=False)]
+        items = sorted([(f, 1) for f in coins] + packages, key=lambda item: item[0])
+    return sum(cost for cost, _ in items[: 2 * len(coins) - 2])
+
+
+def test_huffman_code_lengths_are_optimal_within_the_limit():
+    """Where the Huffman code needs more than 11 bits, the lengths are the best ones of at
+    most 11 bits (package-merge), not those of a flattened histogram."""
+    from q8.formats.planes import huffman_encode
+
+    torch.manual_seed(3)
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((1 << 20,)) * 12  # tails that want 14-bit codes
+    x = (laplace.round().clamp(-127, 127) + 128).to(torch.uint8)
+    chunk = bytes(memoryview(huffman_encode(x)[1]).cast("B"))
+    first, last = chunk[0], chunk[1]
+    lengths = [(chunk[2 + k // 2] >> (4 * (k & 1))) & 15 for k in range(last - first + 1)]
+    hist = torch.bincount(x.long(), minlength=256).tolist()
+    assert max(lengths) == 11
+    assert sum(hist[first + k] * n for k, n in enumerate(lengths)) == _optimal_limited_bits(hist)
+
+
 def test_exponent_planes_use_huffman(tmp_path):
     path = tmp_path / "m.q8"
     q8.save_file({"w": torch.randn(512, 512) * 0.02}, path)
