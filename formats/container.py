@@ -34,7 +34,7 @@ from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "BytesWriter", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
 
 MAGIC = b"\x89Q8F\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -237,6 +237,22 @@ class Writer:
         """Write index and footer, fsync, and atomically rename onto `path`."""
         if self._file is None:
             self._open()
+        self._finish()
+        f = self._file
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
+            fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._discard.detach()
+        self._file = self._tmp = None
+        f.close()
+
+    def _finish(self) -> None:
+        """Write the index and the footer after the data."""
         from .. import __version__
 
         index = {
@@ -252,24 +268,33 @@ class Writer:
         offset = self._pos
         self._write(blob)
         self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
-        f = self._file
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
-            fsync_dir(self.path.parent)
-        except BaseException:
-            self.abort()
-            raise
-        self._discard.detach()
-        self._file = self._tmp = None
-        f.close()
 
     def abort(self) -> None:
         """Drop the temporary file; the previous file at `path`, if any, is untouched."""
         if self._file is not None:
             self._file = self._tmp = None
             self._discard()
+
+
+class BytesWriter(Writer):
+    """A `Writer` that builds the file in memory: `close()` returns its bytes (`q8.save_bytes`)."""
+
+    def __init__(self, metadata: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__("<bytes>", metadata, **kwargs)
+
+    def _open(self) -> None:
+        self._file = io.BytesIO()
+        self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+
+    def close(self) -> bytes:
+        if self._file is None:
+            self._open()
+        self._finish()
+        data, self._file = self._file.getvalue(), None
+        return data
+
+    def abort(self) -> None:
+        self._file = None
 
 
 def blockwise_problem(absmax: torch.Tensor, code: Code, dtype: torch.dtype) -> str | None:
@@ -400,14 +425,23 @@ class Reader:
     """Random access to one q8 file: validates header, footer and index on open; reads
     and checks only the segments of the tensor asked for. Use through `q8.safe_open`."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, path: str | os.PathLike, device: str | torch.device = "cpu", *, data: bytes | None = None
+    ) -> None:
+        """Open file `path`, or with `data`, a q8 file held in memory (`path` names it in errors)."""
         self.path = Path(path)
         self.device = torch.device(device)
-        with open(self.path, "rb") as f:
-            self.size = os.fstat(f.fileno()).st_size
+        if data is not None:
+            self._mm = bytearray(data)  # a writable copy, as the copy-on-write map of a file
+            self.size = len(self._mm)
             if self.size < HEADER.size + FOOTER.size:
-                raise self.error(f"file too short for a q8 file ({self.size} bytes)")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                raise self.error(f"too short for a q8 file ({self.size} bytes)")
+        else:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                if self.size < HEADER.size + FOOTER.size:
+                    raise self.error(f"file too short for a q8 file ({self.size} bytes)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
             self._parse()
         except BaseException:
@@ -622,10 +656,27 @@ class Reader:
     # - tensors -
 
     def keys(self) -> list[str]:
+        """Tensor names in the order they were written, which is their order in the file."""
         return list(self._where)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names by position in the file (safetensors' `offset_keys`): `keys()`."""
+        return self.keys()
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get_slice(self, name: str):
+        """A `q8.formats.slicing.TensorSlice` of tensor `name`: index it to read part of it."""
+        from .slicing import TensorSlice  # it builds on this module
+
+        return TensorSlice(self, name)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -671,6 +722,19 @@ class Reader:
                 raise self.error(out, name)
             return out
         return self._unzstd(view, raw, name)
+
+    def segment_bytes(self, seg: tuple[int, int, int, int, int], start: int, stop: int, name: str) -> torch.Tensor:
+        """Bytes [start, stop) of one segment's raw content. Uncompressed: a zero-copy view
+        of the map, so only those bytes are read, and the segment's checksum, which covers
+        all of it, is not checked. Compressed: the whole segment is checked and decoded."""
+        offset, _, raw, compression, _ = seg
+        if not 0 <= start <= stop <= raw:
+            raise ValueError(f"bytes [{start}, {stop}) outside a segment of {raw} bytes")
+        if stop == start:
+            return torch.empty(0, dtype=torch.uint8)
+        if compression == RAW:
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=stop - start, offset=offset + start)
+        return self._segment(seg, name)[start:stop]
 
     def _unzstd(self, view: memoryview, raw: int, name: str) -> torch.Tensor:
         """Decode one zstd frame straight into a new tensor of exactly `raw` bytes. A frame
