@@ -15,7 +15,20 @@ from .codec import (
     quantile_code,
     quantize,
 )
-from .formats import FormatError, Writer, load, load_file, safe_open, save, save_file, verify
+from .formats import (
+    FormatError,
+    Writer,
+    load,
+    load_bytes,
+    load_file,
+    load_model,
+    safe_open,
+    save,
+    save_bytes,
+    save_file,
+    save_model,
+    verify,
+)
 from .optim import load_optimizer, save_optimizer
 
 __version__ = "0.1.0"
@@ -31,7 +44,9 @@ __all__ = [
     "dynamic_code",
     "linear_code",
     "load",
+    "load_bytes",
     "load_file",
+    "load_model",
     "load_optimizer",
     "optim",
     "quant_error",
@@ -39,7 +54,9 @@ __all__ = [
     "quantize",
     "safe_open",
     "save",
+    "save_bytes",
     "save_file",
+    "save_model",
     "save_optimizer",
     "verify",
 ]

@@ -34,7 +34,7 @@ from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "BytesWriter", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
 
 MAGIC = b"\x89Q8F\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -188,20 +188,20 @@ class Writer:
         x = x.detach().cpu().contiguous()
         if x.dtype == torch.bool and (problem := bool_problem(x)):
             raise ValueError(f"{self.path}: tensor {name!r}: {problem}")
-        record = {"dtype": dtype_name(x.dtype), "shape": list(x.shape)}
-        width = PLANE_WIDTH.get(x.dtype)
-        if width and x.numel() >= _PLANES_MIN_NUMEL:
-            planes = (byte_plane(x, width, j) for j in range(width))  # one at a time
-            return {**record, "encoding": "planes", "segments": self._segments(planes)}
-        data = x.reshape(-1).view(torch.uint8)
-        return {**record, "encoding": "raw", "segments": self._segments([data])}
+        encoding, parts = _exact_parts(x)
+        return {
+            "dtype": dtype_name(x.dtype),
+            "shape": list(x.shape),
+            "encoding": encoding,
+            "segments": self._segments(parts),
+        }
 
     def _add_qtensor(self, name: str, qt: QTensor) -> dict:
         if problem := blockwise_problem(qt.absmax, qt.code, qt.dtype):
             raise ValueError(f"{self.path}: QTensor {name!r}: {problem}")
         qt = qt.to("cpu")
         code = self._codes.setdefault(qt.code, len(self._codes))
-        segments = self._segments([qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)])
+        segments = self._segments(_blockwise_parts(qt))
         record = {"dtype": dtype_name(qt.dtype), "shape": list(qt.shape), "encoding": "blockwise"}
         if qt.row_length != qt.numel():  # rows cut blocks: a reader that does not know rows must refuse it
             record.update(encoding=ROW_BLOCKWISE, row_length=qt.row_length)
@@ -223,33 +223,7 @@ class Writer:
         return out
 
     def _encode_segment(self, part: torch.Tensor) -> tuple[list, int, int]:
-        """(buffers to store, raw length, compression): the smallest of raw, Huffman and
-        zstd that saves at least 3%. Huffman (fast) is tried first; zstd only where Huffman
-        does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
-        raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
-        n = raw.nbytes
-        best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
-        if n >= _MIN_COMPRESS_BYTES:
-            packed = huffman_encode(part)
-            if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
-                best, best_size, compression = packed, size, HUFFMAN
-            if best_size < n / 4 if compression == HUFFMAN else self._zstd_pays(raw):
-                packed = self._zstd(raw)
-                if len(packed) <= best_size:
-                    best, compression = [packed], ZSTD
-        return best, n, compression
-
-    def _zstd(self, data) -> bytes:
-        return zstandard.ZstdCompressor(level=self._level, write_content_size=True, threads=self._threads).compress(
-            data
-        )
-
-    def _zstd_pays(self, raw: memoryview) -> bool:
-        n = raw.nbytes
-        if n <= 4 * _ZSTD_PROBE:
-            return True
-        probe = b"".join(raw[i : i + _ZSTD_PROBE] for i in (0, n // 2, n - _ZSTD_PROBE))
-        return len(self._zstd(probe)) <= len(probe) * (1 - _MIN_SAVING)
+        return _encode_segment(part, self._level, self._threads)
 
     def set_q8_metadata(self, key: str, value: str) -> None:
         """q8's own metadata (kept apart from the user's), e.g. what wrote the file."""
@@ -263,21 +237,7 @@ class Writer:
         """Write index and footer, fsync, and atomically rename onto `path`."""
         if self._file is None:
             self._open()
-        from .. import __version__
-
-        index = {
-            "tensors": self._records,
-            "codes": [{"name": c.name, "values": c.values.numpy().tobytes()} for c in self._codes],
-            "metadata": self._metadata,
-            "q8": {"writer": f"q8 {__version__}", **self._q8_meta},
-        }
-        if self._tree is not None:
-            index["tree"] = self._tree
-        blob = msgpack.packb(index, use_bin_type=True)
-        self._write(b"\0" * (-self._pos % ALIGN))
-        offset = self._pos
-        self._write(blob)
-        self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
+        self._finish()
         f = self._file
         try:
             f.flush()
@@ -291,11 +251,50 @@ class Writer:
         self._file = self._tmp = None
         f.close()
 
+    def _finish(self) -> None:
+        """Write the index and the footer after the data."""
+        from .. import __version__
+
+        index = {
+            "tensors": self._records,
+            "codes": [_code_entry(c) for c in self._codes],
+            "metadata": self._metadata,
+            "q8": {"writer": f"q8 {__version__}", **self._q8_meta},
+        }
+        if self._tree is not None:
+            index["tree"] = self._tree
+        blob = msgpack.packb(index, use_bin_type=True)
+        self._write(b"\0" * (-self._pos % ALIGN))
+        offset = self._pos
+        self._write(blob)
+        self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
+
     def abort(self) -> None:
         """Drop the temporary file; the previous file at `path`, if any, is untouched."""
         if self._file is not None:
             self._file = self._tmp = None
             self._discard()
+
+
+class BytesWriter(Writer):
+    """A `Writer` that builds the file in memory: `close()` returns its bytes (`q8.save_bytes`)."""
+
+    def __init__(self, metadata: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__("<bytes>", metadata, **kwargs)
+
+    def _open(self) -> None:
+        self._file = io.BytesIO()
+        self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+
+    def close(self) -> bytes:
+        if self._file is None:
+            self._open()
+        self._finish()
+        data, self._file = self._file.getvalue(), None
+        return data
+
+    def abort(self) -> None:
+        self._file = None
 
 
 def blockwise_problem(absmax: torch.Tensor, code: Code, dtype: torch.dtype) -> str | None:
@@ -319,6 +318,76 @@ def bool_problem(data: torch.Tensor) -> str | None:
     if data.numel() and bool((data.view(torch.uint8) > 1).any()):
         return "bool tensor holds bytes other than 0 and 1"
     return None
+
+
+def _exact_parts(x: torch.Tensor) -> tuple[str, Iterable[torch.Tensor]]:
+    """The encoding of an exact contiguous CPU tensor and its segments' bytes: `planes` for
+    floats of at least 1024 elements (made one plane at a time), `raw` otherwise."""
+    width = PLANE_WIDTH.get(x.dtype)
+    if width and x.numel() >= _PLANES_MIN_NUMEL:
+        return "planes", (byte_plane(x, width, j) for j in range(width))
+    return "raw", [x.reshape(-1).view(torch.uint8)]
+
+
+def _blockwise_parts(qt: QTensor) -> list[torch.Tensor]:
+    return [qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)]
+
+
+def _encode_segment(part: torch.Tensor, level: int, threads: int) -> tuple[list, int, int]:
+    """(buffers to store, raw length, compression): the smallest of raw, Huffman and
+    zstd that saves at least 3%. Huffman (fast) is tried first; zstd only where Huffman
+    does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
+    raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
+    n = raw.nbytes
+    best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
+    if n >= _MIN_COMPRESS_BYTES:
+        packed = huffman_encode(part)
+        if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
+            best, best_size, compression = packed, size, HUFFMAN
+        if best_size < n / 4 if compression == HUFFMAN else _zstd_pays(raw, level, threads):
+            packed = _zstd(raw, level, threads)
+            if len(packed) <= best_size:
+                best, compression = [packed], ZSTD
+    return best, n, compression
+
+
+def _zstd(data, level: int, threads: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads).compress(data)
+
+
+def _zstd_pays(raw: memoryview, level: int, threads: int) -> bool:
+    n = raw.nbytes
+    if n <= 4 * _ZSTD_PROBE:
+        return True
+    probe = b"".join(raw[i : i + _ZSTD_PROBE] for i in (0, n // 2, n - _ZSTD_PROBE))
+    return len(_zstd(probe, level, threads)) <= len(probe) * (1 - _MIN_SAVING)
+
+
+def _code_entry(code: Code) -> dict:
+    return {"name": code.name, "values": code.values.numpy().tobytes()}
+
+
+def code_nbytes(code: Code) -> int:
+    """Bytes a code table adds to the index of a file that does not hold it yet (each
+    table is stored once per file, whatever the number of tensors using it)."""
+    return len(msgpack.packb(_code_entry(code), use_bin_type=True))
+
+
+def stored_nbytes(x: torch.Tensor | QTensor, level: int = 1) -> int:
+    """Bytes the data segments of `x` take in a q8 file (what `Writer.add` stores for it,
+    compressed where that pays; alignment padding and the index not counted), without
+    writing anything. A QTensor as it is, a tensor exactly."""
+    if isinstance(x, QTensor):
+        parts = _blockwise_parts(x.to("cpu"))
+    else:
+        check_storable(x, "stored_nbytes: x")
+        parts = _exact_parts(x.detach().cpu().contiguous())[1]
+    threads = max(1, torch.get_num_threads())
+    total = 0
+    for part in parts:
+        pieces, _, _ = _encode_segment(part, level, threads)
+        total += sum(memoryview(p).nbytes for p in pieces)
+    return total
 
 
 def _crc32(pieces: list) -> int:
@@ -356,14 +425,23 @@ class Reader:
     """Random access to one q8 file: validates header, footer and index on open; reads
     and checks only the segments of the tensor asked for. Use through `q8.safe_open`."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, path: str | os.PathLike, device: str | torch.device = "cpu", *, data: bytes | None = None
+    ) -> None:
+        """Open file `path`, or with `data`, a q8 file held in memory (`path` names it in errors)."""
         self.path = Path(path)
         self.device = torch.device(device)
-        with open(self.path, "rb") as f:
-            self.size = os.fstat(f.fileno()).st_size
+        if data is not None:
+            self._mm = bytearray(data)  # a writable copy, as the copy-on-write map of a file
+            self.size = len(self._mm)
             if self.size < HEADER.size + FOOTER.size:
-                raise self.error(f"file too short for a q8 file ({self.size} bytes)")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                raise self.error(f"too short for a q8 file ({self.size} bytes)")
+        else:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                if self.size < HEADER.size + FOOTER.size:
+                    raise self.error(f"file too short for a q8 file ({self.size} bytes)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
             self._parse()
         except BaseException:
@@ -578,10 +656,27 @@ class Reader:
     # - tensors -
 
     def keys(self) -> list[str]:
+        """Tensor names in the order they were written, which is their order in the file."""
         return list(self._where)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names by position in the file (safetensors' `offset_keys`): `keys()`."""
+        return self.keys()
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get_slice(self, name: str):
+        """A `q8.formats.slicing.TensorSlice` of tensor `name`: index it to read part of it."""
+        from .slicing import TensorSlice  # it builds on this module
+
+        return TensorSlice(self, name)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -627,6 +722,19 @@ class Reader:
                 raise self.error(out, name)
             return out
         return self._unzstd(view, raw, name)
+
+    def segment_bytes(self, seg: tuple[int, int, int, int, int], start: int, stop: int, name: str) -> torch.Tensor:
+        """Bytes [start, stop) of one segment's raw content. Uncompressed: a zero-copy view
+        of the map, so only those bytes are read, and the segment's checksum, which covers
+        all of it, is not checked. Compressed: the whole segment is checked and decoded."""
+        offset, _, raw, compression, _ = seg
+        if not 0 <= start <= stop <= raw:
+            raise ValueError(f"bytes [{start}, {stop}) outside a segment of {raw} bytes")
+        if stop == start:
+            return torch.empty(0, dtype=torch.uint8)
+        if compression == RAW:
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=stop - start, offset=offset + start)
+        return self._segment(seg, name)[start:stop]
 
     def _unzstd(self, view: memoryview, raw: int, name: str) -> torch.Tensor:
         """Decode one zstd frame straight into a new tensor of exactly `raw` bytes. A frame
