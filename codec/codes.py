@@ -40,7 +40,7 @@ class Code:
         >>> code = q8.Code("tiny", torch.linspace(-1, 1, 255).tolist() + [2.0])  # doctest: +SKIP
     """
 
-    __slots__ = ("_hash", "_thresholds", "_trees", "name", "values", "zero_index")
+    __slots__ = ("_hash", "_thresholds", "_trees", "name", "signed", "values", "zero_index")
 
     def __init__(self, name: str, values: torch.Tensor | list[float]) -> None:
         if not isinstance(name, str) or not name:
@@ -57,14 +57,10 @@ class Code:
         self.name = name
         self.values = table
         self.zero_index = int(torch.nonzero(table == 0)[0, 0])  # the code of an all-zero block
+        self.signed = bool(table[0] < 0)  # whether the table has negative entries
         self._hash = hash((name, tuple(table.tolist())))
         self._thresholds: torch.Tensor | None = None
         self._trees: torch.Tensor | None = None
-
-    @property
-    def signed(self) -> bool:
-        """True if the table has negative entries."""
-        return bool(self.values[0] < 0)
 
     @property
     def thresholds(self) -> torch.Tensor:

@@ -41,7 +41,7 @@ from .quant import (
     to_float32,
 )
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 SLOT_KINDS = {"absent": 0, "fp32": 1, "nearest": 2, "stochastic": 3}
 REPORT = ("skipped", "overflowed blocks", "last overflowed parameter")
 """The int64 counters of a report tensor, in order."""
@@ -135,8 +135,8 @@ def adagrad_rule(p, g, a, b, c, h, t, d, trust):
 
 
 @triton.jit
-def lamb_rule(p, g, a, b, c, h, t, d, trust):
-    """LAMB (optim/_native.c, lamb_rule). Slots: m, v."""
+def lamb_direction(p, g, a, b, h, t, d):
+    """LAMB's bounded, bias-corrected direction r and new moments (optim/_native.c)."""
     bc1 = (1.0 - powi(d[1], t)).to(tl.float32)
     bc2 = (1.0 - powi(d[2], t)).to(tl.float32)
     bound = moment_bound(d[1], d[2], t).to(tl.float32)
@@ -145,8 +145,21 @@ def lamb_rule(p, g, a, b, c, h, t, d, trust):
     k = tl.math.sqrt_rn(v) * bound
     mu = tl.where(tl.abs(m) > k, tl.where(m < 0.0, -k, k), m)
     r = tl.math.div_rn(tl.math.div_rn(mu, bc1), tl.math.sqrt_rn(tl.math.div_rn(v, bc2)) + h[4])
-    r = tl.where(h[5] != 0.0, r + p * h[5], r)
+    return tl.where(h[5] != 0.0, r + p * h[5], r), m, v
+
+
+@triton.jit
+def lamb_rule(p, g, a, b, c, h, t, d, trust):
+    """LAMB (optim/_native.c, lamb_rule). Slots: m, v."""
+    r, m, v = lamb_direction(p, g, a, b, h, t, d)
     return p - r * (trust * h[9]), m, v, c
+
+
+@triton.jit
+def lamb_terms(p, g, a, b, c, h, t, d):
+    """The norm input besides p (optim/_native.c, lamb_terms): the direction r."""
+    r, _, _ = lamb_direction(p, g, a, b, h, t, d)
+    return r
 
 
 RULES = {
@@ -159,6 +172,9 @@ RULES = {
     "lamb": lamb_rule,
 }
 """Each fused rule by the name its optimizer gives (`Optimizer8bit.rule`)."""
+TERMS = {"lamb": lamb_terms}
+"""Rules whose trust ratio needs the norm of a tensor computed from the state: that tensor.
+(LARS's is the gradient itself.)"""
 
 
 # ---- the shared skeleton ---------------------------------------------------------------------
@@ -207,12 +223,14 @@ def _step_kernel(
     c_ptr, c_absmax, c_table, c_tree, c_values, c_zero,
     row_length, per_row, nblocks, offset, seed, param,
     h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11,
-    lr_bits, beta1_bits, beta2_bits, lr_decay_bits, trust,
+    lr_bits, beta1_bits, beta2_bits, lr_decay_bits, trust_ptr, out_ptr,
     RULE: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, KIND_C: tl.constexpr,
-    NEGATE: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+    NEGATE: tl.constexpr, TERMS: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
+    """The step of RULE on one parameter; with TERMS, RULE is a norm-input function and the
+    kernel only writes its values to out_ptr (fp32), changing nothing."""
     pid = tl.program_id(0)
-    if tl.load(ok_ptr) != 0:
+    if TERMS or tl.load(ok_ptr) != 0:
         rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         offs, mask = block_offsets(rows, row_length, per_row, nblocks, BLOCKSIZE)
         row_ok = rows < nblocks
@@ -232,14 +250,23 @@ def _step_kernel(
             beta2_bits.to(tl.int64).to(tl.float64, bitcast=True),
             lr_decay_bits.to(tl.int64).to(tl.float64, bitcast=True),
         )
-        p, a, b, c = RULE(p, g, a, b, c, h, t, d, trust)
-        tl.store(p_ptr + offs, round_to(p, p_ptr.dtype.element_ty), mask=mask)
-        index = offset + offs
-        bad = _store_slot(KIND_A, a, a_ptr, a_absmax, a_tree, a_values, a_zero, offs, rows, mask, row_ok, key, index)
-        bad += _store_slot(KIND_B, b, b_ptr, b_absmax, b_tree, b_values, b_zero, offs, rows, mask, row_ok, key, index)
-        bad += _store_slot(KIND_C, c, c_ptr, c_absmax, c_tree, c_values, c_zero, offs, rows, mask, row_ok, key, index)
-        tl.atomic_add(report_ptr + 1, bad.to(tl.int64), mask=bad > 0)
-        tl.atomic_max(report_ptr + 2, param.to(tl.int64), mask=bad > 0)
+        if TERMS:
+            tl.store(out_ptr + offs, RULE(p, g, a, b, c, h, t, d), mask=mask)
+        else:
+            p, a, b, c = RULE(p, g, a, b, c, h, t, d, tl.load(trust_ptr))
+            tl.store(p_ptr + offs, round_to(p, p_ptr.dtype.element_ty), mask=mask)
+            index = offset + offs
+            bad = _store_slot(
+                KIND_A, a, a_ptr, a_absmax, a_tree, a_values, a_zero, offs, rows, mask, row_ok, key, index
+            )
+            bad += _store_slot(
+                KIND_B, b, b_ptr, b_absmax, b_tree, b_values, b_zero, offs, rows, mask, row_ok, key, index
+            )
+            bad += _store_slot(
+                KIND_C, c, c_ptr, c_absmax, c_tree, c_values, c_zero, offs, rows, mask, row_ok, key, index
+            )
+            tl.atomic_add(report_ptr + 1, bad.to(tl.int64), mask=bad > 0)
+            tl.atomic_max(report_ptr + 2, param.to(tl.int64), mask=bad > 0)
     else:
         tl.atomic_add(report_ptr, 1, mask=pid == 0)
 
@@ -280,9 +307,10 @@ def step(
     seed: int,
     offset: int = 0,
     param: int = 0,
-    trust: float = 1.0,
+    trust: torch.Tensor,
     negate: bool = False,
     layout: tuple[int, int],
+    terms: torch.Tensor | None = None,
 ) -> None:
     """One fused step of `rule` on parameter `p` and its state slots, in place, one launch and
     no host-device synchronization.
@@ -302,8 +330,11 @@ def step(
         report: int64 [3] tensor on the device (`REPORT`): skips and overflows are counted there.
         seed, offset: the stochastic rounding's seed and the global index of p's first element.
         param: the parameter's index, recorded in the report if its state overflows.
-        trust: LAMB's / LARS's trust ratio. negate: maximize (the gradient negated).
+        trust: fp32 0-d tensor on the device: LAMB's / LARS's trust ratio (1 for the others).
+        negate: maximize (the gradient negated).
         layout: (row_length, blocksize) of the 8-bit slots (of blocks of the fp32 state).
+        terms: an fp32 tensor like `p`: instead of a step, write the rule's norm input
+            (`TERMS`) there, changing nothing else.
     """
     n = p.numel()
     for name, t in (("p", p), ("grad", grad)):
@@ -335,7 +366,8 @@ def step(
         _step_kernel[grid](
             p, grad, ok, step_count, report, *args,
             row_length, -(-row_length // blocksize), nblocks, offset, seed & 0xFFFFFFFF, param,
-            *h, *map(double_bits, doubles), float(trust),
-            RULE=RULES[rule], KIND_A=kinds[0], KIND_B=kinds[1], KIND_C=kinds[2], NEGATE=bool(negate),
-            BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
+            *h, *map(double_bits, doubles), trust, p if terms is None else terms,
+            RULE=RULES[rule] if terms is None else TERMS[rule], KIND_A=kinds[0], KIND_B=kinds[1], KIND_C=kinds[2],
+            NEGATE=bool(negate), TERMS=terms is not None, BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS,
+            **EXACT,
         )  # fmt: skip

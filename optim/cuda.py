@@ -25,13 +25,15 @@ optimizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 
 import torch
 
 from ..codec import QTensor, get_code
-from .fused import _layout, generic_step, offset_of, pad_hyper, sharded_group, slot_names
+from .fused import NORM_RULES, _layout, generic_step, offset_of, pad_hyper, sharded_group, slot_names
+from .norms import exact_norms
 from .sharded import is_sharded, local
 
 
@@ -77,6 +79,12 @@ class DeviceReport:
             )
 
 
+@functools.cache
+def one(device: torch.device) -> torch.Tensor:
+    """1.0 (fp32, 0-d) on `device`: the trust ratio of rules without one."""
+    return torch.ones((), device=device)
+
+
 def _doubles(group: dict) -> tuple[float, float, float, float]:
     """(lr, beta1, beta2, lr_decay) of a group in binary64: what rules derive their
     step-dependent constants from on the device (0 where the group has none)."""
@@ -116,13 +124,22 @@ def cuda_step(opt, work: list) -> None:
             if id(group) not in hyper:
                 hyper[id(group)] = pad_hyper(opt.hyper(group, 1))  # step-dependent entries: on the device
             work_p = target if target.is_contiguous() else target.contiguous()
-            kernels.step(
-                opt.rule, work_p, g if g.is_contiguous() else g.contiguous(), entries,
-                [None if name is None else get_code(codes[name]) for name in names],
-                hyper[id(group)], _doubles(group), ok=ok[i], step_count=state["step"], report=report.counts,
-                seed=state["seed"], offset=offset_of(p), param=state["seed"], negate=group["maximize"],
-                layout=layout,
-            )  # fmt: skip
+            g = g if g.is_contiguous() else g.contiguous()
+            args = (opt.rule, work_p, g, entries, [None if name is None else get_code(codes[name]) for name in names])
+            kwargs = {
+                "ok": ok[i], "step_count": state["step"], "report": report.counts, "seed": state["seed"],
+                "offset": offset_of(p), "param": state["seed"], "negate": group["maximize"], "layout": layout,
+            }  # fmt: skip
+            h, d = hyper[id(group)], _doubles(group)
+            if opt.rule in NORM_RULES:  # the trust ratio from exact norms, on the device
+                y = g
+                if opt.rule in kernels.optim.TERMS:
+                    y = torch.empty(work_p.shape, dtype=torch.float32, device=device)
+                    kernels.step(*args, h, d, trust=one(device), terms=y, **kwargs)
+                trust = opt.trust(exact_norms([work_p, y], sharded_group(p)), group)
+            else:
+                trust = one(device)
+            kernels.step(*args, h, d, trust=trust, **kwargs)
             if work_p is not target:
                 target.copy_(work_p)
             for name, entry in zip(names, entries, strict=True):

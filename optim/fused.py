@@ -91,7 +91,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TRITON_DEVICES = {"cuda"}
 """Device types whose parameters take the Triton kernels (tests add "cpu" under TRITON_INTERPRET=1)."""
 NORM_RULES = {"lamb", "lars"}
-"""Rules scaled by whole-parameter norms: on CUDA they take the generic path for now."""
+"""Rules scaled by a trust ratio of exact whole-parameter norms (optim/norms.py)."""
 _FP32_BLOCK = 1024  # optim/_native.c's Q8_FP32_BLOCK: the blocks of a parameter whose state is all fp32
 _SLOT_KINDS = {"fp32": 1, "nearest": 2, "stochastic": 3}
 
@@ -117,7 +117,7 @@ def fused_step(opt, work: list[tuple[torch.Tensor, torch.Tensor, dict, dict]]) -
     for item in work:
         p, grad = local(item[0]), local(item[1])
         fused = opt.rule is not None and p.dtype in DTYPE_CODES and grad.dtype in DTYPE_CODES
-        if fused and p.device.type in TRITON_DEVICES and opt.rule not in NORM_RULES:
+        if fused and p.device.type in TRITON_DEVICES:
             cuda.append(item)
         elif fused and p.device.type == "cpu":
             cpu.append(item)

@@ -34,7 +34,7 @@ import torch
 
 from ..codec import CODE_NAMES, QTensor, get_code, quantize
 from ..codec.blockwise import BLOCKSIZES
-from ..codec.layout import canonical_row_length
+from ..codec.layout import canonical_row_length, num_blocks
 from . import sharded
 from .fused import fused_step
 from .norms import exact_norms
@@ -93,6 +93,17 @@ def row_length(p: torch.Tensor) -> int:
     """Elements of one row (slice along dim 0) of `p`: the rows of its 8-bit state's block
     layout. The same for the whole parameter and for any shard of whole rows."""
     return math.prod(p.shape[1:])
+
+
+def filled(value: float, code: str, blocksize: int, shape: torch.Size, row_length: int, device) -> QTensor:
+    """`quantize` of a tensor filled with `value`, made without encoding on the device (so a
+    first CUDA step never waits for it): every block has absmax |value| and the one code
+    that a single element gets."""
+    one = quantize(torch.tensor([float(value)]), code, blocksize)
+    numel = math.prod(shape)
+    codes = torch.full((numel,), int(one.codes[0]), dtype=torch.uint8, device=device)
+    absmax = torch.full((num_blocks(numel, blocksize, row_length),), float(one.absmax[0]), device=device)
+    return QTensor(codes, absmax, one.code, blocksize, shape, torch.float32, row_length)
 
 
 def absmax_shape(p: torch.Tensor, blocksize: int) -> tuple[int, int]:
@@ -209,9 +220,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         seed = next(i for i, q in enumerate(self._indexed_params()) if q is p)
         state: dict[str, Any] = {"step": 0, "seed": seed}
         eight = self.is_8bit(p, group)
+        shape = local(p).shape
         for name, code in self.state_codes(group).items():
-            value = torch.full(local(p).shape, self.init_value(name, group), dtype=torch.float32, device=p.device)
-            state[name] = quantize(value, code, self.blocksize, row_length=row_length(p)) if eight else value
+            value = self.init_value(name, group)
+            if eight:
+                state[name] = filled(value, code, self.blocksize, shape, row_length(p), p.device)
+            else:
+                state[name] = torch.full(shape, value, dtype=torch.float32, device=p.device)
         return state
 
     # torch.compiler.disable, importing torch._dynamo (150 MB) on first use rather than at

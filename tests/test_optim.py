@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 
+import optim_vectors
 import pytest
 import q8
 import torch
@@ -26,8 +27,6 @@ from q8.optim import (
     StableEmbedding,
     override_32bit,
 )
-
-import optim_vectors
 
 FP32 = {"min_8bit_size": 10**12}  # the same q8 optimizer with every state entry in fp32
 
