@@ -15,7 +15,18 @@ from .codec import (
     quantile_code,
     quantize,
 )
-from .formats import FormatError, Writer, load, load_file, safe_open, save, save_file, verify
+from .formats import (
+    FormatError,
+    Writer,
+    async_save,
+    async_save_file,
+    load,
+    load_file,
+    safe_open,
+    save,
+    save_file,
+    verify,
+)
 from .optim import load_optimizer, save_optimizer
 
 __version__ = "0.1.0"
@@ -27,6 +38,8 @@ __all__ = [
     "QuantError",
     "Writer",
     "__version__",
+    "async_save",
+    "async_save_file",
     "dequantize",
     "dynamic_code",
     "linear_code",

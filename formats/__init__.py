@@ -1,6 +1,18 @@
 """q8.formats: the q8 container file format (docs/FORMAT.md) and its save/load API."""
 
-from .api import MIN_QUANTIZE_NUMEL, ShardedReader, load, load_file, safe_open, save, save_file, verify
+from .api import (
+    MIN_QUANTIZE_NUMEL,
+    ShardedReader,
+    async_save,
+    async_save_file,
+    load,
+    load_file,
+    safe_open,
+    save,
+    save_file,
+    verify,
+)
+from .background import SaveFuture, release_buffers
 from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer
 from .dtypes import DTYPES
 
@@ -11,10 +23,14 @@ __all__ = [
     "MIN_QUANTIZE_NUMEL",
     "FormatError",
     "Reader",
+    "SaveFuture",
     "ShardedReader",
     "Writer",
+    "async_save",
+    "async_save_file",
     "load",
     "load_file",
+    "release_buffers",
     "safe_open",
     "save",
     "save_file",

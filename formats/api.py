@@ -19,10 +19,11 @@ import torch
 from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
 from .atomic import TempFile, fsync_dir
+from .background import SaveFuture, Snapshot, submit
 from .container import FormatError, Reader, Writer, _check_str_map, check_storable
 from .tree import pack_tree, unpack_tree
 
-__all__ = ["load", "load_file", "safe_open", "save", "save_file", "verify"]
+__all__ = ["async_save", "async_save_file", "load", "load_file", "safe_open", "save", "save_file", "verify"]
 
 INDEX_SUFFIX = ".index.json"
 MIN_QUANTIZE_NUMEL = 4096
@@ -67,15 +68,7 @@ def save_file(
         >>> q8.save_file({"w": torch.randn(1024, 1024)}, "m.q8", metadata={"step": "10"})
         >>> q8.save_file({"w": torch.randn(1024, 1024)}, "m8.q8", quantize=True, blocksize=256)
     """
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"save_file expects a dict of tensors, got {type(tensors).__name__}")
-    metadata = _check_str_map(metadata, "metadata")
-    for name, x in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"save_file: tensor names must be non-empty str, got {name!r}")
-        if not isinstance(x, QTensor):
-            check_storable(x, f"save_file: tensor {name!r}")
-    Writer(path, code=code, blocksize=blocksize)  # validates code and blocksize
+    metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
     items = [(name, _plan(name, x, quantize)) for name, x in tensors.items()]
     shards = _shard(items, _parse_size(max_shard_size))
     path = Path(path)
@@ -94,6 +87,29 @@ def save_file(
     _atomic_write_text(Path(f"{path}{INDEX_SUFFIX}"), json.dumps(index, indent=2))
     if path.is_file():  # a stale single-file checkpoint would shadow the new shards
         path.unlink()
+
+
+def check_save_file_args(
+    tensors: Tensors,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None,
+    code: str | Code,
+    blocksize: int,
+    max_shard_size: int | str | None,
+) -> dict[str, str]:
+    """TypeError/ValueError for any argument `save_file` cannot take (nothing is written);
+    the metadata as a dict."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"save_file expects a dict of tensors, got {type(tensors).__name__}")
+    metadata = _check_str_map(metadata, "metadata")
+    for name, x in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"save_file: tensor names must be non-empty str, got {name!r}")
+        if not isinstance(x, QTensor):
+            check_storable(x, f"save_file: tensor {name!r}")
+    Writer(path, code=code, blocksize=blocksize)  # validates code and blocksize
+    _parse_size(max_shard_size)
+    return metadata
 
 
 def _plan(name: str, x: torch.Tensor | QTensor, policy: bool | Callable) -> tuple[Any, bool]:
@@ -174,11 +190,62 @@ def save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None =
         >>> q8.load("s.q8")["state"][0]["m"]  # a QTensor again
     """
     tree, tensors = pack_tree(obj)
-    metadata = _check_str_map(metadata, "metadata")
+    write_tree(tree, tensors, path, _check_str_map(metadata, "metadata"))
+
+
+def write_tree(tree: bytes, tensors: Tensors, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """The file of `q8.save`: the packed structure `tree` and the tensors it names."""
     with Writer(path, metadata) as w:
         w.set_tree(tree)
         for name, x in tensors.items():
             w.add(name, x)
+
+
+def async_save_file(
+    tensors: Tensors,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    quantize: bool | Callable[[str, torch.Tensor], bool] = False,
+    code: str | Code = "auto",
+    blocksize: int = 2048,
+    max_shard_size: int | str | None = None,
+) -> SaveFuture:
+    """`save_file` in the background: returns once the tensors are copied (CUDA tensors to
+    pinned host memory, QTensors as codes + absmax), so the caller may update them at once;
+    encoding, compression and the atomic write run on q8's save thread.
+
+    Saves run in the order they were made (a blocking save to the same file waits for
+    them); the interpreter waits for pending saves before it exits. Bad arguments raise
+    here, before anything is copied; a failure while writing is raised by `result()`, and
+    logged if nobody reads it.
+
+    Returns:
+        A `concurrent.futures.Future` (`q8.formats.SaveFuture`): `result()` is None once the
+        file is in place.
+
+    Example:
+        >>> future = q8.async_save_file(model.state_dict(), "m.q8")
+        >>> ...  # keep training: the file is written meanwhile
+        >>> future.result()  # raises if the save failed
+    """
+    metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
+    snapshot = Snapshot(tensors)
+    kwargs = {"quantize": quantize, "code": code, "blocksize": blocksize, "max_shard_size": max_shard_size}
+    return submit(path, lambda: save_file(snapshot.tensors, path, metadata, **kwargs), snapshot)
+
+
+def async_save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> SaveFuture:
+    """`save` in the background, as `async_save_file` does: the structure is packed and its
+    tensors copied before this returns; the file is written on q8's save thread.
+
+    Example:
+        >>> q8.async_save({"step": 3, "state": opt.state_dict()}, "state.q8").result()
+    """
+    tree, tensors = pack_tree(obj)
+    metadata = _check_str_map(metadata, "metadata")
+    snapshot = Snapshot(tensors)
+    return submit(path, lambda: write_tree(tree, snapshot.tensors, path, metadata), snapshot)
 
 
 # -- loading -----------------------------------------------------------------------------
