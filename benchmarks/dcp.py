@@ -1,6 +1,7 @@
-"""DCP benchmark: checkpoint size and save/load time of q8 storage vs DCP's FileSystemWriter.
+"""DCP benchmark: checkpoint size and save/load time of q8 storage vs DCP's FileSystemWriter,
+and resharding 4 -> 2 -> 1 ranks.
 
-Two gloo ranks on CPU train an FSDP2 MLP (4 x Linear(2048, 2048), 16.8M parameters) for
+Part 1. Two gloo ranks on CPU train an FSDP2 MLP (4 x Linear(2048, 2048), 16.8M parameters) for
 STEPS steps with torch.optim.AdamW (fp32 state) or q8.optim.AdamW8bit (8-bit state), then
 save model + optimizer state (`get_state_dict`, `dcp.save`) with each writer:
 
@@ -13,6 +14,13 @@ Reported: bytes on disk (whole checkpoint folder), ratio vs FileSystemWriter, me
 and load time over REPEATS (rank 0's wall time between barriers; load includes
 `set_state_dict`), and for lossy storage the largest relative L2 error of a reloaded
 tensor. Loads are checked exact for the lossless writers.
+
+Part 2, resharding. The same MLP trains on 4 ranks and is saved; 2 ranks load it, check it
+and save it again; one plain process (no FSDP, no process group, `no_dist=True`) loads that.
+For torch AdamW through FileSystemWriter and AdamW8bit through FileSystemWriter and
+Q8StorageWriter: checkpoint size, median save time on 4 ranks, median load time (dcp.load +
+set_state_dict) on 2 ranks and on 1 process, and whether every reload equals the 4-rank
+state bit for bit (gathered with full_state_dict=True).
 
 Run: PYTHONSAFEPATH=1 .venv/bin/python benchmarks/dcp.py [--repeats N]
 """
@@ -32,6 +40,7 @@ import torch
 import torch.multiprocessing as mp
 
 WIDTH, LAYERS, STEPS, WORLD = 2048, 4, 3, 2
+RESHARD = (4, 2, 1)  # ranks of each stage: train and save, load and save, load
 
 
 def writers():
@@ -48,14 +57,16 @@ def writers():
 
 
 def build(mesh, optimizer: str):
+    """The MLP and its optimizer: FSDP2-sharded on `mesh`, or plain for mesh None."""
     import q8.optim
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
-    for layer in model:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if mesh is not None:
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     if optimizer == "AdamW (fp32)":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
@@ -136,6 +147,94 @@ def worker(rank: int, root: str, repeats: int, results) -> None:
     dist.destroy_process_group()
 
 
+RESHARD_RUNS = (
+    ("AdamW (fp32)", "FileSystemWriter"),
+    ("AdamW8bit", "FileSystemWriter"),
+    ("AdamW8bit", "Q8StorageWriter"),
+)
+
+
+def reshard_worker(rank: int, world: int, stage: int, root: str, repeats: int, results) -> None:
+    """Stage 0: train on RESHARD[0] ranks and save; later stages: load the previous stage's
+    checkpoint on RESHARD[stage] ranks (one plain process for 1), check it, save it again."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    plain = world == 1
+    if not plain:
+        dist.init_process_group("gloo", init_method=f"file://{root}/store-{stage}", rank=rank, world_size=world)
+    mesh = None if plain else init_device_mesh("cpu", (world,))
+
+    def timed(fn, *args) -> float:
+        if not plain:
+            dist.barrier()
+        t0 = time.perf_counter()
+        fn(*args)
+        if not plain:
+            dist.barrier()
+        return time.perf_counter() - t0
+
+    def full_state(model, opt) -> dict[str, torch.Tensor]:
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.clone() for k, v in flat_tensors({"model": msd, "optim": osd})}
+
+    def save(model, opt, writer) -> None:
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, storage_writer=writer, no_dist=plain)
+
+    def load(model, opt, reader) -> None:
+        msd, osd = get_state_dict(model, opt)
+        target = {"model": msd, "optim": osd}
+        dcp.load(target, storage_reader=reader, no_dist=plain)
+        set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
+
+    for optimizer, storage in RESHARD_RUNS:
+        make_writer, reader_cls, _ = writers()[storage]
+        folder = Path(root) / f"reshard-{optimizer}-{storage}".replace(" ", "_")
+        here, previous = folder / f"{world}-ranks", folder / f"{RESHARD[stage - 1]}-ranks"
+        model, opt = build(mesh, optimizer)
+        same = True
+        if stage == 0:
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(STEPS):
+                model(torch.randn(16, WIDTH, generator=gen)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+            reference = full_state(model, opt)
+            if rank == 0:
+                torch.save(reference, folder.with_suffix(".pt"))
+            seconds = [timed(save, model, opt, make_writer(here)) for _ in range(repeats)]
+        else:
+            seconds = []
+            for _ in range(repeats):
+                model, opt = build(mesh, optimizer)
+                seconds.append(timed(load, model, opt, reader_cls(previous)))
+            got = full_state(model, opt)
+            if rank == 0:
+                want = torch.load(folder.with_suffix(".pt"), weights_only=True)
+                same = got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+            if stage + 1 < len(RESHARD):
+                save(model, opt, make_writer(here))
+        if rank == 0:
+            size = sum(f.stat().st_size for f in here.iterdir() if f.is_file()) if stage == 0 else 0
+            results.append((optimizer, storage, stage, size, statistics.median(seconds), same))
+    if not plain:
+        dist.destroy_process_group()
+
+
+def reshard(root: str, repeats: int) -> list[tuple]:
+    """Run the stages of RESHARD one after another, each in fresh processes."""
+    with mp.Manager() as manager:
+        results = manager.list()
+        for stage, world in enumerate(RESHARD):
+            mp.spawn(reshard_worker, args=(world, stage, root, repeats, results), nprocs=world)
+        return list(results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -147,6 +246,7 @@ def main() -> None:
             results = manager.list()
             mp.spawn(worker, args=(root, args.repeats, results), nprocs=WORLD)
             rows = list(results)
+        resharded = reshard(root, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -163,6 +263,25 @@ def main() -> None:
         err = "exact" if worst == 0 else f"{worst:.2e}"
         print(
             f"{optimizer:<14} {name:<31} {size / 1e6:>9.1f} {base / size:>6.2f}x {save_s:>7.2f} {load_s:>7.2f}  {err}"
+        )
+
+    print()
+    print(
+        f"Resharding {' -> '.join(map(str, RESHARD))} ranks (1: one plain process, no FSDP); medians of {args.repeats}"
+    )
+    header = (
+        f"{'optimizer':<14} {'storage':<17} {'size MB':>8} {'vs torch':>8} {'save s (4)':>10} "
+        f"{'load s (4->2)':>13} {'load s (2->1)':>13}  bit-exact"
+    )
+    print(header)
+    print("-" * len(header))
+    by_run = {(o, s, stage): (size, sec, same) for o, s, stage, size, sec, same in resharded}
+    torch_size = by_run[(*RESHARD_RUNS[0], 0)][0]
+    for optimizer, storage in RESHARD_RUNS:
+        (size, save_s, _), (_, load2, same2), (_, load1, same1) = (by_run[(optimizer, storage, k)] for k in range(3))
+        print(
+            f"{optimizer:<14} {storage:<17} {size / 1e6:>8.1f} {torch_size / size:>7.2f}x {save_s:>10.2f} "
+            f"{load2:>13.2f} {load1:>13.2f}  {'yes' if same1 and same2 else 'NO'}"
         )
 
 

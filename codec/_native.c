@@ -18,7 +18,7 @@
 typedef struct {
     const float *x, *thresholds;
     const uint8_t *lut;
-    int64_t n, blocksize;
+    q8_layout layout;
     uint8_t zero_code, *codes;
     float *absmax;
 } encode_job;
@@ -28,8 +28,8 @@ typedef struct {
 static int64_t encode_blocks(const void *job, int64_t b0, int64_t b1) {
     const encode_job *e = job;
     for (int64_t b = b0; b < b1; b++) {
-        const int64_t start = b * e->blocksize;
-        const int64_t len = (start + e->blocksize <= e->n) ? e->blocksize : e->n - start;
+        int64_t len;
+        const int64_t start = q8_block_start(&e->layout, b, &len);
         int finite;
         const float m = q8_block_absmax(e->x + start, len, &finite);
         if (!finite) return b;
@@ -42,29 +42,42 @@ static int64_t encode_blocks(const void *job, int64_t b0, int64_t b1) {
 typedef struct {
     const uint8_t *codes;
     const float *absmax, *table;
-    int64_t n, blocksize;
+    q8_layout layout;
     float *out;
 } decode_job;
 
 static int64_t decode_blocks(const void *job, int64_t b0, int64_t b1) {
     const decode_job *d = job;
     for (int64_t b = b0; b < b1; b++) {
-        const int64_t start = b * d->blocksize;
-        const int64_t len = (start + d->blocksize <= d->n) ? d->blocksize : d->n - start;
+        int64_t len;
+        const int64_t start = q8_block_start(&d->layout, b, &len);
         q8_decode_block(d->codes + start, len, d->absmax[b], d->table, d->out + start);
     }
     return -1;
 }
 
+/* The layout arguments the block loops divide by: a block range is only ever non-empty when
+ * row_length >= 1 (the caller passes an empty range for an empty tensor). */
+static int check_layout(long long row_length, long long blocksize) {
+    if (row_length < 1 || blocksize < 1) {
+        PyErr_Format(PyExc_ValueError, "row_length %lld and blocksize %lld must be positive", row_length,
+                     blocksize);
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *py_encode(PyObject *self, PyObject *args) {
     unsigned long long x, thr, lut, codes, absmax;
-    long long n, blocksize, b0, b1;
+    long long row_length, blocksize, b0, b1;
     int zero_code, threads;
-    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi", &x, &n, &blocksize, &b0, &b1, &thr, &lut, &zero_code,
-                          &codes, &absmax, &threads))
+    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi", &x, &row_length, &blocksize, &b0, &b1, &thr, &lut,
+                          &zero_code, &codes, &absmax, &threads))
         return NULL;
-    const encode_job job = {(const float *)x, (const float *)thr, (const uint8_t *)lut, n, blocksize,
-                            (uint8_t)zero_code, (uint8_t *)codes, (float *)absmax};
+    if (!check_layout(row_length, blocksize)) return NULL;
+    const encode_job job = {(const float *)x, (const float *)thr, (const uint8_t *)lut,
+                            q8_make_layout(row_length, blocksize), (uint8_t)zero_code,
+                            (uint8_t *)codes, (float *)absmax};
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = q8_parallel_blocks(encode_blocks, &job, b0, b1, threads);
@@ -74,13 +87,14 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
 
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, absmax, table, out;
-    long long n, blocksize, b0, b1;
+    long long row_length, blocksize, b0, b1;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKLLLLKi", &codes, &absmax, &table, &n, &blocksize, &b0, &b1, &out,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "KKKLLLLKi", &codes, &absmax, &table, &row_length, &blocksize, &b0,
+                          &b1, &out, &threads))
         return NULL;
-    const decode_job job = {(const uint8_t *)codes, (const float *)absmax, (const float *)table, n,
-                            blocksize, (float *)out};
+    if (!check_layout(row_length, blocksize)) return NULL;
+    const decode_job job = {(const uint8_t *)codes, (const float *)absmax, (const float *)table,
+                            q8_make_layout(row_length, blocksize), (float *)out};
     Py_BEGIN_ALLOW_THREADS
     q8_parallel_blocks(decode_blocks, &job, b0, b1, threads);
     Py_END_ALLOW_THREADS
@@ -104,8 +118,9 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"encode", py_encode, METH_VARARGS,
-     "encode(x, n, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads) -> first bad block or -1"},
-    {"decode", py_decode, METH_VARARGS, "decode(codes, absmax, table, n, blocksize, b0, b1, out, threads)"},
+     "encode(x, row_length, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads) -> first bad "
+     "block or -1"},
+    {"decode", py_decode, METH_VARARGS, "decode(codes, absmax, table, row_length, blocksize, b0, b1, out, threads)"},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes): hint that a fresh buffer be backed by huge pages"},
     {NULL, NULL, 0, NULL},

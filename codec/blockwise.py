@@ -1,9 +1,11 @@
 """Blockwise 8-bit quantization: `QTensor`, `quantize`, `dequantize` and error measures.
 
 A tensor is flattened (row-major) and cut into blocks of `blocksize` elements; the last
-block may be shorter. Each block stores absmax = max |x| (fp32) and one uint8 code per
-element: the exact nearest table entry to x / absmax, ties to the lower entry. Decoding
-is table[code] * absmax in fp32, then a cast to the requested dtype. The rule is
+block may be shorter. With `row_length`, blocks restart at every row of that many elements
+(the row layout of `q8.codec.layout`, which 8-bit optimizer state uses). Each block stores
+absmax = max |x| (fp32) and one uint8 code per element: the exact nearest table entry to
+x / absmax, ties to the lower entry. Decoding is table[code] * absmax in fp32, then a cast
+to the requested dtype. The rule is
 specified in docs/CODEC.md; CPU tensors use the compiled path in `native`, CUDA tensors
 the Triton kernels in `q8.kernels`, and both give identical bytes.
 """
@@ -18,11 +20,14 @@ from typing import NamedTuple
 import torch
 
 from .codes import Code, get_code
+from .layout import canonical_row_length, check_row_length, num_blocks
 
 __all__ = ["AUTO_CODES", "QTensor", "QuantError", "dequantize", "quant_error", "quantize", "quantize_best"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
+BLOCKSIZES = tuple(1 << k for k in range(6, 13))
+"""Every valid blocksize: the powers of two from MIN_BLOCKSIZE to MAX_BLOCKSIZE."""
 
 AUTO_CODES = {True: ("dynamic", "linear"), False: ("udynamic", "ulinear")}
 """Candidates of code="auto", by whether the tensor has negative values, in tie order."""
@@ -35,11 +40,16 @@ class QTensor:
 
     Attributes:
         codes: uint8, one per element, flat (numel,).
-        absmax: float32, one per block, (ceil(numel / blocksize),).
+        absmax: float32, one per block, flat: (ceil(numel / blocksize),), or in the row
+            layout (numel / row_length * ceil(row_length / blocksize),), row by row.
         code: the `Code` table the codes index.
         blocksize: elements per block (power of two, 64..4096).
         shape: the original shape.
         dtype: the original dtype (fp32, fp16 or bf16), restored by `dequantize`.
+        row_length: blocks never cross a row of this many elements (docs/CODEC.md). None or
+            numel: the flat layout. Normalised to numel wherever both layouts are the same
+            blocks (a row of whole blocks, or a single row), so `row_length != numel()`
+            exactly when rows cut blocks.
     """
 
     codes: torch.Tensor
@@ -48,6 +58,7 @@ class QTensor:
     blocksize: int
     shape: torch.Size
     dtype: torch.dtype
+    row_length: int | None = None
 
     def __post_init__(self) -> None:
         _check_blocksize(self.blocksize)
@@ -62,10 +73,15 @@ class QTensor:
         numel = math.prod(self.shape)
         if self.codes.numel() != numel:
             raise ValueError(f"QTensor: {self.codes.numel()} codes for shape {tuple(self.shape)} ({numel} elements)")
-        nblocks = -(-numel // self.blocksize)
+        row_length = numel if self.row_length is None else self.row_length
+        check_row_length(numel, row_length)
+        row_length = canonical_row_length(numel, self.blocksize, row_length)
+        object.__setattr__(self, "row_length", row_length)
+        nblocks = num_blocks(numel, self.blocksize, row_length)
         if self.absmax.numel() != nblocks:
+            rows = "" if row_length == numel else f" in rows of {row_length}"
             raise ValueError(
-                f"QTensor: {self.absmax.numel()} absmax values, expected {nblocks} blocks of {self.blocksize}"
+                f"QTensor: {self.absmax.numel()} absmax values, expected {nblocks} blocks of {self.blocksize}{rows}"
             )
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"QTensor.dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
@@ -91,12 +107,16 @@ class QTensor:
 
     def to(self, device: torch.device | str) -> QTensor:
         """The same QTensor with codes and absmax on `device`."""
-        return QTensor(self.codes.to(device), self.absmax.to(device), self.code, self.blocksize, self.shape, self.dtype)
+        return QTensor(
+            self.codes.to(device), self.absmax.to(device), self.code, self.blocksize, self.shape, self.dtype,
+            self.row_length,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
+        rows = "" if self.row_length == self.numel() else f", row_length={self.row_length}"
         return (
             f"QTensor(shape={tuple(self.shape)}, dtype={self.dtype}, code={self.code.name!r}, "
-            f"blocksize={self.blocksize}, device={self.device})"
+            f"blocksize={self.blocksize}{rows}, device={self.device})"
         )
 
 
@@ -141,7 +161,9 @@ def _backend(device: torch.device):
     raise NotImplementedError(f"q8 has no codec backend for device {device}")
 
 
-def quantize(x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 2048) -> QTensor:
+def quantize(
+    x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 2048, *, row_length: int | None = None
+) -> QTensor:
     """Quantize `x` blockwise to 8-bit codes plus one fp32 absmax per block.
 
     Args:
@@ -151,12 +173,15 @@ def quantize(x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 204
             "auto" (per tensor, the candidate of `AUTO_CODES` with the lowest relative L2
             error) or a `q8.Code`.
         blocksize: elements per block, a power of two in [64, 4096].
+        row_length: blocks restart at every row of this many (row-major) elements, so none
+            crosses a row; it must divide numel. `x[0].numel()` makes every slice along
+            dim 0 its own run of blocks. None: the flat layout (blocks over the whole tensor).
 
     Returns:
         A `QTensor`. Encoding is exact nearest rounding, identical on every device.
 
     Raises:
-        ValueError: bad blocksize or code, or `x` holds NaN/inf (named by block).
+        ValueError: bad blocksize, code or row_length, or `x` holds NaN/inf (named by block).
         TypeError: `x` is not a floating tensor of a supported dtype.
 
     Example:
@@ -165,28 +190,29 @@ def quantize(x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 204
     """
     _check_input(x)
     _check_blocksize(blocksize)
+    numel = x.numel()
+    if row_length is not None:
+        check_row_length(numel, row_length)
+    row_length = canonical_row_length(numel, blocksize, numel if row_length is None else row_length)
     if isinstance(code, str) and code == "auto":
-        return _quantize_auto(x, blocksize)
+        return quantize_best(x, AUTO_CODES[bool((x < 0).any())], blocksize, row_length=row_length)[0]
     table = get_code(code)
     # The GPU kernels read fp16/bf16 directly (fewer bytes moved); the CPU path takes fp32.
     flat = x.detach().reshape(-1).contiguous() if x.device.type == "cuda" else _flat_fp32(x)
-    codes, absmax, bad = _backend(flat.device).encode(flat, table, blocksize)
+    codes, absmax, bad = _backend(flat.device).encode(flat, table, blocksize, row_length)
     if bad >= 0:
-        first = bad * blocksize
-        last = min(first + blocksize, flat.numel()) - 1
+        per_row = -(-row_length // blocksize)
+        first = bad // per_row * row_length + bad % per_row * blocksize
+        last = min(first + blocksize, (bad // per_row + 1) * row_length) - 1
         raise ValueError(
             f"quantize: input has NaN or inf in block {bad} (flat elements {first}..{last}); "
             "8-bit codes cannot represent non-finite values"
         )
-    return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype)
-
-
-def _quantize_auto(x: torch.Tensor, blocksize: int) -> QTensor:
-    return quantize_best(x, AUTO_CODES[bool((x < 0).any())], blocksize)[0]
+    return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype, row_length)
 
 
 def quantize_best(
-    x: torch.Tensor, candidates: Sequence[str | Code], blocksize: int = 2048
+    x: torch.Tensor, candidates: Sequence[str | Code], blocksize: int = 2048, *, row_length: int | None = None
 ) -> tuple[QTensor, QuantError]:
     """`x` quantized with the candidate code of lowest relative L2 error (the first on ties),
     and that error: what code="auto" does over `AUTO_CODES`, for callers that also report
@@ -199,7 +225,7 @@ def quantize_best(
         raise ValueError("quantize_best: no candidate code")
     best = None
     for code in candidates:
-        qt = quantize(x, code, blocksize)
+        qt = quantize(x, code, blocksize, row_length=row_length)
         err = quant_error(x, qt)
         if best is None or err.rel_l2 < best[1].rel_l2:
             best = qt, err
@@ -217,9 +243,9 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise TypeError(f"dequantize can produce {FLOAT_DTYPES}, got {dtype}")
     backend = _backend(qt.device)
     if qt.device.type == "cuda":  # the kernels write fp16/bf16 directly, rounded as .to(dtype) rounds
-        out = backend.decode(qt.codes, qt.absmax, qt.code, qt.blocksize, dtype)
+        out = backend.decode(qt.codes, qt.absmax, qt.code, qt.blocksize, dtype, qt.row_length)
     else:
-        out = backend.decode(qt.codes, qt.absmax, qt.code, qt.blocksize).to(dtype)
+        out = backend.decode(qt.codes, qt.absmax, qt.code, qt.blocksize, qt.row_length).to(dtype)
     return out.view(qt.shape)
 
 
@@ -243,12 +269,15 @@ def quant_error(x: torch.Tensor, approx: torch.Tensor | QTensor) -> QuantError:
         raise ValueError(f"quant_error: shapes differ, {tuple(x.shape)} vs {tuple(approx.shape)}")
     flat, n = x.detach().reshape(-1), x.numel()
     if isinstance(approx, QTensor):
-        bs = approx.blocksize
-        step = max(bs, _ERROR_CHUNK // bs * bs)
+        # Chunks of whole blocks (flat layout) or whole rows (row layout).
+        bs, row = approx.blocksize, approx.row_length
+        unit, unit_blocks = (bs, 1) if row == n else (row, -(-row // bs))
+        step = max(unit, _ERROR_CHUNK // unit * unit)
 
         def part(a: int, b: int) -> torch.Tensor:
-            blocks = approx.absmax[a // bs : -(-b // bs)]
-            return dequantize(QTensor(approx.codes[a:b], blocks, approx.code, bs, (b - a,), torch.float32))
+            blocks = approx.absmax[a // unit * unit_blocks : -(-b // unit) * unit_blocks]
+            rows = None if row == n else row
+            return dequantize(QTensor(approx.codes[a:b], blocks, approx.code, bs, (b - a,), torch.float32, rows))
     else:
         other, step = approx.detach().reshape(-1), _ERROR_CHUNK
 

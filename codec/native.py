@@ -13,6 +13,7 @@ import torch
 
 from . import _native
 from .codes import Code
+from .layout import num_blocks
 
 _MIN_PARALLEL_ELEMENTS = 1 << 18
 
@@ -61,33 +62,48 @@ def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Encode a contiguous 1-D fp32 CPU tensor. Returns (codes, absmax, bad_block) where
-    bad_block is -1, or the first block holding a NaN/inf (the outputs are then invalid)."""
+def encode(
+    x: torch.Tensor, code: Code, blocksize: int, row_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Encode a contiguous 1-D fp32 CPU tensor in blocks that never cross a row of
+    `row_length` elements (None: one row, the flat layout). Returns (codes, absmax,
+    bad_block) where bad_block is -1, or the first block holding a NaN/inf (the outputs are
+    then invalid)."""
     n = x.numel()
-    nblocks = -(-n // blocksize)
+    row_length = n if row_length is None else row_length
+    nblocks = num_blocks(n, blocksize, row_length)
     codes = _fresh(n, torch.uint8)
     absmax = torch.empty(nblocks, dtype=torch.float32)
+    if nblocks == 0:
+        return codes, absmax, -1
     thresholds, lut = code.thresholds, search_lut(code)
 
     def run(b0: int, b1: int, threads: int) -> int:
         return _native.encode(
-            x.data_ptr(), n, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
+            x.data_ptr(), row_length, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
             code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads,
         )  # fmt: skip
 
     return codes, absmax, _run_blocks(run, nblocks, n)
 
 
-def decode(codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int) -> torch.Tensor:
-    """Decode contiguous uint8 codes and fp32 absmax (CPU) to a 1-D fp32 tensor."""
+def decode(
+    codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int, row_length: int | None = None
+) -> torch.Tensor:
+    """Decode contiguous uint8 codes and fp32 absmax (CPU), laid out as `encode` makes them,
+    to a 1-D fp32 tensor."""
     n = codes.numel()
+    row_length = n if row_length is None else row_length
     out = _fresh(n, torch.float32)
+    if absmax.numel() != num_blocks(n, blocksize, row_length):
+        raise ValueError(f"q8 decode: {absmax.numel()} absmax values do not fit {n} codes in blocks of {blocksize}")
+    if n == 0:
+        return out
     table = code.values
 
     def run(b0: int, b1: int, threads: int) -> int:
         _native.decode(
-            codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), n, blocksize, b0, b1,
+            codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), row_length, blocksize, b0, b1,
             out.data_ptr(), threads,
         )  # fmt: skip
         return -1

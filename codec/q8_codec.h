@@ -59,6 +59,25 @@ static inline int64_t q8_parallel_blocks(q8_blocks_fn fn, const void *job, int64
     return bad == INT64_MAX ? -1 : bad;
 }
 
+/* The block layout of docs/CODEC.md: blocks never cross a row of `row_length` elements; each
+ * row is cut into per_row = ceil(row_length / blocksize) blocks, the last one of a row possibly
+ * shorter. The flat layout is the special case row_length = numel. */
+typedef struct {
+    int64_t row_length, blocksize, per_row;
+} q8_layout;
+
+static inline q8_layout q8_make_layout(int64_t row_length, int64_t blocksize) {
+    const q8_layout l = {row_length, blocksize, (row_length + blocksize - 1) / blocksize};
+    return l;
+}
+
+/* First element of block b; *len receives its number of elements. */
+static inline int64_t q8_block_start(const q8_layout *l, int64_t b, int64_t *len) {
+    const int64_t row = b / l->per_row, offset = (b - row * l->per_row) * l->blocksize;
+    *len = l->row_length - offset < l->blocksize ? l->row_length - offset : l->blocksize;
+    return row * l->row_length + offset;
+}
+
 static inline uint32_t q8_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 /* max |x[i]| over one block; *finite is cleared if any element is NaN or +-inf.

@@ -29,6 +29,7 @@ import zstandard
 
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
+from ..codec.layout import num_blocks
 from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
@@ -40,6 +41,9 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sII")  # magic, version, reserved (0)
 FOOTER = struct.Struct("<QQII8s")  # index offset, index length, index crc32, version, magic
 ALIGN = 64
+ROW_BLOCKWISE = "blockwise_rows"
+"""Encoding of 8-bit codes whose blocks restart at every row (docs/FORMAT.md): a name that
+readers before it reject, since they would decode such a record with flat blocks."""
 RAW, ZSTD, HUFFMAN = 0, 1, 2  # segment compression
 MAX_NDIM = 64
 MAX_BYTES = 1 << 62
@@ -198,14 +202,10 @@ class Writer:
         qt = qt.to("cpu")
         code = self._codes.setdefault(qt.code, len(self._codes))
         segments = self._segments([qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)])
-        return {
-            "dtype": dtype_name(qt.dtype),
-            "shape": list(qt.shape),
-            "encoding": "blockwise",
-            "code": code,
-            "blocksize": qt.blocksize,
-            "segments": segments,
-        }
+        record = {"dtype": dtype_name(qt.dtype), "shape": list(qt.shape), "encoding": "blockwise"}
+        if qt.row_length != qt.numel():  # rows cut blocks: a reader that does not know rows must refuse it
+            record.update(encoding=ROW_BLOCKWISE, row_length=qt.row_length)
+        return {**record, "code": code, "blocksize": qt.blocksize, "segments": segments}
 
     def _segments(self, parts: Iterable[torch.Tensor]) -> list[list[int]]:
         """Compress (where it pays), checksum and write the parts, one after another."""
@@ -530,7 +530,7 @@ class Reader:
         elif encoding == "planes" and dtype in PLANE_WIDTH:
             width = PLANE_WIDTH[dtype]
             expected = [numel * dtype.itemsize // width] * width
-        elif encoding == "blockwise" and dtype in FLOAT_DTYPES:
+        elif encoding in ("blockwise", ROW_BLOCKWISE) and dtype in FLOAT_DTYPES:
             code, blocksize = record.get("code"), record.get("blocksize")
             if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code < len(self.codes):
                 raise self.error(f"code reference {code!r} out of range ({len(self.codes)} tables)", name)
@@ -538,8 +538,22 @@ class Reader:
                 _check_blocksize(blocksize)
             except ValueError as e:
                 raise self.error(str(e), name) from None
-            rec.update(code=self._code(code), blocksize=blocksize)
-            expected = [numel, 4 * -(-numel // blocksize)]
+            row_length = record.get("row_length") if encoding == ROW_BLOCKWISE else numel
+            if encoding == ROW_BLOCKWISE and not (
+                isinstance(row_length, int)
+                and not isinstance(row_length, bool)
+                and 0 < row_length < numel
+                and numel % row_length == 0
+                and row_length % blocksize
+            ):
+                raise self.error(
+                    f"row_length {row_length!r:.100} must divide the {numel} elements into several rows "
+                    f"that are not whole blocks of {blocksize}",
+                    name,
+                )
+            # In memory one encoding, "blockwise", with its rows (numel: the flat layout).
+            rec.update(encoding="blockwise", code=self._code(code), blocksize=blocksize, row_length=row_length)
+            expected = [numel, 4 * num_blocks(numel, blocksize, row_length)]
         else:
             raise self.error(f"unknown encoding {encoding!r} for dtype {dtype_name(dtype)}", name)
         if len(segments) != len(expected):
@@ -590,6 +604,7 @@ class Reader:
             "encoding": rec["encoding"],
             "code": code.name if code is not None else None,
             "blocksize": rec.get("blocksize"),
+            "row_length": rec.get("row_length"),
             "stored_bytes": sum(s[1] for s in rec["segments"]),
             "raw_bytes": math.prod(rec["shape"]) * rec["dtype"].itemsize,
             "extra": dict(rec["extra"]),
@@ -669,7 +684,7 @@ class Reader:
 
     def _qtensor(self, rec: dict, parts: list[torch.Tensor]) -> QTensor:
         codes, absmax = parts[0], parts[1].view(torch.float32)
-        qt = QTensor(codes, absmax, rec["code"], rec["blocksize"], rec["shape"], rec["dtype"])
+        qt = QTensor(codes, absmax, rec["code"], rec["blocksize"], rec["shape"], rec["dtype"], rec["row_length"])
         return qt if self.device.type == "cpu" else qt.to(self.device)
 
     def get_tensor(self, name: str) -> torch.Tensor:

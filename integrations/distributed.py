@@ -289,6 +289,12 @@ class Q8StorageReader(StorageReader):
                             f"{path}: tensor {name!r} gives a chunk of shape {tuple(stored.shape)}, "
                             f"the load plan expects {tuple(target.shape)}"
                         )
+                    if stored.dtype == torch.uint8 and target.is_floating_point():  # never cast 8-bit codes
+                        raise FormatError(
+                            f"{self.path / file_name}: tensor {name!r} holds uint8 (8-bit codes?), the state dict "
+                            f"expects {target.dtype}; 8-bit optimizer state of a 1-D parameter saved by a q8 "
+                            "before the row layout (docs/OPTIMIZER_STATE.md) does not load as fp32 state"
+                        )
                     target.copy_(stored)
                     planner.commit_tensor(item, target)
         future: Future[None] = Future()

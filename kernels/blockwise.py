@@ -2,7 +2,8 @@
 
 Same contract as the CPU path (`q8.codec.native`), same bytes: `q8.quantize` and
 `q8.dequantize` send CUDA tensors here. A program handles a tile of whole blocks (at
-least `TILE` elements); every index is int64, so tensors beyond 2**31 elements work.
+least `TILE` elements) of the flat or the row layout (`block_offsets`); every index is
+int64, so tensors beyond 2**31 elements work.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ..codec.codes import Code
-from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, round_to, search_tree, to_float32
+from ..codec.layout import num_blocks
+from .quant import EXACT, block_absmax, block_offsets, dequantize_tile, quantize_tile, round_to, search_tree, to_float32
 
 TILE = 4096
 """Elements per program (a tile of TILE // blocksize blocks, or one larger block)."""
@@ -25,12 +27,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _encode_kernel(
-    x_ptr, tree_ptr, codes_ptr, absmax_ptr, bad_ptr, n, nblocks, zero_code,
+    x_ptr, tree_ptr, codes_ptr, absmax_ptr, bad_ptr, row_length, per_row, nblocks, zero_code,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    mask = offs < n
+    offs, mask = block_offsets(rows, row_length, per_row, nblocks, BLOCKSIZE)
     x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     absmax, finite = block_absmax(x)
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
@@ -41,11 +42,11 @@ def _encode_kernel(
 
 @triton.jit
 def _decode_kernel(
-    codes_ptr, absmax_ptr, values_ptr, out_ptr, n, nblocks, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+    codes_ptr, absmax_ptr, values_ptr, out_ptr, row_length, per_row, nblocks,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    mask = offs < n
+    offs, mask = block_offsets(rows, row_length, per_row, nblocks, BLOCKSIZE)
     codes = tl.load(codes_ptr + offs, mask=mask, other=0)
     absmax = tl.load(absmax_ptr + rows, mask=rows < nblocks, other=0.0)
     y = dequantize_tile(codes, absmax, values_ptr)
@@ -88,15 +89,19 @@ def _grid(nblocks: int, blocksize: int) -> tuple[int, tuple[int]]:
     return rows, (triton.cdiv(nblocks, rows),)
 
 
-def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Encode a contiguous 1-D fp32/fp16/bf16 CUDA tensor (half precision is widened exactly).
+def encode(
+    x: torch.Tensor, code: Code, blocksize: int, row_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Encode a contiguous 1-D fp32/fp16/bf16 CUDA tensor (half precision is widened exactly)
+    in blocks that never cross a row of `row_length` elements (None: the flat layout).
 
     Returns (codes uint8[n], absmax fp32[nblocks], bad_block) on x's device, bad_block
     being -1 or the first block holding a NaN/inf (the outputs are then invalid).
     """
     _check(x, "x", DTYPES)
     n = x.numel()
-    nblocks = -(-n // blocksize)
+    row_length = n if row_length is None else row_length
+    nblocks = num_blocks(n, blocksize, row_length)
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     if n == 0:
@@ -106,7 +111,7 @@ def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, t
     rows, grid = _grid(nblocks, blocksize)
     with _launch_context(x.device):
         _encode_kernel[grid](
-            x, tree, codes, absmax, bad, n, nblocks, code.zero_index,
+            x, tree, codes, absmax, bad, row_length, -(-row_length // blocksize), nblocks, code.zero_index,
             BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
         )  # fmt: skip
     first_bad = int(bad.item())
@@ -114,9 +119,15 @@ def encode(x: torch.Tensor, code: Code, blocksize: int) -> tuple[torch.Tensor, t
 
 
 def decode(
-    codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int, dtype: torch.dtype = torch.float32
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    code: Code,
+    blocksize: int,
+    dtype: torch.dtype = torch.float32,
+    row_length: int | None = None,
 ) -> torch.Tensor:
-    """Decode uint8 codes and fp32 absmax (CUDA) to a 1-D tensor of `dtype`.
+    """Decode uint8 codes and fp32 absmax (CUDA), laid out as `encode` makes them, to a 1-D
+    tensor of `dtype`.
 
     fp16/bf16 outputs are written directly, rounded to nearest even: the same bytes as
     decoding to fp32 and casting.
@@ -126,7 +137,8 @@ def decode(
     if dtype not in DTYPES:
         raise ValueError(f"q8.kernels.decode: dtype must be one of {DTYPES}, got {dtype}")
     n = codes.numel()
-    nblocks = -(-n // blocksize)
+    row_length = n if row_length is None else row_length
+    nblocks = num_blocks(n, blocksize, row_length)
     if absmax.numel() != nblocks or absmax.device != codes.device:
         raise ValueError(
             f"q8.kernels.decode: {n} codes in blocks of {blocksize} need {nblocks} absmax values on "
@@ -139,6 +151,7 @@ def decode(
     rows, grid = _grid(nblocks, blocksize)
     with _launch_context(codes.device):
         _decode_kernel[grid](
-            codes, absmax, values, out, n, nblocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT
-        )
+            codes, absmax, values, out, row_length, -(-row_length // blocksize), nblocks,
+            BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
+        )  # fmt: skip
     return out

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..codec import QTensor
 from .blockwise import DTYPES, NUM_WARPS, _check, _grid, _launch_context, device_tables
-from .quant import EXACT, block_absmax, dequantize_tile, quantize_tile, round_to, to_float32
+from .quant import EXACT, block_absmax, block_offsets, dequantize_tile, quantize_tile, round_to, to_float32
 
 
 @triton.jit
@@ -51,13 +51,12 @@ def _adam_kernel(
     p_ptr, g_ptr,
     m_codes_ptr, m_absmax_ptr, m_values_ptr, m_tree_ptr, m_zero,
     v_codes_ptr, v_absmax_ptr, v_values_ptr, v_tree_ptr, v_zero,
-    bad_ptr, n, nblocks,
+    bad_ptr, row_length, per_row, nblocks,
     beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    mask = offs < n
+    offs, mask = block_offsets(rows, row_length, per_row, nblocks, BLOCKSIZE)
     row_ok = rows < nblocks
     p = to_float32(tl.load(p_ptr + offs, mask=mask, other=0.0))
     g = to_float32(tl.load(g_ptr + offs, mask=mask, other=0.0))
@@ -75,11 +74,11 @@ def _adam_kernel(
     tl.atomic_min(bad_ptr, first_bad, mask=first_bad < nblocks)
 
 
-def _state_args(qt: QTensor, name: str, n: int, blocksize: int) -> tuple:
-    if qt.numel() != n or qt.blocksize != blocksize:
+def _state_args(qt: QTensor, name: str, n: int, blocksize: int, row_length: int) -> tuple:
+    if (qt.numel(), qt.blocksize, qt.row_length) != (n, blocksize, row_length):
         raise ValueError(
-            f"q8.kernels.adam_update: {name} has {qt.numel()} elements in blocks of {qt.blocksize}, "
-            f"expected {n} in blocks of {blocksize}"
+            f"q8.kernels.adam_update: {name} has {qt.numel()} elements in blocks of {qt.blocksize} "
+            f"(rows of {qt.row_length}), expected {n} in blocks of {blocksize} (rows of {row_length})"
         )
     _check(qt.codes, f"{name}.codes", (torch.uint8,))
     _check(qt.absmax, f"{name}.absmax", (torch.float32,))
@@ -94,15 +93,15 @@ def adam_update(p: torch.Tensor, grad: torch.Tensor, m: QTensor, v: QTensor, hyp
         p: contiguous fp32/fp16/bf16 CUDA parameter (updated in fp32, written back
             rounded to nearest even, as `p.copy_(p32)` would).
         grad: gradient, same numel and device, any of those dtypes (widened exactly).
-        m, v: first and second moments, QTensors of `p`'s numel on its device (codes and
-            absmax overwritten).
+        m, v: first and second moments, QTensors of `p`'s numel on its device, in the same
+            block layout (codes and absmax overwritten).
         hyper: the nine binary32 constants of `q8.optim.fused.adam_hyper`.
 
     Returns:
         -1, or the first block whose new m or v is not finite (fp32 overflow); the state
         is then invalid, as on the CPU path.
     """
-    n, blocksize = p.numel(), m.blocksize
+    n, blocksize, row_length = p.numel(), m.blocksize, m.row_length
     for name, t in (("p", p), ("grad", grad)):
         if not t.is_contiguous() or t.numel() != n:
             raise ValueError(f"q8.kernels.adam_update: {name} must be contiguous with {n} elements")
@@ -113,7 +112,8 @@ def adam_update(p: torch.Tensor, grad: torch.Tensor, m: QTensor, v: QTensor, hyp
         )
     if len(hyper) != 9:
         raise ValueError(f"q8.kernels.adam_update: hyper must hold 9 values, got {len(hyper)}")
-    m_args, v_args = _state_args(m, "m", n, blocksize), _state_args(v, "v", n, blocksize)
+    m_args = _state_args(m, "m", n, blocksize, row_length)
+    v_args = _state_args(v, "v", n, blocksize, row_length)
     nblocks = m.absmax.numel()
     if n == 0:
         return -1
@@ -121,7 +121,8 @@ def adam_update(p: torch.Tensor, grad: torch.Tensor, m: QTensor, v: QTensor, hyp
     rows, grid = _grid(nblocks, blocksize)
     with _launch_context(p.device):
         _adam_kernel[grid](
-            p, grad, *m_args, *v_args, bad, n, nblocks, *(float(h) for h in hyper),
+            p, grad, *m_args, *v_args, bad, row_length, -(-row_length // blocksize), nblocks,
+            *(float(h) for h in hyper),
             BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS, **EXACT,
         )  # fmt: skip
     first_bad = int(bad.item())

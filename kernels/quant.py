@@ -34,6 +34,18 @@ def search_tree(thresholds: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def block_offsets(blocks, row_length, per_row, nblocks, BLOCKSIZE: tl.constexpr):
+    """Element offsets `[ROWS, BLOCKSIZE]` of blocks `blocks` (int64 `[ROWS]`) in the row
+    layout of docs/CODEC.md (rows of `row_length` elements, `per_row` blocks each; the flat
+    layout is `row_length = numel`), and the mask of those that exist."""
+    row = blocks // per_row
+    first = (blocks - row * per_row) * BLOCKSIZE
+    cols = tl.arange(0, BLOCKSIZE)
+    mask = (first[:, None] + cols[None, :] < row_length) & (blocks < nblocks)[:, None]
+    return (row * row_length + first)[:, None] + cols[None, :], mask
+
+
+@triton.jit
 def block_absmax(x):
     """Per-row max |x| of an fp32 tile `[ROWS, BLOCKSIZE]`, and whether each row is finite.
 

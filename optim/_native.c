@@ -9,7 +9,9 @@
  *   beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1**step),
  *   sqrt(1 - beta2**step), 1 - lr * weight_decay (AdamW; 1 for Adam),
  *   weight_decay (Adam's L2 term; 0 for AdamW).
- * For each block of `blocksize` elements (the last may be shorter), independently:
+ * For each block of the codec's block layout (docs/CODEC.md: rows of `row_length` elements,
+ * each cut into blocks of `blocksize`, the last of a row possibly shorter; the flat layout is
+ * row_length = n), independently:
  *   1. m = table_m[m_code] * m_absmax;  v = table_v[v_code] * v_absmax        (decode)
  *   2. per element, in this order:
  *        g  = grad;  if (l2 != 0) g = g + (l2 * p)
@@ -51,7 +53,7 @@ typedef struct {
 typedef struct {
     float *p;
     const float *grad, *hyper;
-    int64_t n, blocksize;
+    q8_layout layout;
     q8_state8 m8, v8;
 } adam_job;
 
@@ -59,14 +61,13 @@ Q8_CLONES static int64_t adam_blocks(const void *job, int64_t b0, int64_t b1) {
     const adam_job *a = job;
     float *p = a->p;
     const float *grad = a->grad, *h = a->hyper;
-    const int64_t n = a->n, blocksize = a->blocksize;
     const q8_state8 m8 = a->m8, v8 = a->v8;
     const float beta1 = h[0], c1 = h[1], beta2 = h[2], c2 = h[3], eps = h[4];
     const float step_size = h[5], bc2_sqrt = h[6], decay = h[7], l2 = h[8];
     float m[Q8_MAX_BLOCKSIZE], v[Q8_MAX_BLOCKSIZE];
     for (int64_t b = b0; b < b1; b++) {
-        const int64_t start = b * blocksize;
-        const int64_t len = (start + blocksize <= n) ? blocksize : n - start;
+        int64_t len;
+        const int64_t start = q8_block_start(&a->layout, b, &len);
         float *pb = p + start;
         const float *gb = grad + start;
         q8_decode_block(m8.codes + start, len, m8.absmax[b], m8.table, m);
@@ -109,17 +110,19 @@ static int parse_state(PyObject *t, q8_state8 *s) {
 
 static PyObject *py_adam(PyObject *self, PyObject *args) {
     unsigned long long p, grad, hyper;
-    long long n, blocksize, b0, b1;
+    long long row_length, blocksize, b0, b1;
     PyObject *m_args, *v_args;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLO!O!Ki", &p, &grad, &n, &blocksize, &b0, &b1,
+    if (!PyArg_ParseTuple(args, "KKLLLLO!O!Ki", &p, &grad, &row_length, &blocksize, &b0, &b1,
                           &PyTuple_Type, &m_args, &PyTuple_Type, &v_args, &hyper, &threads))
         return NULL;
-    if (blocksize < 1 || blocksize > Q8_MAX_BLOCKSIZE) {
-        PyErr_Format(PyExc_ValueError, "blocksize %lld out of range", blocksize);
+    if (blocksize < 1 || blocksize > Q8_MAX_BLOCKSIZE || row_length < 1) {
+        PyErr_Format(PyExc_ValueError, "blocksize %lld or row_length %lld out of range", blocksize,
+                     row_length);
         return NULL;
     }
-    adam_job job = {(float *)p, (const float *)grad, (const float *)hyper, n, blocksize};
+    adam_job job = {(float *)p, (const float *)grad, (const float *)hyper,
+                    q8_make_layout(row_length, blocksize)};
     if (!parse_state(m_args, &job.m8) || !parse_state(v_args, &job.v8)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
@@ -130,7 +133,7 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"adam", py_adam, METH_VARARGS,
-     "adam(p, grad, n, blocksize, b0, b1, m_state, v_state, hyper, threads) -> first bad block or -1; "
+     "adam(p, grad, row_length, blocksize, b0, b1, m_state, v_state, hyper, threads) -> first bad block or -1; "
      "*_state = (codes, absmax, table, thresholds, lut, zero_code)"},
     {NULL, NULL, 0, NULL},
 };

@@ -329,10 +329,9 @@ def _trust_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
 class LAMB8bit(Optimizer8bit):
     """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning") with 8-bit
     moments: the bias-corrected Adam direction r = m_hat / (sqrt(v_hat) + eps) + wd * p is
-    scaled per parameter by the trust ratio ||p|| / ||r|| (1 if either norm is 0).
+    scaled per parameter by the trust ratio ||p|| / ||r|| (1 if either norm is 0), with the
+    exact norms of `Optimizer8bit.norms` (the same bits on any number of FSDP2 ranks).
     Defaults lr 1e-3, betas (0.9, 0.999), eps 1e-6, weight_decay 0."""
-
-    elementwise = False  # the trust ratio needs whole-parameter norms
 
     def __init__(
         self,
@@ -356,18 +355,16 @@ class LAMB8bit(Optimizer8bit):
         v = state["exp_avg_sq"].mul_(beta2).add_(grad * grad * (1 - beta2))
         r = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt_().add_(group["eps"]))
         r = _with_weight_decay(p, r, group["weight_decay"])
-        trust = _trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r))
+        trust = _trust_ratio(*self.norms(p, r))
         p.sub_(r * (trust * group["lr"]))
 
 
 class LARS8bit(Optimizer8bit):
     """LARS (You et al. 2017, "Large Batch Training of Convolutional Networks") with an
     8-bit momentum buffer: the gradient (plus wd * p) is scaled per parameter by the trust
-    ratio trust_coefficient * ||p|| / (||g|| + wd * ||p|| + eps) (1 if ||p|| or ||g|| is 0),
-    then SGD momentum. Defaults lr 1e-3, momentum 0.9, dampening 0, weight_decay 0,
+    ratio trust_coefficient * ||p|| / (||g|| + wd * ||p|| + eps) (1 if ||p|| or ||g|| is 0;
+    exact norms, `Optimizer8bit.norms`), then SGD momentum. Defaults lr 1e-3, momentum 0.9, dampening 0, weight_decay 0,
     nesterov False, trust_coefficient 1e-3, eps 1e-8."""
-
-    elementwise = False  # the trust ratio needs whole-parameter norms
 
     def __init__(
         self,
@@ -393,7 +390,7 @@ class LARS8bit(Optimizer8bit):
 
     def update(self, p, grad, state, group, step):
         wd = group["weight_decay"]
-        p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+        p_norm, g_norm = self.norms(p, grad)
         trust = torch.where(
             (p_norm > 0) & (g_norm > 0),
             group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"]),

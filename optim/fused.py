@@ -96,7 +96,7 @@ def generic_update(opt, p: torch.Tensor, grad: torch.Tensor, state: dict, group:
     opt.update(p32, g32, buffers, group, state["step"])
     for name, s in list(state.items()):
         if isinstance(s, QTensor):
-            state[name] = quantize(buffers[name], s.code, s.blocksize)
+            state[name] = quantize(buffers[name], s.code, s.blocksize, row_length=s.row_length)
     if p32 is not p:
         p.copy_(p32)
 
@@ -115,17 +115,19 @@ def _state_args(qt: QTensor) -> tuple:
 
 def _native_adam(p: torch.Tensor, grad: torch.Tensor, m: QTensor, v: QTensor, hyper: list[float]) -> int:
     """The compiled CPU kernel over block ranges on several threads; -1 or the first bad block."""
-    if m.blocksize != v.blocksize:
-        raise ValueError(f"fused Adam: moments with different blocksizes ({m.blocksize}, {v.blocksize})")
+    if (m.blocksize, m.row_length) != (v.blocksize, v.row_length):
+        raise ValueError(f"fused Adam: moments with different block layouts ({m!r}, {v!r})")
     p32 = p if p.dtype == torch.float32 else p.float()
     g32 = grad.detach().float().contiguous()
     hyper_t = torch.tensor(hyper, dtype=torch.float32)
-    n, blocksize = p32.numel(), m.blocksize
+    n, blocksize, row_length = p32.numel(), m.blocksize, m.row_length
+    if n == 0:
+        return -1
     m_args, v_args = _state_args(m), _state_args(v)
 
     def run(b0: int, b1: int, threads: int) -> int:
         return _native.adam(
-            p32.data_ptr(), g32.data_ptr(), n, blocksize, b0, b1, m_args, v_args, hyper_t.data_ptr(), threads
+            p32.data_ptr(), g32.data_ptr(), row_length, blocksize, b0, b1, m_args, v_args, hyper_t.data_ptr(), threads
         )
 
     bad = _run_blocks(run, m.absmax.numel(), n)

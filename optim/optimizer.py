@@ -4,14 +4,20 @@ their state entries and write their update rule once, in fp32 torch ops.
 
 State of one parameter: {"step": int, <name>: QTensor | fp32 Tensor, ...}. An entry is
 8-bit (codes + fp32 absmax, `blocksize` elements per block) when the parameter has at
-least `min_8bit_size` elements and neither its group (`optim_bits=32`) nor the parameter
-(`override_32bit`) asks for 32 bits. Signed entries use the "dynamic" code, non-negative
-ones "udynamic".
+least two dimensions and `min_8bit_size` elements (its global shape, if sharded) and
+neither its group (`optim_bits=32`) nor the parameter (`override_32bit`) asks for 32 bits.
+Signed entries use the "dynamic" code, non-negative ones "udynamic". 8-bit state is in the
+codec's row layout, a row being one slice along dim 0: no block crosses a row, so the same
+bytes result whether the parameter is whole or split into rows over any number of ranks
+(docs/OPTIMIZER_STATE.md). 1-D parameters keep fp32 state: no block layout of a vector
+survives every split.
 
-state_dict() layout (plain tensors and Python scalars only):
+state_dict() layout (plain tensors and Python scalars; DTensors placed like a sharded
+parameter, optim/sharded.py):
     {"state": {index: {"step": int,
-                       <name>: uint8 codes (flat) or fp32 tensor (param shape),
-                       "<name>.absmax": fp32, "<name>.code": str, "<name>.blocksize": int}},
+                       <name>: uint8 codes or fp32 tensor, shaped like the parameter,
+                       "<name>.absmax": fp32 (rows, K), K = ceil(row length / blocksize),
+                       "<name>.code": str, "<name>.blocksize": int}},
      "param_groups": [{..hyperparameters.., "params": [index, ...]}]}
 """
 
@@ -25,9 +31,12 @@ from typing import Any, ClassVar
 import torch
 
 from ..codec import CODE_NAMES, QTensor, get_code, quantize
+from ..codec.blockwise import BLOCKSIZES
+from ..codec.layout import canonical_row_length
 from . import sharded
 from .fused import fused_update
-from .sharded import all_finite, is_sharded, local
+from .norms import exact_norms
+from .sharded import all_finite, is_sharded, like, local, local_rows, shard_group
 
 _OVERRIDE_ATTR = "_q8_optim_bits"
 
@@ -45,10 +54,15 @@ def override_32bit(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
-def global_numel(p: torch.Tensor) -> int:
-    """Elements of the full parameter: the global shape for a sharded (DTensor) parameter,
-    so the 8-bit/32-bit decision never depends on how it was sharded."""
-    return math.prod(p.shape)
+def row_length(p: torch.Tensor) -> int:
+    """Elements of one row (slice along dim 0) of `p`: the rows of its 8-bit state's block
+    layout. The same for the whole parameter and for any shard of whole rows."""
+    return math.prod(p.shape[1:])
+
+
+def absmax_shape(p: torch.Tensor, blocksize: int) -> tuple[int, int]:
+    """(rows, K): the shape of an 8-bit entry's absmax in the state dict, K blocks per row."""
+    return p.shape[0], -(-row_length(p) // blocksize)
 
 
 class Optimizer8bit(torch.optim.Optimizer):
@@ -66,9 +80,6 @@ class Optimizer8bit(torch.optim.Optimizer):
     """
 
     native_kind: ClassVar[str | None] = None
-    elementwise: ClassVar[bool] = True
-    """Whether the update of an element depends on no other element (False for LAMB and
-    LARS, whose trust ratio needs whole-parameter norms): only such optimizers shard."""
     torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, blocksize: int = 256, min_8bit_size: int = 4096):
@@ -77,7 +88,17 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
         self.blocksize = blocksize
         self.min_8bit_size = min_8bit_size
+        self._shard_group = None  # the process group of the sharded parameter being updated, for `norms`
         super().__init__(params, {**defaults, "optim_bits": 8})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, plus: a sharded (DTensor) parameter must be placed `(Shard(0),)` on a
+        1-D mesh (FSDP2's default); any other placement raises NotImplementedError naming it."""
+        first = sum(len(g["params"]) for g in self.param_groups)
+        super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if is_sharded(p):
+                sharded.check_supported(type(self).__name__, p, f"parameter {first + i}")
 
     # --- what a subclass defines -------------------------------------------------------
 
@@ -92,8 +113,16 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], group: dict, step: int):
         """The algorithm: update fp32 `p` and the fp32 state tensors in place, for step
-        number `step` (1 on the first step)."""
+        number `step` (1 on the first step). For a sharded parameter these are this rank's
+        rows; a rule that needs whole-parameter norms takes them from `norms`."""
         raise NotImplementedError
+
+    def norms(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """L2 norms of the whole parameter being updated and of tensors shaped like it (fp32
+        0-d), for `update`: exact and independent of summation order (optim/norms.py), so
+        a parameter sharded over any number of ranks gets the single process's bits (one
+        MAX and one SUM all-reduce over its ranks)."""
+        return exact_norms(tensors, self._shard_group)
 
     # --- state ---------------------------------------------------------------------------
 
@@ -102,16 +131,14 @@ class Optimizer8bit(torch.optim.Optimizer):
         bits = getattr(p, _OVERRIDE_ATTR, group["optim_bits"])
         if bits not in (8, 32):
             raise ValueError(f"{type(self).__name__}: optim_bits must be 8 or 32, got {bits!r}")
-        return bits == 8 and global_numel(p) >= self.min_8bit_size
+        return bits == 8 and p.dim() >= 2 and math.prod(p.shape) >= self.min_8bit_size
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state: dict[str, Any] = {"step": 0}
         eight = self.is_8bit(p, group)
-        if is_sharded(p):
-            sharded.check_supported(self, p)
         for name, code in self.state_codes(group).items():
             value = torch.full(local(p).shape, self.init_value(name, group), dtype=torch.float32, device=p.device)
-            state[name] = quantize(value, code, self.blocksize) if eight else value
+            state[name] = quantize(value, code, self.blocksize, row_length=row_length(p)) if eight else value
         return state
 
     @torch.no_grad()
@@ -144,7 +171,9 @@ class Optimizer8bit(torch.optim.Optimizer):
                     )
                     continue
                 state["step"] += 1
+                self._shard_group = shard_group(p)
                 fused_update(self, local(p), local(grad), state, group)
+        self._shard_group = None
         return loss
 
     def state_nbytes(self) -> int:
@@ -233,21 +262,21 @@ class Optimizer8bit(torch.optim.Optimizer):
         for i, (key, code) in enumerate(self.state_codes(group).items()):
             bnb_key = f"state{i + 1}"
             if key in saved:
-                entry = f"{where}, entry {key!r}"
-                if is_sharded(p) and f"{key}.absmax" in saved:
-                    value = sharded.unpack_entry(saved, key, p, self.blocksize, entry)
-                else:
-                    value = local(unpack_entry(saved, key, p, entry))
+                value = unpack_entry(saved, key, p, f"{where}, entry {key!r}")
             elif bnb_key in saved:
                 value = unpack_bnb_entry(saved, i + 1, p, code, f"{where}, bitsandbytes entry {bnb_key!r}")
             else:
                 raise ValueError(f"{where}: missing state entry {key!r}")
-            if isinstance(value, QTensor) and value.code.name != code:
-                raise ValueError(f"{where}, entry {key!r}: code {value.code.name!r}, this optimizer uses {code!r}")
-            if isinstance(value, QTensor) and not eight:
-                raise ValueError(f"{where}, entry {key!r}: saved in 8 bits but this parameter keeps 32-bit state")
-            if not isinstance(value, QTensor) and eight:
-                value = quantize(value, code, self.blocksize)  # fp32 state (e.g. torch.optim) -> 8-bit
+            if isinstance(value, QTensor):
+                if value.code.name != code:
+                    raise ValueError(f"{where}, entry {key!r}: code {value.code.name!r}, this optimizer uses {code!r}")
+                if not eight:  # e.g. a 1-D parameter's 8-bit state from an earlier q8: decoded, exactly
+                    value = value.dequantize(torch.float32)
+                elif value.row_length != canonical_row_length(value.numel(), value.blocksize, row_length(p)):
+                    # Flat blocks (an earlier q8, bitsandbytes) that rows cut: one more rounding.
+                    value = quantize(value.dequantize(torch.float32), code, value.blocksize, row_length=row_length(p))
+            elif eight:  # fp32 state (e.g. torch.optim) -> 8-bit
+                value = quantize(value, code, self.blocksize, row_length=row_length(p))
             state[key] = value.to(p.device)
         return state
 
@@ -268,7 +297,7 @@ class Optimizer8bit(torch.optim.Optimizer):
                     value = self.state[p][key]
                     value = value.dequantize(torch.float32) if isinstance(value, QTensor) else value
                     value = value.to(p.dtype, copy=True)
-                    entry[key] = sharded.like(value, p) if is_sharded(p) else value
+                    entry[key] = like(value, p) if is_sharded(p) else value
                 state[index] = entry
         ours = set(self.defaults) - set(torch_keys)  # q8-only options such as optim_bits
         groups = [{k: v for k, v in g.items() if k not in ours} for g in sd["param_groups"]]
@@ -277,25 +306,42 @@ class Optimizer8bit(torch.optim.Optimizer):
 
 def pack_state(state: dict, p: torch.Tensor) -> dict:
     """One parameter's state as plain tensors and scalars (8-bit entries split in codes,
-    absmax, code name and blocksize); DTensors for a sharded parameter (optim/sharded.py)."""
+    absmax, code name and blocksize); DTensors placed like a sharded parameter."""
     out: dict[str, Any] = {}
     for key, value in state.items():
-        if is_sharded(p) and isinstance(value, QTensor):
-            out.update(sharded.pack_entry(key, value, p))
+        if isinstance(value, QTensor):
+            out.update(_pack_qtensor(key, value, p))
         elif is_sharded(p) and isinstance(value, torch.Tensor):
-            out[key] = sharded.like(value, p)
-        elif isinstance(value, QTensor):
-            out[key] = value.codes
-            out[f"{key}.absmax"] = value.absmax
-            out[f"{key}.code"] = value.code.name
-            out[f"{key}.blocksize"] = value.blocksize
+            out[key] = like(value, p)
         else:
             out[key] = value
     return out
 
 
+def _pack_qtensor(key: str, qt: QTensor, p: torch.Tensor) -> dict:
+    """8-bit entry `key` as codes shaped like `p` and absmax (rows, K). A QTensor in another
+    block layout (a file of an earlier q8: flat blocks) is packed flat, as that q8 did, for
+    `load_state_dict` to convert."""
+    shape = local(p).shape
+    codes, absmax = qt.codes, qt.absmax
+    if (
+        p.dim() >= 2
+        and qt.shape == shape
+        and qt.row_length == canonical_row_length(qt.numel(), qt.blocksize, row_length(p))
+    ):
+        rows, k = absmax_shape(p, qt.blocksize)
+        codes, absmax = codes.view(shape), absmax.view(shape[0], k)
+        if is_sharded(p):
+            codes, absmax = like(codes, p), like(absmax, p, (rows, k))
+    return {key: codes, f"{key}.absmax": absmax, f"{key}.code": qt.code.name, f"{key}.blocksize": qt.blocksize}
+
+
 def unpack_entry(saved: dict, key: str, p: torch.Tensor, where: str) -> QTensor | torch.Tensor:
-    """Rebuild and validate state entry `key` of parameter `p` from a packed state."""
+    """Rebuild and validate state entry `key` of parameter `p` (this rank's rows of it, if
+    sharded) from a packed state: DTensors or full tensors.
+
+    8-bit entries come back in the row layout, or, for flat codes with a 1-D absmax (the
+    layout of q8 before the row layout), as the flat QTensor they are."""
     value = saved[key]
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where}: expected a tensor, got {type(value).__name__}")
@@ -304,18 +350,41 @@ def unpack_entry(saved: dict, key: str, p: torch.Tensor, where: str) -> QTensor 
             raise ValueError(f"{where}: a full-precision entry must be floating point, got {value.dtype}")
         if value.shape != p.shape:
             raise ValueError(f"{where}: shape {tuple(value.shape)}, parameter has {tuple(p.shape)}")
-        return value.to(torch.float32)
+        return (local_rows(value, p) if is_sharded(p) else value).to(torch.float32)
     code, blocksize, absmax = saved.get(f"{key}.code"), saved.get(f"{key}.blocksize"), saved[f"{key}.absmax"]
     if code not in CODE_NAMES:
         raise ValueError(f"{where}: unknown code {code!r}; expected one of {CODE_NAMES}")
-    if value.dtype != torch.uint8 or value.dim() != 1 or value.numel() != p.numel():
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{where}: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if value.dtype != torch.uint8 or value.numel() != p.numel():
         raise ValueError(
-            f"{where}: codes must be flat uint8 with {p.numel()} elements, got {value.dtype} {tuple(value.shape)}"
+            f"{where}: codes must be uint8 shaped like the parameter {tuple(p.shape)}, "
+            f"got {value.dtype} {tuple(value.shape)}"
         )
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32:
         raise ValueError(f"{where}: absmax must be a float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
     try:
-        return QTensor(value, absmax, get_code(code), blocksize, p.shape, torch.float32)
+        if absmax.dim() == 1:  # flat blocks, from q8 before the row layout
+            if is_sharded(p):
+                raise ValueError(
+                    "flat codes (saved by q8 before the row layout) do not load into a sharded parameter; "
+                    "load them unsharded and save again"
+                )
+            return QTensor(value.reshape(-1), absmax, get_code(code), blocksize, p.shape, torch.float32)
+        if value.shape != p.shape:
+            raise ValueError(f"codes must be shaped like the parameter {tuple(p.shape)}, got {tuple(value.shape)}")
+        if absmax.shape != absmax_shape(p, blocksize):
+            old = f" (q8's earlier FSDP2 layout, {key}.shard_rows: export it with that q8's to_torch_state_dict)"
+            raise ValueError(
+                f"absmax must have shape {absmax_shape(p, blocksize)} (rows, blocks of {blocksize} per row), got "
+                f"{tuple(absmax.shape)}{old if f'{key}.shard_rows' in saved else ''}"
+            )
+        if is_sharded(p):
+            value, absmax = local_rows(value, p), local_rows(absmax, p)
+        shape = local(p).shape
+        return QTensor(
+            value.reshape(-1), absmax.reshape(-1), get_code(code), blocksize, shape, torch.float32, row_length(p)
+        )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 

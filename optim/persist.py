@@ -92,7 +92,7 @@ def _entry(f: Any, name: str) -> Any:
     qt = f.get_qtensor(name)
     if qt.code.name not in CODE_NAMES or qt.code != get_code(qt.code.name):
         raise ValueError(f"8-bit codes use a table {qt.code.name!r} that is not one of q8's {', '.join(CODE_NAMES)}")
-    return QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype)
+    return QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype, qt.row_length)
 
 
 def _header(metadata: dict[str, str], path) -> dict:

@@ -331,3 +331,67 @@ def test_qtensor_validates_its_parts():
         q8.QTensor(qt.codes.float(), qt.absmax, qt.code, 64, qt.shape, qt.dtype)
     assert qt.nbytes == 300 + 4 * 5
     assert "QTensor(shape=(300,)" in repr(qt)
+
+
+# -- the row layout (docs/CODEC.md "Block layout") ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,blocksize",
+    [((7, 100), 64), ((3, 5, 40), 64), ((4, 1000), 256), ((9, 17), 64), ((2, 4100), 4096), ((0, 100), 64)],
+)
+def test_row_layout_is_every_row_quantized_on_its_own(shape, blocksize):
+    """Blocks never cross a row: the codes and absmax of the whole tensor are those of each
+    row quantized alone (flat), concatenated, and every code is the exact nearest."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
+    row = math.prod(shape[1:])
+    qt = q8.quantize(x, "dynamic", blocksize, row_length=row)
+    assert qt.row_length == (row if x.numel() else 0)  # an empty tensor has no blocks to cut
+    assert qt.absmax.numel() == shape[0] * -(-row // blocksize)
+    rows = [q8.quantize(r, "dynamic", blocksize) for r in x.reshape(shape[0], row)]
+    assert torch.equal(qt.codes, torch.cat([r.codes for r in rows] + [torch.empty(0, dtype=torch.uint8)]))
+    assert torch.equal(qt.absmax, torch.cat([r.absmax for r in rows] + [torch.empty(0)]))
+    for r, ref in zip(x.reshape(shape[0], row), rows, strict=True):
+        ref_codes, ref_absmax = brute_force_codes(r, get_code("dynamic"), blocksize)
+        assert torch.equal(ref.codes, ref_codes) and torch.equal(ref.absmax, ref_absmax)
+    y = qt.dequantize()
+    assert y.shape == x.shape
+    assert torch.equal(y.reshape(-1), torch.cat([r.dequantize() for r in rows] + [torch.empty(0)]))
+
+
+def test_row_layout_equal_to_flat_is_normalised():
+    """Rows of whole blocks, or a single row, are the flat layout: row_length becomes numel."""
+    x = torch.randn(6, 128)
+    for row_length in (128, 768):
+        qt = q8.quantize(x, "dynamic", 64, row_length=row_length)
+        flat = q8.quantize(x, "dynamic", 64)
+        assert qt.row_length == flat.row_length == x.numel()
+        assert torch.equal(qt.codes, flat.codes) and torch.equal(qt.absmax, flat.absmax)
+    assert q8.quantize(x, "dynamic", 256, row_length=128).row_length == 128  # half a block per row
+
+
+def test_row_layout_errors_name_the_argument_and_the_block():
+    with pytest.raises(ValueError, match="row_length must be a positive int dividing the 600 elements"):
+        q8.quantize(torch.randn(6, 100), row_length=7)
+    with pytest.raises(ValueError, match="row_length must be an int"):
+        q8.quantize(torch.randn(6, 100), row_length=100.0)
+    qt = q8.quantize(torch.randn(6, 100), "dynamic", 64, row_length=100)
+    with pytest.raises(ValueError, match=r"10 absmax values, expected 12 blocks of 64 in rows of 100"):
+        q8.QTensor(qt.codes, qt.absmax[:10], qt.code, 64, qt.shape, qt.dtype, 100)
+    assert "row_length=100" in repr(qt)
+    x = torch.randn(6, 100)
+    x[2, 70] = math.nan  # row 2, its second block: block 5, elements 264..299
+    with pytest.raises(ValueError, match=r"NaN or inf in block 5 \(flat elements 264\.\.299\)"):
+        q8.quantize(x, "dynamic", 64, row_length=100)
+
+
+def test_row_layout_quant_error_and_auto():
+    """quant_error decodes a row-layout QTensor chunk by chunk (whole rows): the same as decoding
+    it at once; code="auto" keeps the row layout."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 700, generator=g)  # 2.1M elements: three chunks
+    qt = q8.quantize(x, "auto", 256, row_length=700)
+    assert qt.row_length == 700 and qt.code.name in ("dynamic", "linear")
+    diff = x.double() - qt.dequantize().double()
+    assert q8.quant_error(x, qt).rel_l2 == pytest.approx(float(diff.norm() / x.double().norm()), rel=1e-9)

@@ -193,6 +193,26 @@ def test_bitsandbytes_state_kept_code_for_code(tmp_path):
     fresh.step()
 
 
+def test_q8_optimizer_state_dict_round_trips_exactly(tmp_path):
+    """A q8 optimizer's torch.save'd state_dict (what a plain Trainer writes for it): codes are
+    integers and the (rows, K) absmax are kept exact, so decode gives the state back bit for bit."""
+    torch.manual_seed(0)
+    big = q8.optim.AdamW8bit([torch.nn.Parameter(torch.randn(3000, 100))], blocksize=64)
+    big.param_groups[0]["params"][0].grad = torch.randn(3000, 100)
+    big.step()
+    sd = big.state_dict()
+    assert sd["state"][0]["exp_avg.absmax"].shape == (3000, 2)  # 6000 values: would be quantized as a 2-D float
+    torch.save(sd, tmp_path / "optimizer.pt")
+    assert run(tmp_path / "optimizer.pt", "-o", tmp_path / "opt.q8", "-q") == EXIT_OK
+    with q8.safe_open(tmp_path / "opt.q8") as f:
+        assert f.info("state.0.exp_avg.absmax")["encoding"] != "blockwise"
+    assert run("decode", tmp_path / "opt.q8", "-o", tmp_path / "back.pt", "-q") == EXIT_OK
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    for key, value in sd["state"][0].items():
+        got = back["state"][0][key]
+        assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, key
+
+
 def test_bitsandbytes_blocksize_is_inferred_and_checked(tmp_path):
     assert infer_blocksize(96 * 128, 48) == 256
     assert infer_blocksize(12288, 6) == 2048
@@ -439,3 +459,17 @@ def test_decode_q8_files_written_by_the_api(tmp_path, capsys):
     got = torch.load(tmp_path / "nested.pt", weights_only=True)
     assert got["step"] == 3 and got["groups"] == [{"lr": 0.1}]
     assert torch.equal(got["state"][0]["exp_avg"], q8.dequantize(state["state"][0]["exp_avg"]))
+
+
+def test_info_shows_the_row_layout(tmp_path, capsys):
+    """8-bit optimizer state whose rows cut blocks: `info` names the row length."""
+    opt = q8.optim.AdamW8bit([torch.nn.Parameter(torch.randn(64, 100))], blocksize=64)
+    opt.param_groups[0]["params"][0].grad = torch.randn(64, 100)
+    opt.step()
+    q8.save_optimizer(opt, tmp_path / "opt.q8")
+    capsys.readouterr()
+    assert run("info", tmp_path / "opt.q8", "--json") == EXIT_OK
+    (rows,) = json.loads(capsys.readouterr().out)["files"].values()
+    assert {(r["name"], r["row_length"]) for r in rows} == {("state.0.exp_avg", 100), ("state.0.exp_avg_sq", 100)}
+    assert run("info", tmp_path / "opt.q8") == EXIT_OK
+    assert "blockwise dynamic/64, rows of 100" in capsys.readouterr().out

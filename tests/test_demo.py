@@ -13,7 +13,7 @@ def test_demo_runs_every_section():
     sections = [line for line in out.splitlines() if line.startswith("== ")]
     assert len(sections) == 8, sections
     assert "Traceback" not in out and "skipped" not in out
-    assert out.count("identical to the uninterrupted run: True") == 2, out
+    assert out.count("identical to the uninterrupted run: True") == 3, out
     assert ": OK" in out  # q8convert verify
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
     assert "q8 never unpickles" in out and "the pickle's code ran: False" in out

@@ -416,3 +416,11 @@ def test_corrupt_data_file_raises_format_error_naming_the_file(tmp_path):
     data_file.write_bytes(bytes(raw))
     with pytest.raises(CheckpointException, match=rf"FormatError: {data_file}.*checksum"):
         dcp.load({"w": torch.zeros(64, 64)}, storage_reader=Q8StorageReader(tmp_path), no_dist=True)
+
+
+def test_uint8_codes_never_load_into_float_state(tmp_path):
+    """8-bit codes where the state dict now expects fp32 (a 1-D parameter's state saved by a q8
+    before the row layout): refused, where a cast would give state of 0..255."""
+    dcp.save({"exp_avg": torch.arange(200, dtype=torch.uint8)}, storage_writer=Q8StorageWriter(tmp_path), no_dist=True)
+    with pytest.raises(CheckpointException, match=r"holds uint8 .*expects torch\.float32"):
+        dcp.load({"exp_avg": torch.zeros(200)}, storage_reader=Q8StorageReader(tmp_path), no_dist=True)

@@ -477,6 +477,40 @@ def test_exponent_planes_use_huffman(tmp_path):
     assert compressions == [0, 0, 0, 2]  # mantissa planes raw, the exponent plane Huffman coded
 
 
+def test_row_layout_records(tmp_path):
+    """QTensors whose rows cut blocks are `blockwise_rows` records with their row_length (which
+    a reader without rows rejects as an unknown encoding); any other is plain `blockwise`."""
+    rows = q8.quantize(torch.randn(30, 100), "dynamic", 64, row_length=100)
+    whole = q8.quantize(torch.randn(30, 128), "dynamic", 64, row_length=128)  # rows of whole blocks: flat
+    q8.save({"rows": rows, "whole": whole}, tmp_path / "r.q8")  # nested, as save_optimizer's QTensors go
+    back = q8.load(tmp_path / "r.q8")
+    for name, qt in (("rows", rows), ("whole", whole)):
+        got = back[name]
+        assert (got.row_length, got.shape) == (qt.row_length, qt.shape)
+        assert torch.equal(got.codes, qt.codes) and torch.equal(got.absmax, qt.absmax)
+    assert torch.equal(q8.load_file(tmp_path / "r.q8")["rows"], rows.dequantize())
+    blob = (tmp_path / "r.q8").read_bytes()
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    records = {t["name"]: t for t in msgpack.unpackb(blob[offset : offset + length])["tensors"]}
+    assert (records["rows"]["encoding"], records["rows"]["row_length"]) == ("blockwise_rows", 100)
+    assert records["whole"]["encoding"] == "blockwise" and "row_length" not in records["whole"]
+
+    def edit(**fields):
+        def apply(index):
+            next(t for t in index["tensors"] if t["name"] == "rows").update(fields)
+
+        bad = tmp_path / "bad.q8"
+        bad.write_bytes(_rewrite_index(blob, apply))
+        return bad
+
+    for fields in ({"row_length": 7}, {"row_length": 128}, {"row_length": 3000}, {"row_length": "100"}, {}):
+        fields = fields or {"row_length": None}
+        with pytest.raises(q8.FormatError, match=r"bad\.q8, tensor 'rows': row_length"):
+            q8.load(edit(**fields))
+    with pytest.raises(q8.FormatError, match="the shape needs"):  # flat blocks: another absmax count
+        q8.load(edit(encoding="blockwise"))
+
+
 def test_writer_refuses_what_the_reader_would_refuse(tmp_path):
     """q8 reads everything q8 writes: tensors that would fail the reader's value checks are
     refused at save, before the destination is touched."""

@@ -42,8 +42,9 @@ def _originals() -> dict[str, bytes | object]:
         "scalar": torch.tensor(3.5, dtype=torch.float64),
         "empty": torch.empty(0, 4),
         "qt": q8.quantize(torch.randn(700, generator=g), "dynamic", 64),
+        "rows": q8.quantize(torch.randn(7, 90, generator=g), "dynamic", 64, row_length=90),  # blockwise_rows
     }
-    state = {"step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}], "m": tensors["qt"], "v": tensors["bf16"]}
+    state = {"step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.99)}], "m": tensors["qt"], "v": tensors["rows"]}
     out = {}
     with tempfile.TemporaryDirectory() as d:
         q8.save_file(tensors, Path(d) / "t.q8", metadata={"k": "v"})
@@ -62,7 +63,7 @@ def _same(a: object, b: object) -> bool:
             and torch.equal(a.codes, b.codes)
             and torch.equal(a.absmax, b.absmax)
             and a.code == b.code
-            and (a.blocksize, a.shape, a.dtype) == (b.blocksize, b.shape, b.dtype)
+            and (a.blocksize, a.shape, a.dtype, a.row_length) == (b.blocksize, b.shape, b.dtype, b.row_length)
         )
     if isinstance(a, torch.Tensor):
         return (

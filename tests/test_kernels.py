@@ -60,10 +60,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).cpu()
 
 
-def assert_same_as_cpu(x: torch.Tensor, code: q8.Code, blocksize: int) -> None:
-    """Encode and decode `x` with the kernels and with the CPU path; all bytes must match."""
-    ref_codes, ref_absmax, ref_bad = native.encode(x.float().contiguous(), code, blocksize)
-    codes, absmax, bad = kernels.encode(x.to(DEVICE), code, blocksize)
+def assert_same_as_cpu(x: torch.Tensor, code: q8.Code, blocksize: int, row_length: int | None = None) -> None:
+    """Encode and decode `x` with the kernels and with the CPU path (flat, or in rows of
+    `row_length`); all bytes must match."""
+    ref_codes, ref_absmax, ref_bad = native.encode(x.float().contiguous(), code, blocksize, row_length)
+    codes, absmax, bad = kernels.encode(x.to(DEVICE), code, blocksize, row_length)
     assert bad == ref_bad
     if bad >= 0:
         return
@@ -73,9 +74,9 @@ def assert_same_as_cpu(x: torch.Tensor, code: q8.Code, blocksize: int) -> None:
         f"codes differ at {first.tolist()}: x={x.flatten()[first].tolist()} "
         f"kernel={codes.cpu()[first].tolist()} cpu={ref_codes[first].tolist()}"
     )
-    ref_out = native.decode(ref_codes, ref_absmax, code, blocksize)
+    ref_out = native.decode(ref_codes, ref_absmax, code, blocksize, row_length)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        out = kernels.decode(codes, absmax, code, blocksize, dtype)
+        out = kernels.decode(codes, absmax, code, blocksize, dtype, row_length)
         assert out.dtype == dtype
         assert torch.equal(bits(out), bits(ref_out.to(dtype))), f"decode to {dtype} differs"
 
@@ -95,6 +96,19 @@ def varied(n: int, seed: int, signed: bool = True) -> torch.Tensor:
 def test_random_data_matches_cpu(code, blocksize):
     n = 3 * blocksize + 37  # partial last block
     assert_same_as_cpu(varied(n, seed=blocksize, signed=code.signed), code, blocksize)
+
+
+@runs_kernels
+@pytest.mark.parametrize("row_length,blocksize", [(100, 64), (1, 64), (63, 64), (300, 256), (5000, 4096)])
+def test_row_layout_matches_cpu(row_length, blocksize):
+    """Blocks that restart at every row (partial blocks inside the tensor): the CPU bytes."""
+    x = varied(7 * row_length, seed=row_length)
+    assert_same_as_cpu(x, get_code("dynamic"), blocksize, row_length)
+    x[3 * row_length + row_length // 2] = math.nan  # row 3: the kernel names the CPU path's block
+    per_row = -(-row_length // blocksize)
+    want = 3 * per_row + row_length // 2 // blocksize
+    assert kernels.encode(x.to(DEVICE), get_code("dynamic"), blocksize, row_length)[2] == want
+    assert native.encode(x, get_code("dynamic"), blocksize, row_length)[2] == want
 
 
 def adversarial(code: q8.Code, blocksize: int = 64) -> torch.Tensor:
@@ -283,7 +297,7 @@ def test_compiled_ptx_is_exact(in_dtype):
     encode_ptx = kernel_ptx(
         kernel_codec._encode_kernel,
         {"x_ptr": f"*{in_dtype}", "tree_ptr": "*fp32", "codes_ptr": "*u8", "absmax_ptr": "*fp32",
-         "bad_ptr": "*i64", "n": "i32", "nblocks": "i32", "zero_code": "i32"},
+         "bad_ptr": "*i64", "row_length": "i32", "per_row": "i32", "nblocks": "i32", "zero_code": "i32"},
         {"BLOCKSIZE": blocksize, "ROWS": rows},
     )  # fmt: skip
     assert_exact_ptx(encode_ptx)
@@ -292,7 +306,7 @@ def test_compiled_ptx_is_exact(in_dtype):
     decode_ptx = kernel_ptx(
         kernel_codec._decode_kernel,
         {"codes_ptr": "*u8", "absmax_ptr": "*fp32", "values_ptr": "*fp32", "out_ptr": f"*{in_dtype}",
-         "n": "i32", "nblocks": "i32"},
+         "row_length": "i32", "per_row": "i32", "nblocks": "i32"},
         {"BLOCKSIZE": blocksize, "ROWS": rows},
     )  # fmt: skip
     assert_exact_ptx(decode_ptx)
@@ -311,7 +325,7 @@ def test_compiled_adam_ptx_is_exact(p_dtype):
     for s in "mv":
         signature.update({f"{s}_codes_ptr": "*u8", f"{s}_absmax_ptr": "*fp32", f"{s}_values_ptr": "*fp32",
                           f"{s}_tree_ptr": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
-    signature.update({"bad_ptr": "*i64", "n": "i32", "nblocks": "i32"})
+    signature.update({"bad_ptr": "*i64", "row_length": "i32", "per_row": "i32", "nblocks": "i32"})
     signature.update(
         dict.fromkeys(["beta1", "c1", "beta2", "c2", "eps", "step_size", "bc2_sqrt", "decay", "l2"], "fp32")
     )

@@ -48,18 +48,23 @@ def assert_same_state(p_kernel, m, v, p_ref, opt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("rows", [5, 1])
 @pytest.mark.parametrize("cls", [q8.optim.Adam8bit, q8.optim.AdamW8bit])
-def test_adam_steps_match_the_cpu_optimizer(cls, blocksize, dtype):
-    n = 5 * blocksize + 17  # a partial last block
-    p0 = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
+def test_adam_steps_match_the_cpu_optimizer(cls, rows, blocksize, dtype):
+    """Rows of 2 * blocksize + 17 elements: 5 rows each ending in a partial block (the row
+    layout), or 1 row (the flat layout)."""
+    shape = (rows, 2 * blocksize + 17)
+    n = rows * shape[1]
+    p0 = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
     p_ref = torch.nn.Parameter(p0.clone())
     decay = {"weight_decay": 0.1}  # Adam: L2 term on the gradient; AdamW: decoupled decay
     opt = cls([p_ref], lr=1e-2, blocksize=blocksize, min_8bit_size=0, **decay)
     p = p0.to(DEVICE)
-    m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", blocksize)
-    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", blocksize)
+    m = q8.quantize(torch.zeros(shape, device=DEVICE), "dynamic", blocksize, row_length=shape[1])
+    v = q8.quantize(torch.zeros(shape, device=DEVICE), "udynamic", blocksize, row_length=shape[1])
+    assert m.row_length == (shape[1] if rows > 1 else n)
     for step in range(1, 5):
-        grad = gradient(n, step, dtype)
+        grad = gradient(n, step, dtype).view(shape)
         p_ref.grad = grad.clone()
         opt.step()
         hyper = adam_hyper(opt.param_groups[0], step, decoupled=cls is q8.optim.AdamW8bit)
@@ -69,14 +74,14 @@ def test_adam_steps_match_the_cpu_optimizer(cls, blocksize, dtype):
 
 def test_overflow_reports_the_first_bad_block():
     n, blocksize = 8 * 64, 64
-    p = torch.zeros(n, device=DEVICE)
+    p = torch.zeros(4, 128, device=DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", blocksize)
     v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", blocksize)
-    grad = torch.ones(n, device=DEVICE)
-    grad[[7 * 64, 3 * 64 + 5]] = 1e30  # g * g overflows fp32 in blocks 3 and 7
+    grad = torch.ones(4, 128, device=DEVICE)
+    grad.view(-1)[[7 * 64, 3 * 64 + 5]] = 1e30  # g * g overflows fp32 in blocks 3 and 7
     hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}, 1, decoupled=True)
     assert adam_update(p, grad, m, v, hyper) == 3
-    p_ref = torch.nn.Parameter(torch.zeros(n))
+    p_ref = torch.nn.Parameter(torch.zeros(4, 128))
     p_ref.grad = grad.cpu()
     with pytest.raises(FloatingPointError, match="block 3"):
         q8.optim.AdamW8bit([p_ref], lr=1e-3, weight_decay=0.0, blocksize=blocksize, min_8bit_size=0).step()
@@ -97,6 +102,9 @@ def test_argument_errors():
         adam_update(p, torch.zeros(n, device=DEVICE), m, small_v, hyper)
     with pytest.raises(ValueError, match="hyper must hold 9 values"):
         adam_update(p, torch.zeros(n, device=DEVICE), m, v, hyper[:8])
+    rows_v = q8.quantize(torch.zeros(8, 32, device=DEVICE), "udynamic", 64, row_length=32)
+    with pytest.raises(ValueError, match=r"v has 256 elements in blocks of 64 \(rows of 32\)"):
+        adam_update(p, torch.zeros(n, device=DEVICE), m, rows_v, hyper)
     assert (m.codes == m.code.zero_index).all() and (m.absmax == 0).all()  # nothing was written
 
 

@@ -4,6 +4,7 @@ rule, state dicts (round trip, validation, torch and bitsandbytes interop), edge
 import io
 import math
 import re
+import statistics
 import warnings
 
 import pytest
@@ -127,13 +128,16 @@ def test_gpt2_parity(name, one_thread):
 
 
 def test_mlp_regression_parity(one_thread):
-    """A small MLP regression: the 8-bit optimizers end no worse than 5% above 32-bit."""
+    """A small MLP regression: the 8-bit optimizers end no worse than 5% above 32-bit, in the
+    median over eight initialisations: the final loss of one run moves by tens of percent
+    with any change of rounding, 32-bit too. (LAMB's swings by +-40% between seeds in 32 and
+    8 bits alike, here; its parity is test_gpt2_parity's.)"""
     torch.manual_seed(0)
     x = torch.randn(1024, 32)
     y = torch.sin(x @ torch.randn(32, 1) / 4) + 0.1 * torch.randn(1024, 1)
 
-    def train(make_opt):
-        torch.manual_seed(1)
+    def train(make_opt, seed):
+        torch.manual_seed(seed)
         model = torch.nn.Sequential(
             torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
         )
@@ -147,10 +151,13 @@ def test_mlp_regression_parity(one_thread):
 
     start = torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()
     sgd = (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), lambda p: SGD8bit(p, lr=0.05, momentum=0.9))
-    for make_ref, make_q8 in (PARITY["AdamW"], PARITY["Lion"], PARITY["LAMB"], sgd):
-        ref, ours = train(make_ref), train(make_q8)
-        assert ref < 0.2 * start
-        assert ours <= 1.05 * ref, (ours, ref)
+    for make_ref, make_q8 in (PARITY["AdamW"], PARITY["Lion"], sgd):
+        ratios = []
+        for seed in range(1, 9):
+            ref, ours = train(make_ref, seed), train(make_q8, seed)
+            assert ref < 0.2 * start
+            ratios.append(ours / ref)
+        assert statistics.median(ratios) <= 1.05, ratios
 
 
 # --- the fused CPU path against the reference rule ----------------------------------------
@@ -178,7 +185,8 @@ def step_both(cls, kwargs, p_init, grads):
     "cls,kwargs,shape,dtype",
     [
         (AdamW8bit, {"lr": 1e-2, "weight_decay": 0.1}, (97, 131), torch.float32),
-        (Adam8bit, {"lr": 1e-2, "weight_decay": 0.1, "blocksize": 64}, (5000,), torch.float32),
+        (Adam8bit, {"lr": 1e-2, "weight_decay": 0.1, "blocksize": 64}, (50, 100), torch.float32),
+        (Adam8bit, {"lr": 1e-2, "blocksize": 64}, (40, 128), torch.float32),  # rows of whole blocks: flat
         (Adam8bit, {"lr": 1e-3, "betas": (0.8, 0.99), "blocksize": 4096}, (3, 4099), torch.float32),
         (AdamW8bit, {"lr": 1e-2}, (64, 100), torch.bfloat16),
         (AdamW8bit, {"lr": 1e-2, "blocksize": 128}, (64, 100), torch.float16),
@@ -191,6 +199,8 @@ def test_fused_cpu_path_is_bit_exact(cls, kwargs, shape, dtype):
     grads = [torch.randn(shape) * scales[i % 7] for i in range(6)]
     grads[2].view(-1)[: shape[-1]] = 0  # an all-zero stretch of gradient
     (p1, s1), (p2, s2) = step_both(cls, kwargs, torch.randn(shape).to(dtype), grads)
+    row, blocksize = shape[1], kwargs.get("blocksize", 256)
+    assert s1["exp_avg"].row_length == (row if row % blocksize else p1.numel())  # the row layout
     assert p1.dtype == dtype and torch.equal(p1, p2)
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(s1[key].codes, s2[key].codes), key
@@ -303,10 +313,12 @@ def test_load_state_dict_validation_errors():
         return sd
 
     cases = [
-        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"][:-1]}), "codes must be flat uint8"),
-        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].float()}), "codes must be flat uint8"),
-        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 512}), "absmax values"),
-        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 100}), "power of two"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"][:-1]}), "codes must be uint8 shaped"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].float()}), "codes must be uint8"),
+        (lambda sd: sd["state"][0].update({"exp_avg": sd["state"][0]["exp_avg"].view(64, 128)}), "got (64, 128)"),
+        (lambda sd: sd["state"][0].update({"exp_avg.absmax": torch.zeros(128, 2)}), "absmax must have shape (128, 1)"),
+        (lambda sd: sd["state"][0].update({"exp_avg.absmax": torch.zeros(127)}), "127 absmax values"),
+        (lambda sd: sd["state"][0].update({"exp_avg.blocksize": 100}), "blocksize must be one of"),
         (lambda sd: sd["state"][0].update({"exp_avg.code": "udynamic"}), "this optimizer uses 'dynamic'"),
         (lambda sd: sd["state"][0].update({"exp_avg.code": "mystery"}), "unknown code"),
         (lambda sd: sd["state"][0].update({"exp_avg.absmax": sd["state"][0]["exp_avg.absmax"].bfloat16()}), "float32"),
@@ -334,7 +346,8 @@ def test_torch_adam_state_converts_to_8bit_and_back():
     w = model[0].weight
     for key, code in (("exp_avg", "dynamic"), ("exp_avg_sq", "udynamic")):
         qt = opt.state[w][key]
-        expected = q8.quantize(ref.state[w][key], code, 256)
+        expected = q8.quantize(ref.state[w][key], code, 256, row_length=w.shape[1])  # rows of 64: a block each
+        assert qt.absmax.numel() == w.shape[0]
         assert torch.equal(qt.codes, expected.codes) and torch.equal(qt.absmax, expected.absmax)
     assert opt.state[w]["step"] == 3
     assert torch.equal(opt.state[model[0].bias]["exp_avg"], ref.state[model[0].bias]["exp_avg"])  # small: fp32
@@ -347,23 +360,34 @@ def test_torch_adam_state_converts_to_8bit_and_back():
 
 
 def test_bitsandbytes_state_loads_losslessly():
+    """bitsandbytes' flat blocks are q8's row blocks where rows are whole blocks (rows of 512:
+    codes and absmax as they are); where rows cut them (rows of 100) they are decoded and
+    re-encoded in rows, one more rounding; its 8-bit state of a 1-D parameter is decoded."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 10))  # 10000 elements: 40 blocks
+    model = torch.nn.Sequential(torch.nn.Linear(512, 100), torch.nn.Linear(100, 60), torch.nn.Linear(60, 5000))
     ref = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
-    train_steps_in(model, ref, 100)
+    train_steps_in(model, ref, 512)
     opt = AdamW8bit(model.parameters())
     opt.load_state_dict(ref.state_dict())
-    w = model[0].weight
-    bnb_state = ref.state[w]
+    whole, cut, vector = model[0].weight, model[1].weight, model[2].bias
     for i, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
-        qt = opt.state[w][key]
+        qt, bnb_state = opt.state[whole][key], ref.state[whole]
         assert qt.blocksize == 256
         assert torch.equal(qt.codes, bnb_state[f"state{i}"].reshape(-1))
         assert torch.equal(qt.absmax, bnb_state[f"absmax{i}"])
-    assert opt.state[w]["step"] == bnb_state["step"] == 2
+        qt, bnb_state = opt.state[cut][key], ref.state[cut]
+        codes, absmax = bnb_state[f"state{i}"].reshape(-1), bnb_state[f"absmax{i}"]
+        flat = q8.QTensor(codes, absmax, qt.code, 256, cut.shape, qt.dtype)
+        again = q8.quantize(flat.dequantize(), qt.code, 256, row_length=100)
+        assert qt.row_length == 100 and torch.equal(qt.codes, again.codes) and torch.equal(qt.absmax, again.absmax)
+        b8 = ref.state[vector]
+        assert b8[f"state{i}"].dtype == torch.uint8  # bitsandbytes keeps this 5000-element bias in 8 bits
+        decoded = q8.QTensor(b8[f"state{i}"], b8[f"absmax{i}"], qt.code, 256, vector.shape, torch.float32)
+        assert torch.equal(opt.state[vector][key], decoded.dequantize())
+    assert opt.state[whole]["step"] == ref.state[whole]["step"] == 2
     assert torch.equal(opt.state[model[0].bias]["exp_avg"], ref.state[model[0].bias]["state1"])
-    train_steps_in(model, opt, 100)
+    train_steps_in(model, opt, 512)
 
 
 def train_steps_in(model, opt, dim):
@@ -439,7 +463,7 @@ def test_which_state_is_8bit():
     assert not isinstance(opt.state[override.weight]["exp_avg"], q8.QTensor)  # override_32bit
     n8 = model[0].weight.numel()
     fp32 = sum(p.numel() for p in [model[0].bias, *model[2].parameters(), *override.parameters()])
-    assert opt.state_nbytes() == 2 * (n8 + 4 * (n8 // 256)) + 2 * 4 * fp32
+    assert opt.state_nbytes() == 2 * (n8 + 4 * 128) + 2 * 4 * fp32  # rows of 64: one block (absmax) each
     with pytest.raises(ValueError, match="optim_bits must be 8 or 32"):
         p = torch.nn.Parameter(torch.ones(5000))
         p.grad = torch.ones(5000)

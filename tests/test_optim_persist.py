@@ -124,6 +124,49 @@ def test_errors_name_the_file(tmp_path):
         q8.save_optimizer(torch.optim.AdamW(model.parameters()), path)
 
 
+def test_state_of_the_previous_release_loads():
+    """State saved before the row layout (tests/data/make_previous_release_state.py: flat
+    codes, 1-D parameters in 8 bits), from its state_dict (torch.save) and from its
+    save_optimizer file: rows of whole blocks keep their bytes, rows that cut blocks are
+    decoded and re-encoded in rows (one more rounding), 1-D state is decoded; training goes on."""
+    from data.make_previous_release_state import HERE, OPTIONS
+
+    saved = torch.load(HERE / "previous_release_adamw8bit.pt", weights_only=True)
+    old = saved["state_dict"]["state"]
+
+    def fresh() -> tuple[list[torch.nn.Parameter], AdamW8bit]:
+        params = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
+        return params, AdamW8bit(params, **OPTIONS)
+
+    params, from_dict = fresh()
+    from_dict.load_state_dict(saved["state_dict"])
+    _, from_file = fresh()
+    q8.load_optimizer(from_file, HERE / "previous_release_adamw8bit.q8")
+    assert_equal_lists(state_bytes(from_dict), state_bytes(from_file))
+
+    for i, p in enumerate(params):
+        for key, code in (("exp_avg", "dynamic"), ("exp_avg_sq", "udynamic")):
+            got, entry = from_dict.state[p][key], old[i]
+            if f"{key}.absmax" not in entry:  # fp32 in that release too
+                assert torch.equal(got, entry[key])
+                continue
+            assert entry[key].dim() == 1  # the flat layout
+            flat = q8.QTensor(entry[key], entry[f"{key}.absmax"], q8.codec.get_code(code), 64, p.shape, torch.float32)
+            if p.dim() == 1:  # vectors keep fp32 state now: the 8-bit values, decoded
+                assert torch.equal(got, flat.dequantize())
+            elif p.shape[1] % 64 == 0:  # rows of whole blocks: the very bytes
+                assert torch.equal(got.codes, flat.codes) and torch.equal(got.absmax, flat.absmax)
+            else:
+                want = q8.quantize(flat.dequantize(), code, 64, row_length=p.shape[1])
+                assert got.row_length == p.shape[1] and torch.equal(got.codes, want.codes)
+                assert torch.equal(got.absmax, want.absmax)
+    assert [p.shape for i, p in enumerate(params) if p.dim() == 1 and "exp_avg.absmax" in old[i]] == [(130,)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    from_dict.step()
+    assert from_dict.state[params[0]]["step"] == 3
+
+
 def _rewrite_index(path, edit) -> None:
     blob = path.read_bytes()
     offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import secrets
@@ -437,6 +438,7 @@ def _info_rows(path: Path) -> list[dict]:
                     "encoding": info["encoding"],
                     "code": info["code"],
                     "blocksize": info["blocksize"],
+                    "row_length": info["row_length"],
                     "raw_bytes": info["raw_bytes"],
                     "stored_bytes": info["stored_bytes"],
                     "rel_l2": float(extra["rel_l2"]) if "rel_l2" in extra else None,
@@ -465,6 +467,8 @@ def cmd_info(args) -> int:
             ratio = f"{r['raw_bytes'] / r['stored_bytes']:.2f}x" if r["stored_bytes"] else "-"
             err = f"{r['rel_l2']:.2e}" if r["rel_l2"] is not None else ""
             enc = f"{r['encoding']} {r['code']}/{r['blocksize']}" if r["code"] else r["encoding"]
+            if r["row_length"] is not None and r["row_length"] != math.prod(r["shape"]):
+                enc += f", rows of {r['row_length']}"  # blocks restart at every row (docs/CODEC.md)
             shape = "x".join(map(str, r["shape"])) or "scalar"
             table.append((r["name"], shape, r["dtype"], enc, r["stored_bytes"], ratio, err))
         print(_table(table, ("tensor", "shape", "dtype", "encoding", "stored bytes", "ratio", "rel L2")))

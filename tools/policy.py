@@ -1,9 +1,10 @@
 """What q8convert does to each tensor, and the error it measured doing it.
 
 Large floating tensors are quantized blockwise; small ones, 1-D weights (norms, biases),
-integer and bool tensors stay exact. Adam moments get the dynamic tables they were
-designed for (signed for exp_avg, unsigned for exp_avg_sq); already-8-bit optimizer state
-is stored as it is. `--lossless`, `--keep` and `--max-error` keep tensors exact.
+integer and bool tensors, and the absmax of q8 optimizers' 8-bit state stay exact. Adam
+moments get the dynamic tables they were designed for (signed for exp_avg, unsigned for
+exp_avg_sq); already-8-bit optimizer state is stored as it is. `--lossless`, `--keep` and
+`--max-error` keep tensors exact.
 """
 
 from __future__ import annotations
@@ -104,4 +105,6 @@ class Policy:
             return f"small (< {MIN_QUANT_NUMEL} elements)"
         if x.dim() < 2 and moment is None:
             return "1-D (norm/bias)"
+        if name.endswith(".absmax"):
+            return "absmax of 8-bit state"  # a q8 optimizer's scales: quantizing them would round its state again
         return ""

@@ -15,6 +15,7 @@ from typing import Any
 import q8
 import torch
 from q8.codec import get_code
+from q8.codec.blockwise import BLOCKSIZES
 
 from .checkpoints import InputError
 from .policy import Decision, Policy
@@ -24,13 +25,12 @@ __all__ = ["BNB_TABLES", "from_container", "infer_blocksize", "to_container"]
 BNB_TABLES = ("dynamic", "udynamic")
 """The q8 tables a bitsandbytes `qmap` may equal (its create_dynamic_map, signed and not)."""
 _BNB_8BIT_KEYS = ("state1", "state2")
-_BLOCKSIZES = [1 << k for k in range(6, 13)]
 
 
 def infer_blocksize(numel: int, nblocks: int) -> int | None:
     """The blocksize that cuts `numel` elements into `nblocks` blocks (bitsandbytes does not
     store it). When several fit (a single block) they decode alike; the smallest is taken."""
-    return next((b for b in _BLOCKSIZES if -(-numel // b) == nblocks), None)
+    return next((b for b in BLOCKSIZES if -(-numel // b) == nblocks), None)
 
 
 def _bnb_qtensor(where: str, i: int, d: dict) -> q8.QTensor:
