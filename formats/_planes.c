@@ -363,11 +363,44 @@ static PyObject *py_huff_decode(PyObject *self, PyObject *args) {
 }
 
 
+/* CRC-32 (zlib's polynomial, reflected) of two pieces joined, from the CRC of each and the
+ * length of the second: crc(A B) = crc(A) * x^(8 |B|) + crc(B) in GF(2)[x] mod P, so pieces
+ * checksummed on several threads combine into the segment's CRC. */
+#define CRC_POLY 0xedb88320u
+
+/* a * b mod P, both polynomials reflected (bit 31 is x^0). */
+static uint32_t crc_multmodp(uint32_t a, uint32_t b) {
+    uint32_t product = 0;
+    for (uint32_t m = 1u << 31; m; m >>= 1) {
+        if (a & m) product ^= b;
+        b = b & 1 ? (b >> 1) ^ CRC_POLY : b >> 1;
+    }
+    return product;
+}
+
+/* x^(8 n) mod P by squaring: x^(2^k) for k = 3, 4, ... multiplied in for each bit of n. */
+static uint32_t crc_shift(uint64_t n) {
+    uint32_t power = 1u << 23, result = 1u << 31; /* x^8 and 1 */
+    for (; n; n >>= 1) {
+        if (n & 1) result = crc_multmodp(power, result);
+        power = crc_multmodp(power, power);
+    }
+    return result;
+}
+
+static PyObject *py_crc32_combine(PyObject *self, PyObject *args) {
+    unsigned long crc1, crc2;
+    unsigned long long len2;
+    if (!PyArg_ParseTuple(args, "kkK", &crc1, &crc2, &len2)) return NULL;
+    return PyLong_FromUnsignedLong(crc_multmodp(crc_shift(len2), (uint32_t)crc1) ^ (uint32_t)crc2);
+}
+
 static PyMethodDef methods[] = {
     {"plane", py_plane, METH_VARARGS, "plane(src, dst, width, j, i0, i1): byte plane j of components [i0, i1)"},
     {"join", py_join, METH_VARARGS, "join((plane addresses...), dst, width, i0, i1)"},
     {"huff_encode", py_huff_encode, METH_VARARGS, "huff_encode(src, n, dst) -> size, or < 0 if it does not pay"},
     {"huff_decode", py_huff_decode, METH_VARARGS, "huff_decode(src, size, dst, n) -> 0, or -1 if malformed"},
+    {"crc32_combine", py_crc32_combine, METH_VARARGS, "crc32_combine(crc1, crc2, len2) -> CRC-32 of both pieces"},
     {NULL, NULL, 0, NULL},
 };
 

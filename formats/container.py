@@ -30,9 +30,11 @@ import zstandard
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
 from ..codec.layout import num_blocks
+from ..codec.native import _fresh, decode_range
 from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
-from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
+from .planes import byte_plane, huffman_decode, huffman_encode, join
+from .stream import HuffmanSource, RawSource, ZstdSource, ZstdStream, decode_ranges
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
 
@@ -359,12 +361,14 @@ class Reader:
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
         self.path = Path(path)
         self.device = torch.device(device)
-        with open(self.path, "rb") as f:
-            self.size = os.fstat(f.fileno()).st_size
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # for pread: decoding reads ranges
+        self._close_fd = weakref.finalize(self, os.close, self._fd)
+        self._mm = None
+        try:
+            self.size = os.fstat(self._fd).st_size
             if self.size < HEADER.size + FOOTER.size:
                 raise self.error(f"file too short for a q8 file ({self.size} bytes)")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        try:
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
             self._parse()
         except BaseException:
             self.close()
@@ -375,8 +379,10 @@ class Reader:
         return FormatError(f"{where}: {msg}")
 
     def close(self) -> None:
-        """Drop the map; zero-copy tensors keep it alive (they hold references) until freed."""
+        """Drop the map and the file; zero-copy tensors keep the map alive (they hold
+        references) until freed."""
         self._mm = None
+        self._close_fd()
 
     def __enter__(self) -> Reader:
         return self
@@ -626,61 +632,56 @@ class Reader:
             if isinstance(out, str):
                 raise self.error(out, name)
             return out
-        return self._unzstd(view, raw, name)
-
-    def _unzstd(self, view: memoryview, raw: int, name: str) -> torch.Tensor:
-        """Decode one zstd frame straight into a new tensor of exactly `raw` bytes. A frame
-        whose header or output disagrees with `raw` is refused as soon as it does: the
-        output never grows or moves, and decoding stops one byte past `raw`."""
-        try:
-            params = zstandard.get_frame_parameters(view)
-        except zstandard.ZstdError as e:
-            raise self.error(f"bad zstd segment: {e}", name) from None
-        if params.content_size != raw:
-            raise self.error(f"zstd frame holds {params.content_size} bytes, index says {raw}", name)
-        if raw > MAX_ZSTD_RATIO * view.nbytes:
-            raise self.error(f"zstd segment of {view.nbytes} bytes cannot hold {raw} bytes", name)
+        zstd = self._zstd_stream(view, raw, name)  # sizes checked before allocating
         out = torch.empty(raw, dtype=torch.uint8)
-        dst, pos = memoryview(out.numpy()), 0
-        try:
-            with zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
-                view, read_across_frames=False
-            ) as r:
-                while pos < raw and (n := r.readinto(dst[pos:])):
-                    pos += n
-                trailing = r.read(1)
-        except zstandard.ZstdError as e:
-            raise self.error(f"bad zstd segment: {e}", name) from None
-        if pos != raw or trailing:
-            raise self.error(f"zstd segment decodes to {'more than' if trailing else pos} bytes, expected {raw}", name)
+        zstd.readinto(out)
+        zstd.finish()
         return out
 
-    def _decoded(self, name: str) -> tuple[dict, list[torch.Tensor]]:
-        """The record of `name` and its segments: checksummed, decoded, and checked for
-        everything decoding relies on (`q8.verify` runs exactly these checks)."""
-        rec = self.record(name)
+    def _zstd_stream(self, view: memoryview, raw: int, name: str) -> ZstdStream:
+        return ZstdStream(view, raw, MAX_ZSTD_RATIO, MAX_ZSTD_WINDOW, lambda msg: self.error(msg, name))
+
+    def _source(self, seg: tuple[int, int, int, int, int], name: str) -> RawSource | ZstdSource:
+        """One segment, to be decoded range by range (formats/stream.py)."""
+        error = lambda msg: self.error(msg, name)  # noqa: E731
+        if seg[3] == RAW:
+            return RawSource(self._fd, seg, error)
+        if seg[3] == HUFFMAN:
+            return HuffmanSource(self._fd, seg, error)
+        offset, stored, raw, _, crc = seg
+        view = memoryview(self._mm)[offset : offset + stored]
+        if zlib.crc32(view) != crc:
+            raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
+        return ZstdSource(self._zstd_stream(view, raw, name))
+
+    def _decoded(self, rec: dict) -> list[torch.Tensor]:
+        """The segments of a tensor: checksummed, decoded whole, and checked for everything
+        decoding relies on (`q8.verify` runs exactly these checks; `get_tensor` makes them
+        range by range)."""
+        name = rec["name"]
         parts = [self._segment(s, name) for s in rec["segments"]]
         if rec["encoding"] == "blockwise":
-            problem = blockwise_problem(parts[1].view(torch.float32), rec["code"], rec["dtype"])
-        elif rec["dtype"] == torch.bool:
-            problem = bool_problem(parts[0])
-        else:
-            problem = None
-        if problem:
+            self._check_absmax(rec, parts[1])
+        elif rec["dtype"] == torch.bool and (problem := bool_problem(parts[0])):
             raise self.error(problem, name)
-        return rec, parts
+        return parts
+
+    def _check_absmax(self, rec: dict, absmax: torch.Tensor) -> None:
+        if problem := blockwise_problem(absmax.view(torch.float32), rec["code"], rec["dtype"]):
+            raise self.error(problem, rec["name"])
 
     def verify(self) -> None:
         """Read and check every tensor as loading it would, without decoding 8-bit codes
         or reassembling byte planes."""
         for name in self._where:
-            self._decoded(name)
+            self._decoded(self.record(name))
 
     def get_qtensor(self, name: str) -> QTensor:
         """The codes + absmax of a quantized tensor, not decoded, on the reader's device."""
-        if self.record(name)["encoding"] != "blockwise":
+        rec = self.record(name)
+        if rec["encoding"] != "blockwise":
             raise ValueError(f"{self.path}: tensor {name!r} is stored exactly, not quantized")
-        return self._qtensor(*self._decoded(name))
+        return self._qtensor(rec, self._decoded(rec))
 
     def _qtensor(self, rec: dict, parts: list[torch.Tensor]) -> QTensor:
         codes, absmax = parts[0], parts[1].view(torch.float32)
@@ -689,13 +690,60 @@ class Reader:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor, decoded, on the reader's device. Uncompressed exact tensors read on
-        CPU are zero-copy views of the memory-mapped file (copy-on-write)."""
-        rec, parts = self._decoded(name)
-        dtype, shape = rec["dtype"], rec["shape"]
-        if rec["encoding"] == "blockwise":
-            return self._qtensor(rec, parts).dequantize()
-        if rec["encoding"] == "planes":
-            x = from_planes(parts, dtype, shape)
+        CPU are zero-copy views of the memory-mapped file (copy-on-write); the others are
+        decoded range by range straight into the output (formats/stream.py). Quantized
+        tensors read for a GPU travel as codes and are decoded there."""
+        rec = self.record(name)
+        dtype, shape, segments = rec["dtype"], rec["shape"], rec["segments"]
+        if rec["encoding"] == "blockwise" and self.device.type != "cpu":
+            return self._qtensor(rec, self._decoded(rec)).dequantize()
+        if math.prod(shape) == 0 or (rec["encoding"] == "raw" and segments[0][3] == RAW):
+            x = self._decoded(rec)[0].view(dtype).view(shape)
         else:
-            x = parts[0].view(dtype).view(shape)
+            x = self._decode(rec)
         return x if self.device.type == "cpu" else x.to(self.device)
+
+    def _decode(self, rec: dict) -> torch.Tensor:
+        """A non-empty tensor stored as planes, codes or compressed raw bytes, decoded
+        straight into a new CPU tensor, allocated once every size is checked."""
+        name, dtype, segments = rec["name"], rec["dtype"], rec["segments"]
+        try:
+            if rec["encoding"] == "blockwise":
+                absmax = self._segment(segments[1], name).view(torch.float32)
+                self._check_absmax(rec, absmax)
+                segments = segments[:1]
+            sources = [self._source(s, name) for s in segments]
+            out = _fresh(math.prod(rec["shape"]) * dtype.itemsize, torch.uint8)
+            if rec["encoding"] == "planes":
+                width = PLANE_WIDTH[dtype]
+
+                def combine(b0: int, b1: int, planes: list[torch.Tensor]) -> None:
+                    join(planes, out, width, b0, b1)
+
+            elif rec["encoding"] == "blockwise":
+
+                def combine(b0: int, b1: int, bufs: list[torch.Tensor]) -> None:
+                    values = out.view(dtype)[b0:b1]
+                    decoded = values if dtype == torch.float32 else torch.empty(b1 - b0, dtype=torch.float32)
+                    decode_range(
+                        bufs[0][: b1 - b0], absmax, rec["code"], rec["blocksize"], rec["row_length"], b0, decoded
+                    )
+                    if decoded is not values:
+                        values.copy_(decoded)  # rounded as dequantize's .to(dtype)
+
+            else:
+
+                def combine(b0: int, b1: int, bufs: list[torch.Tensor]) -> None:
+                    out[b0:b1] = bufs[0][: b1 - b0]
+
+            decode_ranges(sources, segments[0][2], combine)
+        except FormatError:
+            if os.fstat(self._fd).st_size != self.size:
+                raise  # the file changed under us: its map cannot be read
+            for seg in segments:  # a corrupt file is named as such, as reading a segment whole does
+                if zlib.crc32(memoryview(self._mm)[seg[0] : seg[0] + seg[1]]) != seg[4]:
+                    raise self.error(f"checksum mismatch in segment at {seg[0]} (file corrupt)", name) from None
+            raise
+        if dtype == torch.bool and (problem := bool_problem(out)):
+            raise self.error(problem, name)
+        return out.view(dtype).view(rec["shape"])

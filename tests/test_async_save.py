@@ -106,6 +106,7 @@ def test_a_cancelled_save_writes_nothing(tmp_path, hold_save_thread):
 
 
 def test_snapshot_buffers_are_reused():
+    q8.formats.release_buffers()
     tensors = {"a": torch.randn(1000), "b": torch.randn(10, 10)}
     first = background.Snapshot(tensors)
     pointers = {k: t.data_ptr() for k, t in first.tensors.items()}
