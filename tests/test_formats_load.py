@@ -92,11 +92,11 @@ def test_a_file_truncated_after_opening_is_a_format_error(tmp_path):
 
 
 def test_load_needs_little_more_memory_than_the_data(tmp_path):
-    """Peak resident memory of a fresh process loading 96 MB of fp32: the data plus a few
+    """Peak resident memory of a fresh process loading 128 MB of fp32: the data plus a few
     buffers (range decoding), not data + a decoded copy of every plane (the old 2x). A small
     load first starts the threads and their allocator arenas, a one-time cost."""
     path, warm = tmp_path / "m.q8", tmp_path / "warm.q8"
-    q8.save_file({f"w{i}": torch.randn(2048, 4096) for i in range(3)}, path)
+    q8.save_file({f"w{i}": torch.randn(2048, 4096) for i in range(4)}, path)
     q8.save_file({"w": torch.randn(4 * stream.MIN_RANGE)}, warm)
     code = f"""
         import q8, torch
