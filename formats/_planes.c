@@ -200,8 +200,9 @@ static void huff_quarters(int64_t n, int64_t *start, int64_t *count) {
 }
 
 /* Encode n > 0 bytes into dst (room for n + HUF_MAX_HEADER + 8 bytes); returns the encoded
- * size, or -1 if it would not be smaller than n. */
-static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
+ * size, or -1 if it would not be smaller than limit (<= n; known from the histogram
+ * before any bit is written, where it clearly will not). */
+static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst, int64_t limit) {
     uint64_t hist[256] = {0}, h[256];
     uint32_t part[4][256] = {{0}}; /* four tables: no store-to-load stall on repeated bytes */
     int64_t i = 0;
@@ -227,7 +228,7 @@ static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
     while (!len[last]) last--;
     const int header = 2 + (last - first + 2) / 2 + 12;
     /* an upper bound of the size (each stream pads at most one byte) */
-    if (header + (int64_t)(bits / 8) + 4 >= n) return -1;
+    if (header + (int64_t)(bits / 8) + 4 >= limit) return -1;
     uint32_t code[256];
     huff_codes(len, code);
     dst[0] = (uint8_t)first;
@@ -246,7 +247,7 @@ static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst) {
         }
         size += m;
     }
-    return size < n ? size : -1;
+    return size < limit ? size : -1;
 }
 
 typedef struct {
@@ -342,11 +343,12 @@ static int huff_decode(const uint8_t *src, int64_t size, uint8_t *dst, int64_t n
 
 static PyObject *py_huff_encode(PyObject *self, PyObject *args) {
     unsigned long long src, dst;
-    long long n;
-    if (!PyArg_ParseTuple(args, "KLK", &src, &n, &dst)) return NULL;
+    long long n, limit;
+    if (!PyArg_ParseTuple(args, "KLKL", &src, &n, &dst, &limit)) return NULL;
+    if (limit > n) limit = n;
     int64_t r;
     Py_BEGIN_ALLOW_THREADS
-    r = n > 0 ? huff_encode((const uint8_t *)src, n, (uint8_t *)dst) : -1;
+    r = n > 0 ? huff_encode((const uint8_t *)src, n, (uint8_t *)dst, limit) : -1;
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(r);
 }
@@ -398,7 +400,7 @@ static PyObject *py_crc32_combine(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"plane", py_plane, METH_VARARGS, "plane(src, dst, width, j, i0, i1): byte plane j of components [i0, i1)"},
     {"join", py_join, METH_VARARGS, "join((plane addresses...), dst, width, i0, i1)"},
-    {"huff_encode", py_huff_encode, METH_VARARGS, "huff_encode(src, n, dst) -> size, or < 0 if it does not pay"},
+    {"huff_encode", py_huff_encode, METH_VARARGS, "huff_encode(src, n, dst, limit) -> size, or < 0 if not below limit"},
     {"huff_decode", py_huff_decode, METH_VARARGS, "huff_decode(src, size, dst, n) -> 0, or -1 if malformed"},
     {"crc32_combine", py_crc32_combine, METH_VARARGS, "crc32_combine(crc1, crc2, len2) -> CRC-32 of both pieces"},
     {NULL, NULL, 0, NULL},

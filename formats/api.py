@@ -20,7 +20,8 @@ from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
 from .atomic import TempFile, fsync_dir
 from .background import SaveFuture, Snapshot, submit
-from .container import FormatError, Reader, Writer, _check_str_map, check_storable
+from .container import FormatError, Reader, Writer, _check_str_map, _pool, check_storable
+from .planes import map_all
 from .tree import pack_tree, unpack_tree
 
 __all__ = ["async_save", "async_save_file", "load", "load_file", "safe_open", "save", "save_file", "verify"]
@@ -29,6 +30,7 @@ INDEX_SUFFIX = ".index.json"
 MIN_QUANTIZE_NUMEL = 4096
 """save_file(quantize=True) keeps float tensors smaller than this exact (norms, biases)."""
 
+_LARGE_TENSOR_BYTES = 4 << 20  # read_tensors reads larger tensors one at a time
 Tensors = Mapping[str, "torch.Tensor | QTensor"]
 
 
@@ -296,8 +298,8 @@ class ShardedReader:
     def info(self, name: str) -> dict:
         return self._for(name).info(name)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self._for(name).get_tensor(name)
+    def get_tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        return self._for(name).get_tensor(name, copy=copy)
 
     def get_qtensor(self, name: str) -> QTensor:
         return self._for(name).get_qtensor(name)
@@ -352,7 +354,7 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> di
         >>> tensors = q8.load_file("m.q8")
     """
     with safe_open(path, device) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return read_tensors(f, decode=True)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
@@ -360,18 +362,37 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     `save_file`, the dict of its tensors."""
     with safe_open(path, device) as f:
         if getattr(f, "tree", None) is None:
-            return {name: _load_one(f, name) for name in f.keys()}
+            return read_tensors(f)
         return read_tree(f)
+
+
+def read_tensors(
+    f: Reader | ShardedReader, *, decode: bool = False, copy: bool = False
+) -> dict[str, torch.Tensor | QTensor]:
+    """Every tensor of an open file: quantized ones as QTensors, or decoded with
+    `decode=True`; `copy`: no zero-copy views of the file (state that will be updated in
+    place). Small tensors are read several at a time (their per-tensor costs dominate),
+    large ones one after another, each range by range on several threads (so that the
+    memory beyond the tensors stays a few buffers)."""
+
+    def read(name: str) -> torch.Tensor | QTensor:
+        return _load_one(f, name, decode, copy)
+
+    names = f.keys()
+    small = [name for name in names if f.info(name)["raw_bytes"] < _LARGE_TENSOR_BYTES]
+    loaded = dict(zip(small, map_all(_pool(), read, small), strict=True))
+    return {name: loaded[name] if name in loaded else read(name) for name in names}
 
 
 def read_tree(f: Reader) -> Any:
     """The nested object in the `tree` of an open q8 file, its tensors loaded (each once:
-    tied tensors stay tied). FormatError on a malformed structure."""
-    loaded: dict[str, Any] = {}
+    tied tensors stay tied; all of the file's, several at a time). FormatError on a
+    malformed structure."""
+    loaded = read_tensors(f)
 
     def load_one(name: str) -> Any:
         if name not in loaded:
-            loaded[name] = _load_one(f, name)
+            raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}")
         return loaded[name]
 
     try:
@@ -382,12 +403,10 @@ def read_tree(f: Reader) -> Any:
         raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
 
 
-def _load_one(f: Reader | ShardedReader, name: str) -> torch.Tensor | QTensor:
-    try:
-        encoding = f.info(name)["encoding"]
-    except KeyError:
-        raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}") from None
-    return f.get_qtensor(name) if encoding == "blockwise" else f.get_tensor(name)
+def _load_one(f: Reader | ShardedReader, name: str, decode: bool, copy: bool) -> torch.Tensor | QTensor:
+    if not decode and f.info(name)["encoding"] == "blockwise":
+        return f.get_qtensor(name)
+    return f.get_tensor(name, copy=copy)
 
 
 def verify(path: str | os.PathLike) -> None:

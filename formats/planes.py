@@ -14,8 +14,10 @@ run on `torch.get_num_threads()` threads.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
+from concurrent.futures import Executor, wait
 
 import numpy
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "huffman_encode",
     "huffman_layout",
     "join",
+    "map_all",
 ]
 
 _MIN_PARALLEL = 1 << 20
@@ -42,7 +45,16 @@ MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 12, 24
 def _map(fn, items: list, n: int) -> list:
     """fn over items, on several threads when the work (n bytes) is large enough."""
     workers = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL, len(items)))
-    return [fn(i) for i in items] if workers == 1 else list(_pool(workers).map(fn, items))
+    return [fn(i) for i in items] if workers == 1 else map_all(_pool(workers), fn, items)
+
+
+def map_all(executor: Executor, fn, items: list) -> list:
+    """[fn(item) for item in items] on `executor`. Unlike `executor.map`, an exception is
+    raised only once every call has ended: none still reads a file or writes a buffer that
+    the caller frees or changes as soon as it sees the error."""
+    futures = [executor.submit(fn, item) for item in items]
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -67,25 +79,26 @@ def join(planes: list[torch.Tensor], out: torch.Tensor, width: int, i0: int, i1:
     _planes.join(tuple(p.data_ptr() - i0 for p in planes), out.data_ptr(), width, i0, i1)
 
 
-def huffman_encode(data: torch.Tensor) -> list | None:
+def huffman_encode(data: torch.Tensor, min_saving: float = 0.0) -> list | None:
     """Compression 2 of a flat uint8 tensor, as the buffers to write one after another: u32
     chunk size and u32 encoded size per chunk, then the chunks (each Huffman coded, or
-    stored as is when that is not smaller). None when the whole would not be smaller than
-    the input."""
+    stored as is when coding does not save `min_saving` of it: such chunks are given up
+    after counting their bytes). None when the whole would not be smaller than the input."""
     data = data.contiguous()
     n = data.numel()
     chunks = [(i, min(i + HUFFMAN_CHUNK, n)) for i in range(0, n, HUFFMAN_CHUNK)]
-    encoded = _map(lambda r: _encode_chunk(data, *r), chunks, n)
+    encoded = _map(lambda r: _encode_chunk(data, *r, min_saving), chunks, n)
     sizes = [e.nbytes for e in encoded]
     if 4 + 4 * len(sizes) + sum(sizes) >= n:
         return None
     return [struct.pack(f"<I{len(sizes)}I", HUFFMAN_CHUNK, *sizes), *encoded]
 
 
-def _encode_chunk(data: torch.Tensor, i0: int, i1: int) -> numpy.ndarray:
-    """One chunk, Huffman coded or (when that is not smaller) a view of the input."""
+def _encode_chunk(data: torch.Tensor, i0: int, i1: int, min_saving: float) -> numpy.ndarray:
+    """One chunk, Huffman coded or (when that does not save enough) a view of the input."""
     dst = torch.empty(i1 - i0 + _HUF_MAX_HEADER + 8, dtype=torch.uint8)  # + 8: the encoder's slack
-    size = _planes.huff_encode(data.data_ptr() + i0, i1 - i0, dst.data_ptr())
+    limit = math.ceil((i1 - i0) * (1 - min_saving))
+    size = _planes.huff_encode(data.data_ptr() + i0, i1 - i0, dst.data_ptr(), limit)
     if size == -2:  # pragma: no cover - an encoder bug, never a data property
         raise RuntimeError("q8 Huffman encoder wrote an unexpected size")
     return (data[i0:i1] if size < 0 else dst[:size]).numpy()

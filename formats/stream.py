@@ -26,7 +26,7 @@ import zstandard
 from . import _planes
 from .planes import _map, huffman_decode_chunk, huffman_layout
 
-__all__ = ["HuffmanSource", "RawSource", "ZstdSource", "ZstdStream", "decode_ranges"]
+__all__ = ["HuffmanSource", "RawSource", "ZstdSource", "ZstdStream", "decode_ranges", "pread"]
 
 MIN_RANGE = 1 << 20  # bytes of each segment per range (a power of two)
 

@@ -13,8 +13,10 @@ import json
 import os
 from typing import Any
 
+import torch
+
 from ..codec import CODE_NAMES, QTensor, get_code
-from ..formats import FormatError, Writer, safe_open
+from ..formats import FormatError, Writer, read_tensors, safe_open
 from .optimizer import Optimizer8bit, pack_state
 from .sharded import is_sharded
 
@@ -66,7 +68,7 @@ def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
         groups = [_restore_tuples(saved, group) for saved, group in zip(header["param_groups"], current, strict=False)]
         state: dict[int, dict[str, Any]] = {int(i): {"step": step} for i, step in header["steps"].items()}
         params = [p for group in opt.param_groups for p in group["params"]]
-        for name in f.keys():
+        for name, value in read_tensors(f, copy=True).items():
             parts = name.split(".", 2)
             if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in state:
                 raise FormatError(f"{path}: unexpected tensor {name!r} in an optimizer state file")
@@ -74,7 +76,7 @@ def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
                 raise ValueError(f"{path}: state for parameter {parts[1]}, the optimizer has {len(params)} parameters")
             index, key = int(parts[1]), parts[2]
             try:
-                state[index].update(pack_state({key: _entry(f, name)}, params[index]))
+                state[index].update(pack_state({key: _checked(value)}, params[index]))
             except FormatError:
                 raise
             except (ValueError, TypeError) as err:
@@ -85,14 +87,11 @@ def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: {err}") from None
 
 
-def _entry(f: Any, name: str) -> Any:
-    """One state entry, copied out of the file: a QTensor (table checked to be q8's own) or a tensor."""
-    if f.info(name)["encoding"] != "blockwise":
-        return f.get_tensor(name).clone()
-    qt = f.get_qtensor(name)
-    if qt.code.name not in CODE_NAMES or qt.code != get_code(qt.code.name):
-        raise ValueError(f"8-bit codes use a table {qt.code.name!r} that is not one of q8's {', '.join(CODE_NAMES)}")
-    return QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype, qt.row_length)
+def _checked(value: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
+    """A state entry read from the file; 8-bit codes must index one of q8's own tables."""
+    if isinstance(value, QTensor) and (value.code.name not in CODE_NAMES or value.code != get_code(value.code.name)):
+        raise ValueError(f"8-bit codes use a table {value.code.name!r} that is not one of q8's {', '.join(CODE_NAMES)}")
+    return value
 
 
 def _header(metadata: dict[str, str], path) -> dict:

@@ -6,12 +6,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import q8
 import torch
 from q8.codec.native import decode, decode_range
 from q8.formats import stream
+from q8.formats.planes import map_all
 
 N = 3 * stream.MIN_RANGE + 12345  # several ranges and a partial last one
 
@@ -115,3 +119,20 @@ def test_load_needs_little_more_memory_than_the_data(tmp_path):
     assert result.returncode == 0, result.stderr
     extra, data = map(int, result.stdout.split())
     assert extra <= 1.15 * data, f"{extra / data:.2f}x the data"
+
+
+def test_an_error_is_raised_once_every_parallel_read_has_ended():
+    """A failed tensor must not leave others still reading the file (the caller may delete
+    or rewrite it as soon as it sees the error)."""
+    ended = threading.Event()
+
+    def read(i: int) -> int:
+        if i == 0:
+            raise q8.FormatError("bad")
+        time.sleep(0.3)
+        ended.set()
+        return i
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(q8.FormatError):
+        map_all(pool, read, [0, 1])
+    assert ended.is_set()
