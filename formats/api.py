@@ -19,7 +19,7 @@ import torch
 from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
 from .atomic import TempFile, fsync_dir
-from .background import SaveFuture, Snapshot, submit
+from .background import SaveFuture, save_in_background
 from .container import FormatError, Reader, Writer, _check_str_map, _pool, check_storable
 from .planes import map_all
 from .tree import pack_tree, unpack_tree
@@ -232,9 +232,8 @@ def async_save_file(
         >>> future.result()  # raises if the save failed
     """
     metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
-    snapshot = Snapshot(tensors)
     kwargs = {"quantize": quantize, "code": code, "blocksize": blocksize, "max_shard_size": max_shard_size}
-    return submit(path, lambda: save_file(snapshot.tensors, path, metadata, **kwargs), snapshot)
+    return save_in_background(path, lambda copy: save_file(copy, path, metadata, **kwargs), dict(tensors))
 
 
 def async_save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> SaveFuture:
@@ -246,8 +245,7 @@ def async_save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | 
     """
     tree, tensors = pack_tree(obj)
     metadata = _check_str_map(metadata, "metadata")
-    snapshot = Snapshot(tensors)
-    return submit(path, lambda: write_tree(tree, snapshot.tensors, path, metadata), snapshot)
+    return save_in_background(path, lambda copy: write_tree(tree, copy, path, metadata), tensors)
 
 
 # -- loading -----------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """Saves off the training path: the data is copied now, encoded and written in the background.
 
-`Snapshot` copies tensors (and QTensors' codes + absmax) into host buffers, one copy per
-tensor: CUDA tensors into pinned memory with asynchronous copies and one synchronize per
+`Snapshot` copies tensors (and QTensors' codes + absmax, alone or in nested state) into
+host buffers, one copy per tensor: CUDA tensors into pinned memory with asynchronous copies and one synchronize per
 device. The copy is what a caller waits for (the stall); its buffers come from a pool that
 keeps those of finished saves, so a training loop that saves the same state again and again
 copies into memory that is already mapped (first-touch page faults cost as much as the copy).
 The pool keeps at most as many idle bytes as were ever in flight at once; `release_buffers`
 empties it.
 
-`submit` runs the encode-and-write on one background thread, in submission order, so saves
+`save_in_background` runs the encode-and-write on one background thread, in submission order, so saves
 to the same path land in order; a blocking save to a path waits for the pending background
 saves to it (`wait_for`, called by every atomic save). A failure is set on the returned
 `SaveFuture`; one that nobody reads is logged when the future is collected or when the
@@ -25,13 +25,14 @@ import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from typing import Any
 
 import torch
 
 from ..codec import QTensor
 from ..codec.native import _fresh
 
-__all__ = ["SaveFuture", "Snapshot", "release_buffers", "submit", "wait_all", "wait_for"]
+__all__ = ["SaveFuture", "Snapshot", "release_buffers", "save_in_background", "wait_all", "wait_for"]
 
 logger = logging.getLogger("q8")
 
@@ -117,34 +118,52 @@ def release_buffers() -> None:
 
 
 class Snapshot:
-    """Copies of `tensors` (name -> tensor or QTensor) that later in-place updates of the
-    originals cannot change, on the CPU. `release()` hands the buffers back to the pool."""
+    """A copy of `obj` (tensors and QTensors, alone or in nested dicts, lists and tuples)
+    that later in-place updates of the original cannot change, on the CPU: `value`. Views
+    of the same memory with the same layout (tied weights) share one copy; other values are
+    kept as they are. `release()` hands the buffers back to the pool."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor | QTensor]) -> None:
+    def __init__(self, obj: Any) -> None:
         self._buffers: list[tuple[torch.Tensor, bool]] = []
-        devices: set[torch.device] = set()
-        self.tensors = {name: self._copy(x, devices) for name, x in tensors.items()}
-        for device in devices:  # the asynchronous copies to pinned memory have landed
+        self._copies: dict[tuple, torch.Tensor] = {}
+        self._devices: set[torch.device] = set()
+        self.value = self._copy(obj)
+        for device in self._devices:  # the asynchronous copies to pinned memory have landed
             torch.cuda.current_stream(device).synchronize()
+        del self._copies
 
-    def _copy(self, x: torch.Tensor | QTensor, devices: set) -> torch.Tensor | QTensor:
+    def _copy(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self._tensor(x)
         if isinstance(x, QTensor):
-            codes, absmax = self._copy(x.codes, devices), self._copy(x.absmax, devices)
-            return QTensor(codes, absmax, x.code, x.blocksize, x.shape, x.dtype)
+            codes, absmax = self._tensor(x.codes), self._tensor(x.absmax)
+            return QTensor(codes, absmax, x.code, x.blocksize, x.shape, x.dtype, x.row_length)
+        if isinstance(x, Mapping):
+            return {k: self._copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._copy(v) for v in x) if type(x) in (list, tuple) else x
+        return x
+
+    def _tensor(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
+        if key in self._copies:
+            return self._copies[key]
         x = x.detach()
         if x.device.type not in ("cpu", "cuda"):
-            return x.to("cpu", copy=True)
-        cuda = x.device.type == "cuda"
-        buf = _POOL.take(x.numel() * x.element_size(), pinned=cuda)
-        self._buffers.append((buf, cuda))
-        out = buf.view(x.dtype).view(x.shape)
-        out.copy_(x, non_blocking=cuda)
-        if cuda:
-            devices.add(x.device)
+            out = x.to("cpu", copy=True)
+        else:
+            cuda = x.device.type == "cuda"
+            buf = _POOL.take(x.numel() * x.element_size(), pinned=cuda)
+            self._buffers.append((buf, cuda))
+            out = buf.view(x.dtype).view(x.shape)
+            out.copy_(x, non_blocking=cuda)
+            if cuda:
+                self._devices.add(x.device)
+        self._copies[key] = out
         return out
 
     def release(self) -> None:
-        self.tensors = {}
+        self.value = None
         _POOL.give(self._buffers)
         self._buffers = []
 
@@ -171,9 +190,11 @@ def _executor() -> ThreadPoolExecutor:
     return _EXECUTOR
 
 
-def submit(path: str | os.PathLike, write: Callable[[], None], snapshot: Snapshot) -> SaveFuture:
-    """Run `write()` (which saves `snapshot` to `path`) on the background save thread, after
-    every save submitted before it; the snapshot's buffers go back to the pool afterwards."""
+def save_in_background(path: str | os.PathLike, save: Callable[[Any], None], obj: Any = None) -> SaveFuture:
+    """Copy the tensors of `obj` now (`Snapshot`), then call `save(copy)`, which writes
+    `path`, on the background save thread after every save submitted before it; the copy's
+    buffers go back to the pool afterwards."""
+    snapshot = Snapshot(obj)
     key, future = _key(path), SaveFuture(os.fspath(path))
     with _LOCK:
         _PENDING.setdefault(key, []).append(future)
@@ -184,7 +205,7 @@ def submit(path: str | os.PathLike, write: Callable[[], None], snapshot: Snapsho
         if future.set_running_or_notify_cancel():
             _IN_SAVE_THREAD.active = True
             try:
-                write()
+                save(snapshot.value)
             except BaseException as e:  # handed to the caller through the future
                 error = e
             finally:

@@ -23,7 +23,7 @@ def hold_save_thread():
     """Keep the save thread busy until the returned event is set, so that the saves
     submitted meanwhile wait in the queue (everything a test does happens before them)."""
     gate = threading.Event()
-    blocker = background.submit(os.devnull, gate.wait, background.Snapshot({}))
+    blocker = background.save_in_background(os.devnull, lambda _: gate.wait())
     yield gate
     gate.set()
     blocker.result()
@@ -109,11 +109,11 @@ def test_snapshot_buffers_are_reused():
     q8.formats.release_buffers()
     tensors = {"a": torch.randn(1000), "b": torch.randn(10, 10)}
     first = background.Snapshot(tensors)
-    pointers = {k: t.data_ptr() for k, t in first.tensors.items()}
+    pointers = {k: t.data_ptr() for k, t in first.value.items()}
     first.release()
     second = background.Snapshot(tensors)
-    assert {k: t.data_ptr() for k, t in second.tensors.items()} == pointers
-    assert all(torch.equal(second.tensors[k], tensors[k]) for k in tensors)
+    assert {k: t.data_ptr() for k, t in second.value.items()} == pointers
+    assert all(torch.equal(second.value[k], tensors[k]) for k in tensors)
     second.release()
     assert background._POOL._free_bytes == 4000 + 400
     q8.formats.release_buffers()
@@ -171,3 +171,17 @@ def test_a_process_killed_mid_save_leaves_the_previous_file(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # the killed save's temporary file
     q8.save_file({"w": torch.ones(1000)}, tmp_path / "m.q8")  # removes it
     assert [p.name for p in tmp_path.iterdir()] == ["m.q8"]
+
+
+def test_a_snapshot_copies_nested_state_and_keeps_ties():
+    w = torch.randn(10)
+    obj = {"a": w, "b": w.detach(), "l": [w[:5], (1, "x")], "q": q8.quantize(torch.randn(4096), row_length=64)}
+    snapshot = background.Snapshot(obj)
+    copy = snapshot.value
+    assert copy["a"] is copy["b"] and copy["a"].data_ptr() != w.data_ptr()  # tied: one copy
+    assert copy["l"][1] == (1, "x") and copy["q"].row_length == 64
+    expected = w.clone()
+    w.zero_()
+    obj["l"].append(3)
+    assert torch.equal(copy["a"], expected) and torch.equal(copy["l"][0], expected[:5]) and len(copy["l"]) == 2
+    snapshot.release()
