@@ -27,7 +27,7 @@ from .formats import (
     save_file,
     verify,
 )
-from .optim import load_optimizer, save_optimizer
+from .optim import async_save_optimizer, load_optimizer, save_optimizer
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "__version__",
     "async_save",
     "async_save_file",
+    "async_save_optimizer",
     "dequantize",
     "dynamic_code",
     "linear_code",

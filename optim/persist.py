@@ -1,8 +1,9 @@
 """`save_optimizer` / `load_optimizer`: a q8 optimizer's state in one q8 container file.
 
-Streaming, parameter by parameter: every 8-bit state entry is written as the QTensor it is
-(codes + absmax, no second rounding), every fp32 entry losslessly, one tensor at a time
-through `q8.Writer`; loading reads one tensor at a time through `q8.safe_open`. Tensor
+Every 8-bit state entry is written as the QTensor it is (codes + absmax, no second
+rounding), every fp32 entry losslessly, through `q8.save_file` (or `q8.async_save_file`:
+`async_save_optimizer` returns once the state is copied); loading reads them through
+`q8.formats.read_tensors` (small tensors several at a time). Tensor
 names are `state.<index>.<entry>` (the index of `state_dict()`); the parameter groups, step
 counts and the optimizer class travel as JSON in the metadata key `q8.optimizer`.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from ..codec import CODE_NAMES, QTensor, get_code
-from ..formats import FormatError, Writer, read_tensors, safe_open
+from ..formats import FormatError, SaveFuture, async_save_file, read_tensors, safe_open, save_file
 from .optimizer import Optimizer8bit, pack_state
 from .sharded import is_sharded
 
@@ -31,10 +32,32 @@ def save_optimizer(opt: Optimizer8bit, path: str | os.PathLike, metadata: dict[s
     Example:
         >>> q8.save_optimizer(opt, "opt.q8")
     """
+    tensors, metadata = _state_file(opt, metadata, "save_optimizer")
+    save_file(tensors, path, metadata)
+
+
+def async_save_optimizer(
+    opt: Optimizer8bit, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> SaveFuture:
+    """`save_optimizer` in the background (`q8.async_save_file`): returns once the state is
+    copied (8-bit entries as codes + absmax), so the next `opt.step()` may run at once.
+
+    Example:
+        >>> future = q8.async_save_optimizer(opt, "opt.q8")
+        >>> opt.step()  # the file is written meanwhile
+        >>> future.result()
+    """
+    tensors, metadata = _state_file(opt, metadata, "async_save_optimizer")
+    return async_save_file(tensors, path, metadata)
+
+
+def _state_file(opt: Optimizer8bit, metadata: dict[str, str] | None, caller: str) -> tuple[dict, dict[str, str]]:
+    """The tensors (`state.<index>.<entry>`, the live state, not copied) and metadata of
+    `opt`'s state file; the metadata (groups, steps) is taken now."""
     if not isinstance(opt, Optimizer8bit):
-        raise TypeError(f"save_optimizer expects a q8.optim optimizer, got {type(opt).__name__}")
+        raise TypeError(f"{caller} expects a q8.optim optimizer, got {type(opt).__name__}")
     if any(is_sharded(p) for p in opt.state):
-        raise ValueError("save_optimizer: sharded (DTensor) state is saved with torch.distributed.checkpoint")
+        raise ValueError(f"{caller}: sharded (DTensor) state is saved with torch.distributed.checkpoint")
     sd = opt.state_dict()  # references to the live state, no copy
     index_of = {id(p): i for g, sg in zip(opt.param_groups, sd["param_groups"], strict=True)
                 for p, i in zip(g["params"], sg["params"], strict=True)}  # fmt: skip
@@ -42,12 +65,12 @@ def save_optimizer(opt: Optimizer8bit, path: str | os.PathLike, metadata: dict[s
         header = json.dumps({"format": FORMAT, "class": type(opt).__name__, "param_groups": sd["param_groups"],
                              "steps": {str(i): s["step"] for i, s in sd["state"].items()}})  # fmt: skip
     except TypeError as err:
-        raise TypeError(f"save_optimizer: parameter groups must hold JSON-serializable values ({err})") from None
-    with Writer(path, metadata={**(metadata or {}), METADATA_KEY: header}) as writer:
-        for p, state in opt.state.items():
-            for key, value in state.items():
-                if key != "step":
-                    writer.add(f"state.{index_of[id(p)]}.{key}", value)
+        raise TypeError(f"{caller}: parameter groups must hold JSON-serializable values ({err})") from None
+    tensors = {
+        f"state.{index_of[id(p)]}.{key}": value for p, state in opt.state.items() for key, value in state.items()
+        if key != "step"
+    }  # fmt: skip
+    return tensors, {**(metadata or {}), METADATA_KEY: header}
 
 
 def load_optimizer(opt: Optimizer8bit, path: str | os.PathLike) -> None:
