@@ -16,7 +16,6 @@ import os
 import struct
 import sys
 import weakref
-import zlib
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..codec.layout import num_blocks
 from ..codec.native import _fresh, decode_range
 from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
-from .planes import byte_plane, huffman_decode, huffman_encode, join
+from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join
 from .stream import HuffmanSource, RawSource, ZstdSource, ZstdStream, decode_ranges, pread
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
@@ -285,7 +284,7 @@ class Writer:
         self._write(b"\0" * (-self._pos % ALIGN))
         offset = self._pos
         self._write(blob)
-        self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
+        self._write(FOOTER.pack(offset, len(blob), crc32(blob), FORMAT_VERSION, MAGIC))
         f = self._file
         try:
             f.flush()
@@ -332,7 +331,7 @@ def bool_problem(data: torch.Tensor) -> str | None:
 def _crc32(pieces: list) -> int:
     crc = 0
     for piece in pieces:
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
     return crc
 
 
@@ -413,7 +412,7 @@ class Reader:
         if length > MAX_INDEX_BYTES or offset != self.data_end or offset < HEADER.size or offset % ALIGN:
             raise self.error(f"index at {offset} (+{length} bytes) does not fit a {self.size}-byte file")
         blob = self._mm[offset : offset + length]  # a copy: the checked bytes cannot change under us
-        if zlib.crc32(blob) != crc:
+        if crc32(blob) != crc:
             raise self.error("index checksum mismatch (file corrupt)")
         self._index = blob
         try:
@@ -630,11 +629,11 @@ class Reader:
         if owned and compression == RAW:
             out = torch.empty(raw, dtype=torch.uint8)
             pread(self._fd, out, offset, lambda msg: self.error(msg, name))
-            if zlib.crc32(out.numpy()) != crc:
+            if crc32(out.numpy()) != crc:
                 raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
             return out
         view = memoryview(self._mm)[offset : offset + stored]
-        if zlib.crc32(view) != crc:
+        if crc32(view) != crc:
             raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
         if raw == 0:
             return torch.empty(0, dtype=torch.uint8)
@@ -663,7 +662,7 @@ class Reader:
             return HuffmanSource(self._fd, seg, error)
         offset, stored, raw, _, crc = seg
         view = memoryview(self._mm)[offset : offset + stored]
-        if zlib.crc32(view) != crc:
+        if crc32(view) != crc:
             raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
         return ZstdSource(self._zstd_stream(view, raw, name))
 
@@ -755,7 +754,7 @@ class Reader:
             if os.fstat(self._fd).st_size != self.size:
                 raise  # the file changed under us: its map cannot be read
             for seg in segments:  # a corrupt file is named as such, as reading a segment whole does
-                if zlib.crc32(memoryview(self._mm)[seg[0] : seg[0] + seg[1]]) != seg[4]:
+                if crc32(memoryview(self._mm)[seg[0] : seg[0] + seg[1]]) != seg[4]:
                     raise self.error(f"checksum mismatch in segment at {seg[0]} (file corrupt)", name) from None
             raise
         if dtype == torch.bool and (problem := bool_problem(out)):

@@ -6,6 +6,9 @@ in the lowest bit; byte j of every component is gathered into plane j (a writer 
 the planes one at a time: its extra memory is one plane, not a copy of the tensor). Only the exponent
 plane compresses, and grouping it lets an entropy coder see it alone.
 
+`crc32`: the format's checksum (zlib's CRC-32), 5x zlib's speed where the CPU has
+carry-less multiplies; `_planes.crc32_combine` joins the CRCs of pieces checksummed apart.
+
 `huffman_encode` / `huffman_decode`: compression 2, canonical Huffman per 1 MiB chunk,
 within about 1% of the order-0 entropy (zstd's literal coder lands about 10% above it on
 exponent planes, and is several times slower). The loops are compiled (`_planes.c`) and
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor, wait
 
@@ -28,6 +32,7 @@ from . import _planes
 __all__ = [
     "HUFFMAN_CHUNK",
     "byte_plane",
+    "crc32",
     "huffman_decode",
     "huffman_decode_chunk",
     "huffman_encode",
@@ -37,6 +42,9 @@ __all__ = [
 ]
 
 _MIN_PARALLEL = 1 << 20
+
+crc32 = _planes.crc32 if _planes.CRC_CLMUL else zlib.crc32
+"""crc32(data, crc=0): zlib.crc32's value (the format's checksum), with PCLMULQDQ on x86-64."""
 HUFFMAN_CHUNK = 1 << 20
 _HUF_MAX_HEADER = 142
 MIN_CHUNK_LOG2, MAX_CHUNK_LOG2 = 12, 24

@@ -17,14 +17,13 @@ are done (the output is then dropped).
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 
 import torch
 import zstandard
 
 from . import _planes
-from .planes import _map, huffman_decode_chunk, huffman_layout
+from .planes import _map, crc32, huffman_decode_chunk, huffman_layout
 
 __all__ = ["HuffmanSource", "RawSource", "ZstdSource", "ZstdStream", "decode_ranges", "pread"]
 
@@ -51,7 +50,7 @@ class _Checksummed:
         self._pieces: dict[int, tuple[int, int]] = {}  # position -> (crc, length)
 
     def add(self, pos: int, data: torch.Tensor) -> None:
-        self._pieces[pos] = (zlib.crc32(data.numpy()), data.numel())
+        self._pieces[pos] = (crc32(data.numpy()), data.numel())
 
     def check(self, offset: int) -> None:
         crc, end = 0, 0

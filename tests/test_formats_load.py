@@ -8,13 +8,14 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import q8
 import torch
 from q8.codec.native import decode, decode_range
-from q8.formats import stream
+from q8.formats import _planes, stream
 from q8.formats.planes import map_all
 
 N = 3 * stream.MIN_RANGE + 12345  # several ranges and a partial last one
@@ -136,3 +137,16 @@ def test_an_error_is_raised_once_every_parallel_read_has_ended():
     with ThreadPoolExecutor(2) as pool, pytest.raises(q8.FormatError):
         map_all(pool, read, [0, 1])
     assert ended.is_set()
+
+
+def test_crc32_is_zlibs_and_pieces_combine():
+    """The format's checksum: zlib's CRC-32 for every length, alignment and starting value (the
+    carry-less-multiply bulk, the byte loop around it), and CRCs of pieces join into the whole's."""
+    data = bytes(torch.randint(0, 256, (70_000,), generator=torch.Generator().manual_seed(3), dtype=torch.uint8))
+    for n in [*range(0, 200), 1023, 4096, 65_537]:
+        for offset in (0, 1, 7):
+            piece = memoryview(data)[offset : offset + n]
+            assert _planes.crc32(piece) == zlib.crc32(piece) and _planes.crc32(piece, 99) == zlib.crc32(piece, 99)
+    for cut in (0, 1, 100, 69_999, 70_000):
+        a, b = data[:cut], data[cut:]
+        assert _planes.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
