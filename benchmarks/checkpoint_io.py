@@ -168,9 +168,10 @@ def fresh_load(kind: str, path: Path, sd: dict[str, torch.Tensor]) -> dict:
     layout = json.dumps({k: (str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in sd.items()})
     runs = []
     for _ in range(REPEATS):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", kind, str(path), layout], capture_output=True, text=True, check=True
-        )
+        command = [sys.executable, __file__, "--child", kind, str(path), layout]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"loading {path} with {kind} failed:\n{out.stderr[-3000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     pick = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
     return {**pick, "extra": max(r["extra"] for r in runs)}  # median time, worst memory
@@ -250,6 +251,7 @@ def main() -> None:
         folder = Path(d)
         print(f"\n1. save stall, {len(sd)} fp32 tensors, {raw / 1e9:.3f} GB (load average {load_average()})")
         stalls = save_stalls(sd, folder)
+        q8.formats.release_buffers()
         print(f"{'contender':34} {'stall s':>8} {'done s':>8}")
         for name, stall, done in stalls:
             print(f"{name:34} {stall:>8.3f} {done:>8.3f}")
