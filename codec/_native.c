@@ -56,6 +56,40 @@ static int64_t decode_blocks(const void *job, int64_t b0, int64_t b1) {
     return -1;
 }
 
+typedef struct {
+    const float *x, *absmax, *table;
+    const uint8_t *codes;
+    q8_layout layout;
+    double *err2, *ref2;
+    float *max_abs;
+} error_job;
+
+/* Per block: sum of (x - decoded)^2 and of x^2 in binary64, and max |x - decoded|, where
+ * decoded = table[code] * absmax is the fp32 value q8_decode_block produces. One pass,
+ * no decoded copy: how q8 measures the error of a candidate encoding. */
+static int64_t error_blocks(const void *job, int64_t b0, int64_t b1) {
+    const error_job *e = job;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t len;
+        const int64_t start = q8_block_start(&e->layout, b, &len);
+        const float m = e->absmax[b];
+        double err2 = 0.0, ref2 = 0.0;
+        float worst = 0.0f;
+        for (int64_t i = start; i < start + len; i++) {
+            const float y = e->table[e->codes[i]] * m;
+            const double d = (double)e->x[i] - (double)y;
+            const float ad = (float)fabs(d);
+            err2 += d * d;
+            ref2 += (double)e->x[i] * (double)e->x[i];
+            worst = ad > worst ? ad : worst;
+        }
+        e->err2[b] = err2;
+        e->ref2[b] = ref2;
+        e->max_abs[b] = worst;
+    }
+    return -1;
+}
+
 /* The layout arguments the block loops divide by: a block range is only ever non-empty when
  * row_length >= 1 (the caller passes an empty range for an empty tensor). */
 static int check_layout(long long row_length, long long blocksize) {
@@ -101,6 +135,23 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_block_errors(PyObject *self, PyObject *args) {
+    unsigned long long x, codes, absmax, table, err2, ref2, max_abs;
+    long long row_length, blocksize, b0, b1;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLKKKi", &x, &codes, &absmax, &table, &row_length, &blocksize, &b0,
+                          &b1, &err2, &ref2, &max_abs, &threads))
+        return NULL;
+    if (!check_layout(row_length, blocksize)) return NULL;
+    const error_job job = {(const float *)x, (const float *)absmax, (const float *)table,
+                           (const uint8_t *)codes, q8_make_layout(row_length, blocksize), (double *)err2,
+                           (double *)ref2, (float *)max_abs};
+    Py_BEGIN_ALLOW_THREADS
+    q8_parallel_blocks(error_blocks, &job, b0, b1, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* Ask Linux to back a fresh output buffer with transparent huge pages (2 MiB). Writing a
  * new 64 MiB tensor otherwise takes 16384 first-touch page faults, which cost more than
  * decoding into it. Only whole huge pages inside the buffer are advised; the advice is a
@@ -121,6 +172,8 @@ static PyMethodDef methods[] = {
      "encode(x, row_length, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads) -> first bad "
      "block or -1"},
     {"decode", py_decode, METH_VARARGS, "decode(codes, absmax, table, row_length, blocksize, b0, b1, out, threads)"},
+    {"block_errors", py_block_errors, METH_VARARGS,
+     "block_errors(x, codes, absmax, table, row_length, blocksize, b0, b1, err2, ref2, max_abs, threads)"},
     {"advise_hugepages", py_advise_hugepages, METH_VARARGS,
      "advise_hugepages(address, nbytes): hint that a fresh buffer be backed by huge pages"},
     {NULL, NULL, 0, NULL},

@@ -263,10 +263,18 @@ class QuantError(NamedTuple):
 def quant_error(x: torch.Tensor, approx: torch.Tensor | QTensor) -> QuantError:
     """Error of `approx` (a tensor, or a QTensor decoded here) against `x`, summed in fp64.
 
-    Measured a million elements at a time, so a large tensor never has a decoded or fp64
+    A CPU QTensor is measured in one compiled pass per block, without a decoded copy;
+    otherwise a million elements at a time, so a large tensor never has a decoded or fp64
     copy of itself in memory (`code="auto"` and q8convert measure every candidate)."""
     if tuple(approx.shape) != tuple(x.shape):
         raise ValueError(f"quant_error: shapes differ, {tuple(x.shape)} vs {tuple(approx.shape)}")
+    if isinstance(approx, QTensor) and approx.device.type == "cpu" and x.device.type == "cpu":
+        from . import native
+
+        err2, ref2, max_abs = native.block_errors(
+            _flat_fp32(x), approx.codes, approx.absmax, approx.code, approx.blocksize, approx.row_length
+        )
+        return _error(float(err2.sum()), float(ref2.sum()), float(max_abs.max()) if max_abs.numel() else 0.0)
     flat, n = x.detach().reshape(-1), x.numel()
     if isinstance(approx, QTensor):
         # Chunks of whole blocks (flat layout) or whole rows (row layout).
@@ -294,6 +302,11 @@ def quant_error(x: torch.Tensor, approx: torch.Tensor | QTensor) -> QuantError:
         diff.sub_(ref)
         err2 += float(diff.dot(diff))
         max_abs = max(max_abs, float(diff.abs_().max()))
+    return _error(err2, ref2, max_abs)
+
+
+def _error(err2: float, ref2: float, max_abs: float) -> QuantError:
+    """QuantError from the sums of squared errors and of squared reference values."""
     if err2 == 0.0:
         return QuantError(0.0, max_abs, math.inf)
     err, norm = math.sqrt(err2), math.sqrt(ref2)

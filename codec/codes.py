@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 from fractions import Fraction
 
 import torch
@@ -112,10 +113,17 @@ def dynamic_code(signed: bool = True) -> Code:
     return _named("dynamic" if signed else "udynamic")
 
 
-def linear_code(signed: bool = True) -> Code:
+def linear_code(signed: bool = True, levels: int | None = None) -> Code:
     """Evenly spaced code. Signed: k/127 for k = -128..127 (0 and +-1 exact); unsigned:
-    k/255 for k = 0..255."""
-    return _named("linear" if signed else "ulinear")
+    k/255 for k = 0..255.
+
+    `levels` (at most 127 signed, 255 unsigned) makes a coarser table, k/levels for the
+    same k, named "linear-<levels>" ("ulinear-<levels>"): a block uses only the entries in
+    [-1, 1], so its step is absmax/levels. Fewer levels mean a larger error and codes that
+    entropy-code smaller; q8convert's target search picks among them.
+    """
+    name = "linear" if signed else "ulinear"
+    return _named(name if levels is None else f"{name}-{levels}")
 
 
 @functools.cache
@@ -132,11 +140,15 @@ def _named(name: str) -> Code:
             if signed:
                 parts.append(-scaled)
         return Code(name, torch.cat(parts).sort().values)
-    if name == "linear":
-        return Code(name, torch.arange(-128, 128, dtype=torch.float64) / 127)
-    if name == "ulinear":
-        return Code(name, torch.arange(0, 256, dtype=torch.float64) / 255)
-    raise ValueError(f"unknown code name {name!r}; expected one of {CODE_NAMES}")
+    linear = re.fullmatch(r"(u?)linear(?:-([1-9][0-9]{0,2}))?", name)
+    top = 255 if linear and linear[1] else 127
+    if linear and int(linear[2] or top) <= top:
+        first = 0 if linear[1] else -128
+        return Code(name, torch.arange(first, first + 256, dtype=torch.float64) / int(linear[2] or top))
+    raise ValueError(
+        f"unknown code name {name!r}; expected one of {CODE_NAMES}, or linear-N / ulinear-N "
+        "(N levels, at most 127 / 255)"
+    )
 
 
 CODE_NAMES = ("dynamic", "udynamic", "linear", "ulinear")

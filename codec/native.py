@@ -145,3 +145,27 @@ def decode_range(
         out.data_ptr() - 4 * e0, 1,
     )  # fmt: skip
     by_element(start(b1) if b1 < absmax.numel() else e1, e1)
+
+
+def block_errors(
+    x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int, row_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of a contiguous 1-D fp32 `x` and its encoding (laid out as `encode` makes
+    it): (sum of squared errors, sum of x^2) as float64 and max |error| as float32, one
+    pass without a decoded copy."""
+    n, nblocks = x.numel(), absmax.numel()
+    err2, ref2 = torch.empty(nblocks, dtype=torch.float64), torch.empty(nblocks, dtype=torch.float64)
+    max_abs = torch.empty(nblocks, dtype=torch.float32)
+    if nblocks == 0:
+        return err2, ref2, max_abs
+    table = code.values
+
+    def run(b0: int, b1: int, threads: int) -> int:
+        _native.block_errors(
+            x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), row_length, blocksize, b0, b1,
+            err2.data_ptr(), ref2.data_ptr(), max_abs.data_ptr(), threads,
+        )  # fmt: skip
+        return -1
+
+    _run_blocks(run, nblocks, n)
+    return err2, ref2, max_abs

@@ -14,7 +14,7 @@ from .api import (
     verify,
 )
 from .background import SaveFuture, release_buffers
-from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer
+from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer, code_nbytes, stored_nbytes
 from .dtypes import DTYPES
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Writer",
     "async_save",
     "async_save_file",
+    "code_nbytes",
     "load",
     "load_file",
     "read_tensors",
@@ -36,5 +37,6 @@ __all__ = [
     "safe_open",
     "save",
     "save_file",
+    "stored_nbytes",
     "verify",
 ]

@@ -104,17 +104,22 @@ static PyObject *py_join(PyObject *self, PyObject *args) {
 
 typedef struct { uint64_t freq; int sym; int parent; } hnode;
 
-/* Huffman code lengths of the histogram (at least two symbols present). */
-static int huff_lengths(const uint64_t *hist, uint8_t *len) {
-    hnode nodes[512];
-    int leaves[256], nleaves = 0;
-    for (int s = 0; s < 256; s++) if (hist[s]) leaves[nleaves++] = s;
-    /* sort leaves by frequency (insertion sort, 256 at most) */
-    for (int i = 1; i < nleaves; i++) {
-        int s = leaves[i], j = i;
+/* The present symbols in order of non-decreasing frequency (then symbol); their count. */
+static int huff_leaves(const uint64_t *hist, int *leaves) {
+    int n = 0;
+    for (int s = 0; s < 256; s++) if (hist[s]) leaves[n++] = s;
+    for (int i = 1; i < n; i++) { /* insertion sort, 256 at most */
+        const int s = leaves[i];
+        int j = i;
         while (j > 0 && hist[leaves[j - 1]] > hist[s]) { leaves[j] = leaves[j - 1]; j--; }
         leaves[j] = s;
     }
+    return n;
+}
+
+/* Huffman code lengths of the histogram, given its sorted leaves (at least two). */
+static int huff_lengths(const uint64_t *hist, const int *leaves, int nleaves, uint8_t *len) {
+    hnode nodes[512];
     for (int i = 0; i < nleaves; i++) {
         nodes[i].freq = hist[leaves[i]]; nodes[i].sym = leaves[i]; nodes[i].parent = -1;
     }
@@ -142,6 +147,41 @@ static int huff_lengths(const uint64_t *hist, uint8_t *len) {
         if (d > maxlen) maxlen = d;
     }
     return maxlen;
+}
+
+/* Optimal code lengths of at most `maxlen` bits (package-merge, Larmore & Hirschberg 1990),
+ * for when the Huffman code is longer: only the rare symbols' codes change, where scaling
+ * the histogram down until the Huffman code fits would coarsen every symbol's. `leaves`:
+ * the n >= 2 present symbols in order of non-decreasing frequency; 2^maxlen >= n.
+ *
+ * Level maxlen's list is the leaves; the list of each level above merges the leaves with
+ * the packages (sums of consecutive pairs) of the list below, a leaf first on equal weight.
+ * The 2n - 2 cheapest items of the top list are taken; a package taken at one level takes
+ * the two items below it, so the items taken in each level's list are a prefix of it, and
+ * a symbol's length is the number of levels at which its leaf is taken. */
+static void huff_limited_lengths(const uint64_t *hist, const int *leaves, int n, int maxlen, uint8_t *len) {
+    uint64_t weight[HUF_MAXLEN][512];
+    int nleaf[HUF_MAXLEN][512], size[HUF_MAXLEN]; /* nleaf: leaves among an item and those before */
+    for (int level = maxlen - 1; level >= 0; level--) {
+        const int below = level + 1 < maxlen ? size[level + 1] / 2 : 0; /* packages from below */
+        int i = 0, k = 0, m = 0;
+        while (i < n || k < below) {
+            const uint64_t pack = k < below ? weight[level + 1][2 * k] + weight[level + 1][2 * k + 1] : 0;
+            const int leaf = i < n && (k >= below || hist[leaves[i]] <= pack);
+            weight[level][m] = leaf ? hist[leaves[i]] : pack;
+            nleaf[level][m] = i + leaf;
+            if (leaf) i++;
+            else k++;
+            m++;
+        }
+        size[level] = m;
+    }
+    memset(len, 0, 256);
+    for (int level = 0, take = 2 * n - 2; level < maxlen && take > 0; level++) {
+        const int leaves_taken = nleaf[level][take - 1];
+        for (int i = 0; i < leaves_taken; i++) len[leaves[i]]++;
+        take = 2 * (take - leaves_taken); /* each package taken takes two items below */
+    }
 }
 
 static void huff_codes(const uint8_t *len, uint32_t *code) {
@@ -219,8 +259,9 @@ static int64_t huff_encode(const uint8_t *src, int64_t n, uint8_t *dst, int64_t 
     memcpy(h, hist, sizeof h);
     if (present == 1) h[(only + 1) & 255] = 1; /* a complete code needs two symbols */
     uint8_t len[256];
-    while (huff_lengths(h, len) > HUF_MAXLEN)
-        for (int s = 0; s < 256; s++) if (h[s]) h[s] = (h[s] >> 1) | 1;
+    int leaves[256];
+    const int nleaves = huff_leaves(h, leaves);
+    if (huff_lengths(h, leaves, nleaves, len) > HUF_MAXLEN) huff_limited_lengths(h, leaves, nleaves, HUF_MAXLEN, len);
     uint64_t bits = 0;
     for (int s = 0; s < 256; s++) bits += hist[s] * len[s];
     int first = 0, last = 255;

@@ -35,7 +35,7 @@ from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join
 from .stream import HuffmanSource, RawSource, ZstdSource, ZstdStream, decode_ranges, pread
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
 
 MAGIC = b"\x89Q8F\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -193,20 +193,20 @@ class Writer:
         x = x.detach().cpu().contiguous()
         if x.dtype == torch.bool and (problem := bool_problem(x)):
             raise ValueError(f"{self.path}: tensor {name!r}: {problem}")
-        record = {"dtype": dtype_name(x.dtype), "shape": list(x.shape)}
-        width = PLANE_WIDTH.get(x.dtype)
-        if width and x.numel() >= _PLANES_MIN_NUMEL:
-            planes = (byte_plane(x, width, j) for j in range(width))  # one at a time
-            return {**record, "encoding": "planes", "segments": self._segments(planes)}
-        data = x.reshape(-1).view(torch.uint8)
-        return {**record, "encoding": "raw", "segments": self._segments([data])}
+        encoding, parts = _exact_parts(x)
+        return {
+            "dtype": dtype_name(x.dtype),
+            "shape": list(x.shape),
+            "encoding": encoding,
+            "segments": self._segments(parts),
+        }
 
     def _add_qtensor(self, name: str, qt: QTensor) -> dict:
         if problem := blockwise_problem(qt.absmax, qt.code, qt.dtype):
             raise ValueError(f"{self.path}: QTensor {name!r}: {problem}")
         qt = qt.to("cpu")
         code = self._codes.setdefault(qt.code, len(self._codes))
-        segments = self._segments([qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)])
+        segments = self._segments(_blockwise_parts(qt))
         record = {"dtype": dtype_name(qt.dtype), "shape": list(qt.shape), "encoding": "blockwise"}
         if qt.row_length != qt.numel():  # rows cut blocks: a reader that does not know rows must refuse it
             record.update(encoding=ROW_BLOCKWISE, row_length=qt.row_length)
@@ -230,33 +230,7 @@ class Writer:
         return out
 
     def _encode_segment(self, part: torch.Tensor) -> tuple[list, int, int]:
-        """(buffers to store, raw length, compression): the smallest of raw, Huffman and
-        zstd that saves at least 10%. Huffman (fast) is tried first; zstd only where Huffman
-        does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
-        raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
-        n = raw.nbytes
-        best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
-        if n >= _MIN_COMPRESS_BYTES:
-            packed = huffman_encode(part, _MIN_SAVING)
-            if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
-                best, best_size, compression = packed, size, HUFFMAN
-            if best_size < n / 4 if compression == HUFFMAN else self._zstd_pays(raw):
-                packed = self._zstd(raw)
-                if len(packed) <= best_size:
-                    best, compression = [packed], ZSTD
-        return best, n, compression
-
-    def _zstd(self, data) -> bytes:
-        return zstandard.ZstdCompressor(level=self._level, write_content_size=True, threads=self._threads).compress(
-            data
-        )
-
-    def _zstd_pays(self, raw: memoryview) -> bool:
-        n = raw.nbytes
-        if n <= 4 * _ZSTD_PROBE:
-            return True
-        probe = b"".join(raw[i : i + _ZSTD_PROBE] for i in (0, n // 2, n - _ZSTD_PROBE))
-        return len(self._zstd(probe)) <= len(probe) * (1 - _MIN_SAVING)
+        return _encode_segment(part, self._level, self._threads)
 
     def set_q8_metadata(self, key: str, value: str) -> None:
         """q8's own metadata (kept apart from the user's), e.g. what wrote the file."""
@@ -274,7 +248,7 @@ class Writer:
 
         index = {
             "tensors": self._records,
-            "codes": [{"name": c.name, "values": c.values.numpy().tobytes()} for c in self._codes],
+            "codes": [_code_entry(c) for c in self._codes],
             "metadata": self._metadata,
             "q8": {"writer": f"q8 {__version__}", **self._q8_meta},
         }
@@ -326,6 +300,76 @@ def bool_problem(data: torch.Tensor) -> str | None:
     if data.numel() and bool((data.view(torch.uint8) > 1).any()):
         return "bool tensor holds bytes other than 0 and 1"
     return None
+
+
+def _exact_parts(x: torch.Tensor) -> tuple[str, Iterable[torch.Tensor]]:
+    """The encoding of an exact contiguous CPU tensor and its segments' bytes: `planes` for
+    floats of at least 1024 elements (made one plane at a time), `raw` otherwise."""
+    width = PLANE_WIDTH.get(x.dtype)
+    if width and x.numel() >= _PLANES_MIN_NUMEL:
+        return "planes", (byte_plane(x, width, j) for j in range(width))
+    return "raw", [x.reshape(-1).view(torch.uint8)]
+
+
+def _blockwise_parts(qt: QTensor) -> list[torch.Tensor]:
+    return [qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)]
+
+
+def _encode_segment(part: torch.Tensor, level: int, threads: int) -> tuple[list, int, int]:
+    """(buffers to store, raw length, compression): the smallest of raw, Huffman and
+    zstd that saves at least 10%. Huffman (fast) is tried first; zstd only where Huffman
+    does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
+    raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
+    n = raw.nbytes
+    best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
+    if n >= _MIN_COMPRESS_BYTES:
+        packed = huffman_encode(part, _MIN_SAVING)
+        if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
+            best, best_size, compression = packed, size, HUFFMAN
+        if best_size < n / 4 if compression == HUFFMAN else _zstd_pays(raw, level, threads):
+            packed = _zstd(raw, level, threads)
+            if len(packed) <= best_size:
+                best, compression = [packed], ZSTD
+    return best, n, compression
+
+
+def _zstd(data, level: int, threads: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads).compress(data)
+
+
+def _zstd_pays(raw: memoryview, level: int, threads: int) -> bool:
+    n = raw.nbytes
+    if n <= 4 * _ZSTD_PROBE:
+        return True
+    probe = b"".join(raw[i : i + _ZSTD_PROBE] for i in (0, n // 2, n - _ZSTD_PROBE))
+    return len(_zstd(probe, level, threads)) <= len(probe) * (1 - _MIN_SAVING)
+
+
+def _code_entry(code: Code) -> dict:
+    return {"name": code.name, "values": code.values.numpy().tobytes()}
+
+
+def code_nbytes(code: Code) -> int:
+    """Bytes a code table adds to the index of a file that does not hold it yet (each
+    table is stored once per file, whatever the number of tensors using it)."""
+    return len(msgpack.packb(_code_entry(code), use_bin_type=True))
+
+
+def stored_nbytes(x: torch.Tensor | QTensor, level: int = 1) -> int:
+    """Bytes the data segments of `x` take in a q8 file (what `Writer.add` stores for it,
+    compressed where that pays; alignment padding and the index not counted), without
+    writing anything. A QTensor as it is, a tensor exactly."""
+    if isinstance(x, QTensor):
+        parts = _blockwise_parts(x.to("cpu"))
+    else:
+        check_storable(x, "stored_nbytes: x")
+        parts = _exact_parts(x.detach().cpu().contiguous())[1]
+    threads = max(1, torch.get_num_threads())
+    total = 0
+    for part in parts:
+        pieces, _, _ = _encode_segment(part, level, threads)
+        total += sum(memoryview(p).nbytes for p in pieces)
+    return total
 
 
 def _crc32(pieces: list) -> int:

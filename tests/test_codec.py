@@ -65,6 +65,25 @@ def test_linear_tables():
     assert torch.equal(q8.linear_code(signed=False).values, (torch.arange(256, dtype=torch.float64) / 255).float())
 
 
+def test_coarser_linear_tables():
+    """linear-N: k/N for the same k; a block uses the 2N+1 entries in [-1, 1], so its step
+    is absmax/N and fewer levels give a larger error and fewer distinct codes."""
+    assert q8.linear_code(levels=64) == get_code("linear-64")
+    assert get_code("linear-64").values[128 + 64] == 1.0 and get_code("ulinear-100").values[100] == 1.0
+    assert torch.equal(get_code("linear-90").values, (torch.arange(-128, 128, dtype=torch.float64) / 90).float())
+    assert get_code("linear-127") != get_code("linear")  # same values, another name
+    for bad in ("linear-0", "linear-128", "ulinear-256", "linear-", "linear-090", "linear-x", "dynamic-3"):
+        with pytest.raises(ValueError, match="unknown code name"):
+            get_code(bad)
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for levels in (127, 64, 16):
+        qt = q8.quantize(x, q8.linear_code(levels=levels), 256)
+        assert int(qt.codes.min()) >= 128 - levels and int(qt.codes.max()) == 128 + levels
+        errors.append(q8.quant_error(x, qt).rel_l2)
+    assert errors == sorted(errors) and errors[2] > 6 * errors[0]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_thresholds_split_ties_to_the_lower_entry(name):
     code = get_code(name)
@@ -300,6 +319,17 @@ def test_quant_error_is_chunked_fp64():
             err = q8.quant_error(x, approx)
             assert err.rel_l2 == pytest.approx(expected, rel=1e-9) and 0 < err.rel_l2 < 0.02
             assert err.max_abs == float(diff.abs().max())
+
+
+def test_quant_error_of_a_qtensor_is_against_its_fp32_decoding():
+    """The compiled per-block pass (CPU QTensors, flat or in rows) gives the error of the
+    fp32 decoding, for half inputs too, and agrees with measuring the decoded tensor."""
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(3, 1000, generator=g) * 0.02).to(dtype)
+        for qt in (q8.quantize(x, "linear", 128), q8.quantize(x, "dynamic", 64, row_length=1000)):
+            got, ref = q8.quant_error(x, qt), q8.quant_error(x.float(), qt.dequantize(torch.float32))
+            assert got.rel_l2 == pytest.approx(ref.rel_l2, rel=1e-12) and got.max_abs == ref.max_abs
 
 
 def test_quant_error_measures():

@@ -109,6 +109,28 @@ def test_code_tables_stored_once(tmp_path):
     assert len(index["codes"]) == 1 and all(r["code"] == 0 for r in index["tensors"])
 
 
+def test_stored_nbytes_and_code_nbytes_predict_the_file(tmp_path):
+    """What q8convert's search ranks options by: the bytes the writer stores for a tensor
+    (compressed where it pays) and for a new code table, without writing."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "q": q8.quantize(torch.randn(300, 700, generator=g) * 0.02, q8.linear_code(levels=90), 256),
+        "zeros": q8.quantize(torch.zeros(50_000), "dynamic", 64),  # zstd-coded codes
+        "w": torch.randn(20_000, generator=g),  # planes
+        "ids": torch.arange(500),  # raw
+    }
+    q8.save_file(tensors, tmp_path / "m.q8")
+    with q8.safe_open(tmp_path / "m.q8") as f:
+        for k, t in tensors.items():
+            assert q8.formats.stored_nbytes(t) == f.info(k)["stored_bytes"], k
+    blob = (tmp_path / "m.q8").read_bytes()
+    offset, length = FOOTER.unpack_from(blob, len(blob) - FOOTER.size)[:2]
+    entries = msgpack.unpackb(blob[offset : offset + length])["codes"]
+    assert [e["name"] for e in entries] == ["linear-90", "dynamic"]
+    for entry, code in zip(entries, (q8.linear_code(levels=90), q8.dynamic_code()), strict=True):
+        assert len(msgpack.packb(entry, use_bin_type=True)) == q8.formats.code_nbytes(code)
+
+
 def test_writer_streams_metadata_and_extra(tmp_path):
     path = tmp_path / "m.q8"
     with q8.Writer(path, metadata={"step": "7"}) as w:
@@ -467,6 +489,34 @@ def test_huffman_round_trip_and_corruption():
         assert isinstance(huffman_decode(memoryview(packed)[:-1], x.numel()), str)
         assert isinstance(huffman_decode(memoryview(packed), 8 * len(packed) + 1), str)  # cannot hold it
     assert huffman_encode(torch.randint(0, 256, (10_000,), dtype=torch.uint8, generator=g)) is None
+
+
+def _optimal_limited_bits(hist: list[int], maxlen: int = 11) -> int:
+    """The fewest bits any prefix code with lengths <= maxlen spends on `hist`, by the
+    coin collector's problem: each symbol is a coin of every denomination 2^-1..2^-maxlen
+    (its frequency is its cost); the cheapest coins worth n - 1 in total give the lengths."""
+    coins = sorted(f for f in hist if f)
+    items = [(f, 1) for f in coins]  # (cost, leaves inside) at the deepest level
+    for _ in range(maxlen - 1):
+        packages = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(items[::2], items[1::2], strict=False)]
+        items = sorted([(f, 1) for f in coins] + packages, key=lambda item: item[0])
+    return sum(cost for cost, _ in items[: 2 * len(coins) - 2])
+
+
+def test_huffman_code_lengths_are_optimal_within_the_limit():
+    """Where the Huffman code needs more than 11 bits, the lengths are the best ones of at
+    most 11 bits (package-merge), not those of a flattened histogram."""
+    from q8.formats.planes import huffman_encode
+
+    torch.manual_seed(3)
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((1 << 20,)) * 12  # tails that want 14-bit codes
+    x = (laplace.round().clamp(-127, 127) + 128).to(torch.uint8)
+    chunk = bytes(memoryview(huffman_encode(x)[1]).cast("B"))
+    first, last = chunk[0], chunk[1]
+    lengths = [(chunk[2 + k // 2] >> (4 * (k & 1))) & 15 for k in range(last - first + 1)]
+    hist = torch.bincount(x.long(), minlength=256).tolist()
+    assert max(lengths) == 11
+    assert sum(hist[first + k] * n for k, n in enumerate(lengths)) == _optimal_limited_bits(hist)
 
 
 def test_exponent_planes_use_huffman(tmp_path):

@@ -2,7 +2,7 @@
 
     q8convert SRC -o DST          convert (file or folder); see `q8convert --help`
     q8convert decode SRC -o DST   back to safetensors / a Hugging Face folder / optimizer.pt
-    q8convert info FILE [--json]  per tensor: shape, dtype, encoding, bytes, ratio, error
+    q8convert info FILE [--json] [--plot PNG]  per tensor: encoding, bytes, error, why; the trade-off drawn
     q8convert verify FILE         every checksum; exit code 1 if one fails
 
 Everything is written into a temporary folder next to DST and renamed into place at the
@@ -43,7 +43,8 @@ from .checkpoints import (
     safetensors_name,
     write_safetensors,
 )
-from .policy import Decision, Policy
+from .plot import PlotUnavailable, plot_tradeoff
+from .policy import DEFAULT_TARGET_ERROR, Decision, Policy
 from .state import from_container, to_container
 
 __all__ = [
@@ -65,12 +66,13 @@ INDEX_SUFFIX = ".index.json"
 EXAMPLES = """\
 examples:
   q8convert ./checkpoint-500 -o ./checkpoint-500.q8       # a Trainer checkpoint folder
-  q8convert model.safetensors -o model.q8 --blocksize 256
+  q8convert model.safetensors -o model.q8 --target-error 0.005   # per tensor: smallest within 0.5%
+  q8convert model.safetensors -o model.q8 --blocksize 256   # no target: every tensor at 256
   q8convert model.safetensors.index.json -o model.q8 --max-shard-size 2GB
   q8convert pytorch_model.bin -o model.q8 --keep 'lm_head.*' --max-error 0.01
   q8convert model.safetensors -o model.q8 --lossless      # exact, compressed only
   q8convert decode ./checkpoint-500.q8 -o ./checkpoint-500-restored
-  q8convert info model.q8 [--json]
+  q8convert info model.q8 [--json] [--plot tradeoff.png]
   q8convert verify model.q8
 
 exit codes: 0 ok; 1 a q8 file is corrupt (verify, decode, info); 2 bad arguments;
@@ -182,12 +184,13 @@ def _convert_weights(
 ) -> list[Decision]:
     """Stream tensors through the policy into `out` (None: dry run)."""
     writer = ShardedWriter(out, metadata, args.max_shard_size) if out else None
-    decisions = []
+    decisions, held = [], set()
     try:
         for ref in refs:
             bar.set_postfix_str(ref.name[-40:], refresh=False)
-            stored, d = policy.apply(ref.name, ref.load(), "")  # the fp32 original is freed once quantized
-            d.stored_bytes = stored.nbytes
+            stored, d = policy.apply(ref.name, ref.load(), "", held)  # the fp32 original is freed once quantized
+            if d.stored_bytes is None:  # the target search measured it compressed already
+                d.stored_bytes = stored.nbytes
             if writer:
                 writer.add(ref.name, stored, d.extra())
             decisions.append(d)
@@ -273,7 +276,18 @@ def cmd_convert(args) -> int:
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
     dst = Path(args.output) if args.output else _default_output(src)
-    policy = Policy(args.lossless, args.blocksize, args.code, tuple(args.keep), args.max_error)
+    target = args.target_error
+    if target is None and args.code is None and args.blocksize is None:
+        target = DEFAULT_TARGET_ERROR  # for weights: Adam moments keep their tables at blocksize 2048
+    policy = Policy(
+        args.lossless,
+        args.blocksize,
+        args.code,
+        tuple(args.keep),
+        args.max_error,
+        target,
+        args.target_error is not None,
+    )
     bar_args = {"unit": "B", "unit_scale": True, "disable": args.quiet or args.json or None, "leave": False}
     if args.dry_run:
         results, copies = _run_convert(src, None, policy, args, bar_args)
@@ -352,7 +366,7 @@ def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> Non
     if copies:
         print(f"carried over unchanged: {', '.join(copies)}")
     if args.dry_run:
-        print(f"dry run: nothing written (would write {dst}; stored sizes above are before lossless compression)")
+        print(f"dry run: nothing written (would write {dst}; sizes above: exact tensors before compression)")
     else:
         print(f"wrote {dst}")
 
@@ -456,6 +470,14 @@ def cmd_info(args) -> int:
     per_file = {str(p): _info_rows(p) for p in files}
     raw = sum(r["raw_bytes"] for rows in per_file.values() for r in rows)
     stored = sum(r["stored_bytes"] for rows in per_file.values() for r in rows)
+    if args.plot:
+        try:
+            drawn = plot_tradeoff([r for rows in per_file.values() for r in rows], Path(args.plot), path.name)
+        except PlotUnavailable as e:
+            print(f"q8convert: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if not args.json:
+            print(f"wrote {args.plot}: {drawn} tensors, stored bits per element against relative L2 error")
     if args.json:
         totals = {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None}
         print(json.dumps({"files": per_file, "totals": totals}, indent=2))
@@ -465,13 +487,16 @@ def cmd_info(args) -> int:
         table = []
         for r in rows:
             ratio = f"{r['raw_bytes'] / r['stored_bytes']:.2f}x" if r["stored_bytes"] else "-"
+            bits = f"{8 * r['stored_bytes'] / math.prod(r['shape']):.2f}" if math.prod(r["shape"]) else "-"
             err = f"{r['rel_l2']:.2e}" if r["rel_l2"] is not None else ""
             enc = f"{r['encoding']} {r['code']}/{r['blocksize']}" if r["code"] else r["encoding"]
             if r["row_length"] is not None and r["row_length"] != math.prod(r["shape"]):
                 enc += f", rows of {r['row_length']}"  # blocks restart at every row (docs/CODEC.md)
             shape = "x".join(map(str, r["shape"])) or "scalar"
-            table.append((r["name"], shape, r["dtype"], enc, r["stored_bytes"], ratio, err))
-        print(_table(table, ("tensor", "shape", "dtype", "encoding", "stored bytes", "ratio", "rel L2")))
+            why = r["extra"].get("q8convert", "")
+            table.append((r["name"], shape, r["dtype"], enc, r["stored_bytes"], ratio, bits, err, why))
+        header = ("tensor", "shape", "dtype", "encoding", "stored bytes", "ratio", "bits", "rel L2", "why")
+        print(_table(table, header))
     print(
         f"total: {len(files)} file(s), {_fmt_bytes(raw)} -> {_fmt_bytes(stored)} ({raw / stored:.2f}x)"
         if stored
@@ -545,18 +570,36 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     convert.add_argument("src", help=".safetensors, *.index.json, .pt/.bin, or a Hugging Face model/Trainer folder")
     convert.add_argument("-o", "--output", help="destination (default: SRC with .q8)")
     convert.add_argument("--lossless", action="store_true", help="keep every tensor exact (lossless compression only)")
-    convert.add_argument("--blocksize", type=_blocksize, default=2048, help="elements per block (default 2048)")
+    convert.add_argument(
+        "--target-error",
+        type=_fraction,
+        metavar="E",
+        help="per tensor, the smallest encoding (code table, blocksize, or exact) whose relative L2 error is <= E; "
+        "one no option reaches gets the lowest-error one (or exact, if smaller). Default: "
+        f"{DEFAULT_TARGET_ERROR:g} for weights (Adam moments then keep their dynamic tables at blocksize 2048), "
+        "unless --code or --blocksize is given alone",
+    )
+    convert.add_argument(
+        "--blocksize",
+        type=_blocksize,
+        help="elements per block: with a target, the only blocksize tried; alone, every tensor at this blocksize "
+        "with the table of lowest error (the default without a target: 2048)",
+    )
     convert.add_argument(
         "--code",
         choices=("auto", "dynamic", "linear"),
-        default="auto",
-        help="table for weights; auto: lowest measured error per tensor (default)",
+        help="tables for weights: with a target, the only family tried (linear: 127 levels down to 8); alone, "
+        "that table at one blocksize (auto: the lower-error of dynamic and linear)",
     )
     convert.add_argument(
         "--keep", action="append", default=[], metavar="GLOB", help="keep tensors whose name matches exact (repeatable)"
     )
     convert.add_argument(
-        "--max-error", type=_fraction, metavar="X", help="keep a tensor exact if its relative L2 error would exceed X"
+        "--max-error",
+        type=_fraction,
+        metavar="X",
+        help="keep a tensor exact if the error of the encoding chosen would exceed X (a hard limit; "
+        "the target is a soft one)",
     )
     convert.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="split the weights, e.g. 5GB")
     convert.add_argument("--dry-run", action="store_true", help="decide and measure everything, write nothing")
@@ -580,11 +623,17 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     info = argparse.ArgumentParser(
         prog="q8convert info",
         description="Per tensor: shape, dtype, encoding, bytes, ratio, error.",
-        epilog="example:\n  q8convert info model.q8 --json",
+        epilog="examples:\n  q8convert info model.q8 --json\n  q8convert info model.q8 --plot tradeoff.png",
         formatter_class=fmt,
     )
     info.add_argument("file", help="a .q8 file, *.q8.index.json or folder")
     info.add_argument("--json", action="store_true")
+    info.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="draw each quantized tensor's stored bits per element against its relative L2 error, by layer "
+        "(needs matplotlib: pip install 'q8[plot]')",
+    )
     info.set_defaults(func=cmd_info)
 
     verify = argparse.ArgumentParser(

@@ -175,6 +175,10 @@ def section_checkpoint_io() -> None:
 
 def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
     print("== q8convert: a safetensors checkpoint into q8 and back (in-process: q8.tools.convert.main) ==")
+    import contextlib
+    import io
+    import json
+
     from q8.tools.convert import main as q8convert
     from safetensors.torch import load_file, save_file
 
@@ -182,15 +186,36 @@ def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
     with tempfile.TemporaryDirectory() as d:
         src, dst, back = Path(d) / "model.safetensors", Path(d) / "model.q8", Path(d) / "restored.safetensors"
         save_file(weights, src, metadata={"format": "pt"})
-        print(f"$ q8convert model.safetensors -o model.q8 --blocksize 256   ({src.stat().st_size:,} bytes in)")
-        q8convert([str(src), "-o", str(dst), "--blocksize", "256"])
+        print(f"$ q8convert model.safetensors -o model.q8   ({src.stat().st_size:,} bytes in; default --target-error)")
+        q8convert([str(src), "-o", str(dst)])
         print("$ q8convert verify model.q8")
         q8convert(["verify", str(dst)])
         print("$ q8convert decode model.q8 -o restored.safetensors")
         q8convert(["decode", str(dst), "-o", str(back)])
         restored = load_file(back)
         worst = max(q8.quant_error(x, restored[k]).rel_l2 for k, x in weights.items())
-        print(f"restored {len(restored)} tensors with safetensors; worst relative L2 error {worst:.2e}\n")
+        print(f"restored {len(restored)} tensors with safetensors; worst relative L2 error {worst:.2e}")
+        print("the size/error trade-off: per tensor the smallest encoding within --target-error E")
+        rows = []
+        settings = [("--code auto (one blocksize, 2048)", ["--code", "auto"])]
+        settings += [(f"--target-error {e:g}", ["--target-error", str(e)]) for e in (0.005, 0.009, 0.02)]
+        for label, argv in settings:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                q8convert([str(src), "-o", str(dst), "--overwrite", "--json", *argv])
+            report = json.loads(out.getvalue())["files"][0]["tensors"]
+            worst = max(t["rel_l2"] for t in report)
+            size = dst.stat().st_size
+            rows.append((label, f"{size:,}", f"{src.stat().st_size / size:.2f}x", f"{worst:.2e}"))
+        print(_table(rows, ("q8convert model.safetensors -o model.q8", "bytes", "ratio", "worst rel L2")))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                q8convert(["info", str(dst), "--plot", str(Path(d) / "tradeoff.png")])
+            print(
+                "q8convert info model.q8 --plot tradeoff.png: drew each tensor's bits per element against its error\n"
+            )
+        except ImportError:
+            print("(q8convert info --plot needs matplotlib: pip install 'q8[plot]')\n")
 
 
 def section_distributed(tensors: dict[str, torch.Tensor]) -> None:

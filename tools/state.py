@@ -66,6 +66,7 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
     `where` names the source file in errors.
     """
     decisions: list[Decision] = []
+    held: set[q8.Code] = set()  # the code tables the file will hold
 
     def walk(x: Any, path: str, key: str) -> Any:
         if isinstance(x, torch.Tensor):
@@ -73,8 +74,9 @@ def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decisi
                 d = Decision(path, tuple(x.shape), str(x.dtype).removeprefix("torch."), "exact", "", x.nbytes)
                 d.reason, stored = "bitsandbytes 32-bit state", x
             else:
-                stored, d = policy.apply(path, x, key)
-            d.stored_bytes = stored.nbytes
+                stored, d = policy.apply(path, x, key, held)
+            if d.stored_bytes is None:  # the target search measured it compressed already
+                d.stored_bytes = stored.nbytes
             decisions.append(d)
             return stored
         if isinstance(x, dict):
