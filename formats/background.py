@@ -27,10 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+import numpy
 import torch
 
 from ..codec import QTensor
-from ..codec.native import _fresh
 
 __all__ = ["SaveFuture", "Snapshot", "release_buffers", "save_in_background", "wait_all", "wait_for"]
 
@@ -87,9 +87,7 @@ class _BufferPool:
             if free:
                 self._free_bytes -= nbytes
                 return free.pop()
-        if pinned:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        return _fresh(nbytes, torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
 
     def give(self, buffers: list[tuple[torch.Tensor, bool]]) -> None:
         with self._lock:
@@ -148,7 +146,7 @@ class Snapshot:
         key = (x.device, x.data_ptr(), x.dtype, tuple(x.shape), x.stride())
         if key in self._copies:
             return self._copies[key]
-        x = x.detach()
+        x = x.detach().resolve_conj().resolve_neg()
         if x.device.type not in ("cpu", "cuda"):
             out = x.to("cpu", copy=True)
         else:
@@ -156,7 +154,10 @@ class Snapshot:
             buf = _POOL.take(x.numel() * x.element_size(), pinned=cuda)
             self._buffers.append((buf, cuda))
             out = buf.view(x.dtype).view(x.shape)
-            out.copy_(x, non_blocking=cuda)
+            if cuda or not x.is_contiguous():
+                out.copy_(x, non_blocking=cuda)
+            else:  # one memcpy on this thread: no OpenMP team to start (slow on a busy machine)
+                numpy.copyto(buf.numpy(), x.reshape(-1).view(torch.uint8).numpy())
             if cuda:
                 self._devices.add(x.device)
         self._copies[key] = out

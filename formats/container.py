@@ -29,7 +29,7 @@ import zstandard
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
 from ..codec.layout import num_blocks
-from ..codec.native import _fresh, decode_range
+from ..codec.native import decode_range
 from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join
@@ -770,7 +770,7 @@ class Reader:
                 self._check_absmax(rec, absmax)
                 segments = segments[:1]
             sources = [self._source(s, name) for s in segments]
-            out = _fresh(math.prod(rec["shape"]) * dtype.itemsize, torch.uint8)
+            out = torch.empty(math.prod(rec["shape"]) * dtype.itemsize, dtype=torch.uint8)
             if rec["encoding"] == "planes":
                 width = PLANE_WIDTH[dtype]
 
@@ -791,7 +791,7 @@ class Reader:
             else:
 
                 def combine(b0: int, b1: int, bufs: list[torch.Tensor]) -> None:
-                    out[b0:b1] = bufs[0][: b1 - b0]
+                    out.numpy()[b0:b1] = bufs[0].numpy()[: b1 - b0]  # a memcpy on this thread
 
             decode_ranges(sources, segments[0][2], combine)
         except FormatError:
