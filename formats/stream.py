@@ -17,6 +17,7 @@ are done (the output is then dropped).
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Callable
 
 import torch
@@ -173,26 +174,41 @@ Source = RawSource | ZstdSource
 def decode_ranges(sources: list[Source], n: int, combine: Callable[[int, int, list[torch.Tensor]], None]) -> None:
     """Decode bytes [0, n) of every source (segments of n bytes each) range by range into
     per-range buffers and call `combine(b0, b1, buffers)` for each range, on several
-    threads; then check every source (checksums, zstd ends)."""
+    threads; then check every source (checksums, zstd ends).
+
+    Without zstd sources the ranges flow through the threads with no barrier, each thread
+    taking a free set of buffers; a zstd frame only decodes in order, so then the calling
+    thread decodes it for a batch of ranges (one per thread) before the batch runs."""
     step = max(MIN_RANGE, *(s.granule for s in sources))  # powers of two: a multiple of each
     ranges = [(b, min(b + step, n)) for b in range(0, n, step)]
     workers = max(1, min(torch.get_num_threads(), len(ranges)))
     size = min(step, n)
-    slots = [[torch.empty(size, dtype=torch.uint8) for _ in sources] for _ in range(workers)]
-    for start in range(0, len(ranges), workers):
-        batch = ranges[start : start + workers]
-        for j, source in enumerate(sources):
-            if source.sequential:
-                for (b0, b1), bufs in zip(batch, slots, strict=False):
-                    source.fill(b0, b1, bufs[j])
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):  # at most `workers` ranges run at once: a set never waits
+        free.put([torch.empty(size, dtype=torch.uint8) for _ in sources])
 
-        def work(k: int, batch: list = batch) -> None:
-            b0, b1 = batch[k]
-            for j, source in enumerate(sources):
+    def work(r: tuple[int, int], bufs: list[torch.Tensor] | None = None) -> None:
+        b0, b1 = r
+        mine = bufs or free.get()
+        try:
+            for source, buf in zip(sources, mine, strict=True):
                 if not source.sequential:
-                    source.fill(b0, b1, slots[k][j])
-            combine(b0, b1, slots[k])
+                    source.fill(b0, b1, buf)
+            combine(b0, b1, mine)
+        finally:
+            if bufs is None:
+                free.put(mine)
 
-        _map(work, list(range(len(batch))), sum(b1 - b0 for b0, b1 in batch) * len(sources))
+    sequential = [j for j, s in enumerate(sources) if s.sequential]
+    if not sequential:
+        _map(work, ranges, n * len(sources))
+    else:
+        sets = [free.get() for _ in range(workers)]
+        for start in range(0, len(ranges), workers):
+            batch = ranges[start : start + workers]
+            for j in sequential:
+                for (b0, b1), bufs in zip(batch, sets, strict=False):
+                    sources[j].fill(b0, b1, bufs[j])
+            _map(lambda k, batch=batch: work(batch[k], sets[k]), list(range(len(batch))), len(batch) * step)
     for source in sources:
         source.check()
