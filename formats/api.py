@@ -373,13 +373,16 @@ def read_tensors(
     large ones one after another, each range by range on several threads (so that the
     memory beyond the tensors stays a few buffers)."""
 
-    def read(name: str) -> torch.Tensor | QTensor:
-        return _load_one(f, name, decode, copy)
+    info = {name: f.info(name) for name in f.keys()}
 
-    names = f.keys()
-    small = [name for name in names if f.info(name)["raw_bytes"] < _LARGE_TENSOR_BYTES]
+    def read(name: str) -> torch.Tensor | QTensor:
+        if not decode and info[name]["encoding"] == "blockwise":
+            return f.get_qtensor(name)
+        return f.get_tensor(name, copy=copy)
+
+    small = [name for name, i in info.items() if i["raw_bytes"] < _LARGE_TENSOR_BYTES]
     loaded = dict(zip(small, map_all(_pool(), read, small), strict=True))
-    return {name: loaded[name] if name in loaded else read(name) for name in names}
+    return {name: loaded[name] if name in loaded else read(name) for name in info}
 
 
 def read_tree(f: Reader) -> Any:
@@ -399,12 +402,6 @@ def read_tree(f: Reader) -> Any:
         raise
     except Exception as e:
         raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
-
-
-def _load_one(f: Reader | ShardedReader, name: str, decode: bool, copy: bool) -> torch.Tensor | QTensor:
-    if not decode and f.info(name)["encoding"] == "blockwise":
-        return f.get_qtensor(name)
-    return f.get_tensor(name, copy=copy)
 
 
 def verify(path: str | os.PathLike) -> None:
