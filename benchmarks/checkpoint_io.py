@@ -44,18 +44,7 @@ import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from formats import fsynced, state_dict, touch
-
-REPEATS = 3
-
-
-def median_s(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from formats import REPEATS, fsynced, median_s, state_dict, touch
 
 
 def load_average() -> str:
@@ -226,7 +215,7 @@ def optimizer_round_trip(folder: Path) -> list[tuple[str, float, float]]:
         ("q8.save_optimizer / q8.load_optimizer", median_s(lambda: q8.save_optimizer(opt, qf)), 0.0),
         ("q8.async_save_optimizer (stall)", stall, 0.0),
     ]
-    t_load, q_load = median_s(torch_load, 2 * REPEATS), median_s(lambda: q8.load_optimizer(opt, qf), 2 * REPEATS)
+    t_load, q_load = median_s(torch_load), median_s(lambda: q8.load_optimizer(opt, qf))
     rows[0], rows[2] = (rows[0][0], rows[0][1], t_load), (rows[2][0], rows[2][1], q_load)
     sizes = {"optimizer.pt": pt.stat().st_size, "optimizer.q8": qf.stat().st_size}
     print("files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
