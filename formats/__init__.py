@@ -6,16 +6,19 @@ from .api import (
     async_save,
     async_save_file,
     load,
+    load_bytes,
     load_file,
     read_tensors,
     safe_open,
     save,
+    save_bytes,
     save_file,
     verify,
 )
 from .background import SaveFuture, release_buffers
 from .container import FORMAT_VERSION, MAGIC, FormatError, Reader, Writer, code_nbytes, stored_nbytes
 from .dtypes import DTYPES
+from .model import load_model, save_model
 
 __all__ = [
     "DTYPES",
@@ -31,12 +34,16 @@ __all__ = [
     "async_save_file",
     "code_nbytes",
     "load",
+    "load_bytes",
     "load_file",
+    "load_model",
     "read_tensors",
     "release_buffers",
     "safe_open",
     "save",
+    "save_bytes",
     "save_file",
+    "save_model",
     "stored_nbytes",
     "verify",
 ]

@@ -35,7 +35,7 @@ from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
 from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join
 from .stream import HuffmanSource, RawSource, ZstdSource, ZstdStream, decode_ranges, pread
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "BytesWriter", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
 
 MAGIC = b"\x89Q8F\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -244,6 +244,22 @@ class Writer:
         """Write index and footer, fsync, and atomically rename onto `path`."""
         if self._file is None:
             self._open()
+        self._finish()
+        f = self._file
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
+            fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._discard.detach()
+        self._file = self._tmp = None
+        f.close()
+
+    def _finish(self) -> None:
+        """Write the index and the footer after the data."""
         from .. import __version__
 
         index = {
@@ -259,24 +275,33 @@ class Writer:
         offset = self._pos
         self._write(blob)
         self._write(FOOTER.pack(offset, len(blob), crc32(blob), FORMAT_VERSION, MAGIC))
-        f = self._file
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
-            fsync_dir(self.path.parent)
-        except BaseException:
-            self.abort()
-            raise
-        self._discard.detach()
-        self._file = self._tmp = None
-        f.close()
 
     def abort(self) -> None:
         """Drop the temporary file; the previous file at `path`, if any, is untouched."""
         if self._file is not None:
             self._file = self._tmp = None
             self._discard()
+
+
+class BytesWriter(Writer):
+    """A `Writer` that builds the file in memory: `close()` returns its bytes (`q8.save_bytes`)."""
+
+    def __init__(self, metadata: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__("<bytes>", metadata, **kwargs)
+
+    def _open(self) -> None:
+        self._file = io.BytesIO()
+        self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+
+    def close(self) -> bytes:
+        if self._file is None:
+            self._open()
+        self._finish()
+        data, self._file = self._file.getvalue(), None
+        return data
+
+    def abort(self) -> None:
+        self._file = None
 
 
 def blockwise_problem(absmax: torch.Tensor, code: Code, dtype: torch.dtype) -> str | None:
@@ -407,17 +432,27 @@ class Reader:
     """Random access to one q8 file: validates header, footer and index on open; reads
     and checks only the segments of the tensor asked for. Use through `q8.safe_open`."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, path: str | os.PathLike, device: str | torch.device = "cpu", *, data: bytes | None = None
+    ) -> None:
+        """Open file `path`, or with `data`, a q8 file held in memory (`path` names it in errors)."""
         self.path = Path(path)
         self.device = torch.device(device)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # for pread: decoding reads ranges
-        self._close_fd = weakref.finalize(self, os.close, self._fd)
+        self._fd = None  # for pread: decoding reads ranges (a file in memory is read from it)
         self._mm = None
         try:
-            self.size = os.fstat(self._fd).st_size
-            if self.size < HEADER.size + FOOTER.size:
-                raise self.error(f"file too short for a q8 file ({self.size} bytes)")
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+            if data is not None:
+                self._mm = bytearray(data)  # a writable copy, as the copy-on-write map of a file
+                self.size = len(self._mm)
+                if self.size < HEADER.size + FOOTER.size:
+                    raise self.error(f"too short for a q8 file ({self.size} bytes)")
+            else:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._close_fd = weakref.finalize(self, os.close, self._fd)
+                self.size = os.fstat(self._fd).st_size
+                if self.size < HEADER.size + FOOTER.size:
+                    raise self.error(f"file too short for a q8 file ({self.size} bytes)")
+                self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
             self._parse()
         except BaseException:
             self.close()
@@ -431,7 +466,8 @@ class Reader:
         """Drop the map and the file; zero-copy tensors keep the map alive (they hold
         references) until freed."""
         self._mm = None
-        self._close_fd()
+        if self._fd is not None:
+            self._close_fd()
 
     def __enter__(self) -> Reader:
         return self
@@ -633,10 +669,27 @@ class Reader:
     # - tensors -
 
     def keys(self) -> list[str]:
+        """Tensor names in the order they were written, which is their order in the file."""
         return list(self._where)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names by position in the file (safetensors' `offset_keys`): `keys()`."""
+        return self.keys()
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get_slice(self, name: str):
+        """A `q8.formats.slicing.TensorSlice` of tensor `name`: index it to read part of it."""
+        from .slicing import TensorSlice  # it builds on this module
+
+        return TensorSlice(self, name)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -672,7 +725,7 @@ class Reader:
         offset, stored, raw, compression, crc = seg
         if owned and compression == RAW:
             out = torch.empty(raw, dtype=torch.uint8)
-            pread(self._fd, out, offset, lambda msg: self.error(msg, name))
+            self._read(out, offset, name)
             if crc32(out.numpy()) != crc:
                 raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
             return out
@@ -694,16 +747,38 @@ class Reader:
         zstd.finish()
         return out
 
+    def segment_bytes(self, seg: tuple[int, int, int, int, int], start: int, stop: int, name: str) -> torch.Tensor:
+        """Bytes [start, stop) of one segment's raw content. Uncompressed: a zero-copy view
+        of the map, so only those bytes are read, and the segment's checksum, which covers
+        all of it, is not checked. Compressed: the whole segment is checked and decoded."""
+        offset, _, raw, compression, _ = seg
+        if not 0 <= start <= stop <= raw:
+            raise ValueError(f"bytes [{start}, {stop}) outside a segment of {raw} bytes")
+        if stop == start:
+            return torch.empty(0, dtype=torch.uint8)
+        if compression == RAW:
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=stop - start, offset=offset + start)
+        return self._segment(seg, name)[start:stop]
+
+    def _read(self, out: torch.Tensor, offset: int, name: str) -> None:
+        """Fill the uint8 tensor `out` with the file's bytes at `offset` (`pread`: no map
+        pages become resident), or a file in memory's."""
+        if self._fd is None:
+            out.numpy()[:] = numpy.frombuffer(self._mm, numpy.uint8, out.numel(), offset)
+        else:
+            pread(self._fd, out, offset, lambda msg: self.error(msg, name))
+
     def _zstd_stream(self, view: memoryview, raw: int, name: str) -> ZstdStream:
         return ZstdStream(view, raw, MAX_ZSTD_RATIO, MAX_ZSTD_WINDOW, lambda msg: self.error(msg, name))
 
     def _source(self, seg: tuple[int, int, int, int, int], name: str) -> RawSource | ZstdSource:
         """One segment, to be decoded range by range (formats/stream.py)."""
         error = lambda msg: self.error(msg, name)  # noqa: E731
+        read = lambda out, offset: self._read(out, offset, name)  # noqa: E731
         if seg[3] == RAW:
-            return RawSource(self._fd, seg, error)
+            return RawSource(read, seg, error)
         if seg[3] == HUFFMAN:
-            return HuffmanSource(self._fd, seg, error)
+            return HuffmanSource(read, seg, error)
         offset, stored, raw, _, crc = seg
         view = memoryview(self._mm)[offset : offset + stored]
         if crc32(view) != crc:
@@ -795,7 +870,7 @@ class Reader:
 
             decode_ranges(sources, segments[0][2], combine)
         except FormatError:
-            if os.fstat(self._fd).st_size != self.size:
+            if self._fd is not None and os.fstat(self._fd).st_size != self.size:
                 raise  # the file changed under us: its map cannot be read
             for seg in segments:  # a corrupt file is named as such, as reading a segment whole does
                 if crc32(memoryview(self._mm)[seg[0] : seg[0] + seg[1]]) != seg[4]:

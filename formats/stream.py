@@ -31,6 +31,8 @@ __all__ = ["HuffmanSource", "RawSource", "ZstdSource", "ZstdStream", "decode_ran
 MIN_RANGE = 1 << 20  # bytes of each segment per range (a power of two)
 
 Error = Callable[[str], Exception]
+Read = Callable[[torch.Tensor, int], None]
+"""read(out, offset): fill the uint8 tensor `out` with the file's bytes at `offset`."""
 
 
 def pread(fd: int, out: torch.Tensor, offset: int, error: Error) -> None:
@@ -69,12 +71,12 @@ class RawSource:
     sequential = False
     granule = 1
 
-    def __init__(self, fd: int, seg: tuple[int, int, int, int, int], error: Error) -> None:
-        self.fd, self.offset, self.error = fd, seg[0], error
+    def __init__(self, read: Read, seg: tuple[int, int, int, int, int], error: Error) -> None:
+        self.read, self.offset, self.error = read, seg[0], error
         self.crc = _Checksummed(seg[4], error)
 
     def fill(self, b0: int, b1: int, buf: torch.Tensor) -> None:
-        pread(self.fd, buf[: b1 - b0], self.offset + b0, self.error)
+        self.read(buf[: b1 - b0], self.offset + b0)
         self.crc.add(b0, buf[: b1 - b0])
 
     def check(self) -> None:
@@ -84,16 +86,16 @@ class RawSource:
 class HuffmanSource(RawSource):
     """A Huffman (compression 2) segment: a range's chunks are read in one piece and decoded."""
 
-    def __init__(self, fd: int, seg: tuple[int, int, int, int, int], error: Error) -> None:
-        super().__init__(fd, seg, error)
+    def __init__(self, read: Read, seg: tuple[int, int, int, int, int], error: Error) -> None:
+        super().__init__(read, seg, error)
 
-        def read(pos: int, n: int) -> bytes:
+        def header(pos: int, n: int) -> bytes:
             data = torch.empty(n, dtype=torch.uint8)
-            pread(fd, data, self.offset + pos, error)
+            read(data, self.offset + pos)
             self.crc.add(pos, data)
             return data.numpy().tobytes()
 
-        chunks = huffman_layout(read, seg[1], seg[2])
+        chunks = huffman_layout(header, seg[1], seg[2])
         if isinstance(chunks, str):
             raise error(chunks)
         self.chunks = chunks
@@ -104,7 +106,7 @@ class HuffmanSource(RawSource):
         k0, k1 = b0 // self.granule, min(len(self.chunks), -(-b1 // self.granule))
         first, last = self.chunks[k0], self.chunks[k1 - 1]
         stored = torch.empty(last[0] + last[1] - first[0], dtype=torch.uint8)
-        pread(self.fd, stored, self.offset + first[0], self.error)
+        self.read(stored, self.offset + first[0])
         self.crc.add(first[0], stored)
         src = stored.numpy()
         for pos, size, i0, n in self.chunks[k0:k1]:

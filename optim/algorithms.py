@@ -1,5 +1,7 @@
 """The q8 optimizers: each declares its state entries and writes its update rule once, in
-fp32 torch ops. How the state is stored (8-bit or fp32) is the base class's business.
+fp32 torch ops. How the state is stored (8-bit or fp32) is the base class's business, and so
+are the keyword arguments every optimizer takes (`blocksize`, `min_8bit_size`, `optim_bits`,
+`maximize`: `Optimizer8bit`).
 
 Hyperparameters and defaults follow the torch.optim counterpart (Adam, AdamW, SGD,
 RMSprop, Adagrad) or the paper (Lion: Chen et al. 2023; LAMB: You et al. 2019; LARS: You
@@ -9,6 +11,7 @@ et al. 2017).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -66,8 +69,8 @@ class Adam8bit(Optimizer8bit):
     Args:
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay: as torch.optim.Adam (1e-3, (0.9, 0.999), 1e-8, 0).
-        blocksize: elements per quantization block of the moments (default 256).
-        min_8bit_size: parameters with fewer elements keep fp32 moments (default 4096).
+        options: `blocksize` (256), `min_8bit_size` (4096), `optim_bits` (8), `maximize`
+            (False), as every q8 optimizer (`Optimizer8bit`).
 
     Example:
         >>> opt = q8.optim.Adam8bit(model.parameters(), lr=1e-3)
@@ -84,12 +87,10 @@ class Adam8bit(Optimizer8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"exp_avg": SIGNED, "exp_avg_sq": NON_NEGATIVE}
@@ -124,11 +125,9 @@ class AdamW8bit(Adam8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, **options)
 
 
 def _momentum_step(p, d, state, group, step):
@@ -159,12 +158,10 @@ class SGD8bit(Optimizer8bit):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         defaults = _sgd_defaults(type(self).__name__, lr, momentum, dampening, weight_decay, nesterov)
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"momentum_buffer": SIGNED} if group["momentum"] != 0 else {}
@@ -184,15 +181,13 @@ class Lion8bit(Optimizer8bit):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(cls, lr=(lr, lr >= 0), weight_decay=(weight_decay, weight_decay >= 0))
         _check_betas(cls, betas)
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"exp_avg": SIGNED}
@@ -223,9 +218,7 @@ class RMSprop8bit(Optimizer8bit):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         centered: bool = False,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(
@@ -244,7 +237,7 @@ class RMSprop8bit(Optimizer8bit):
             "momentum": momentum,
             "centered": centered,
         }
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         codes = {"square_avg": NON_NEGATIVE}
@@ -285,9 +278,7 @@ class Adagrad8bit(Optimizer8bit):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(
@@ -305,7 +296,7 @@ class Adagrad8bit(Optimizer8bit):
             "initial_accumulator_value": initial_accumulator_value,
             "eps": eps,
         }
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"sum": NON_NEGATIVE}
@@ -340,12 +331,10 @@ class LAMB8bit(Optimizer8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     state_codes = Adam8bit.state_codes  # the same two moments
 
@@ -376,15 +365,13 @@ class LARS8bit(Optimizer8bit):
         nesterov: bool = False,
         trust_coefficient: float = 1e-3,
         eps: float = 1e-8,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(cls, trust_coefficient=(trust_coefficient, trust_coefficient > 0), eps=(eps, eps >= 0))
         defaults = _sgd_defaults(cls, lr, momentum, dampening, weight_decay, nesterov)
         defaults |= {"trust_coefficient": trust_coefficient, "eps": eps}
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     state_codes = SGD8bit.state_codes  # the same momentum buffer
 

@@ -14,7 +14,10 @@ def test_demo_runs_every_section():
     sections = [line for line in out.splitlines() if line.startswith("== ")]
     assert len(sections) == 9, sections
     assert "Traceback" not in out and "skipped" not in out
-    assert out.count("identical to the uninterrupted run: True") == 3, out
+    assert out.count("identical to the uninterrupted run: True") == 4, out
+    assert "restored: config.json, generation_config.json, model.safetensors, optimizer.pt" in out  # the round trip
+    assert "refuses it: loaded state dict has a different number of parameter groups" in out
+    assert "load_model kept it: True" in out and "as safetensors does" in out
     assert ": OK" in out  # q8convert verify
     assert "--target-error 0.02" in out and "drew each tensor's bits per element" in out  # q8convert's trade-off
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint

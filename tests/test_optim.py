@@ -3,8 +3,11 @@ rule, state dicts (round trip, validation, torch and bitsandbytes interop), edge
 
 import io
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -324,7 +327,7 @@ def test_load_state_dict_validation_errors():
         (lambda sd: sd["state"][0].update({"exp_avg.absmax": sd["state"][0]["exp_avg.absmax"].bfloat16()}), "float32"),
         (lambda sd: sd["state"][0].pop("exp_avg_sq"), "missing state entry 'exp_avg_sq'"),
         (lambda sd: sd["state"][1].update({"exp_avg": torch.zeros(3)}), "shape (3,)"),
-        (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "2 parameter groups saved"),
+        (lambda sd: sd["param_groups"].insert(0, dict(sd["param_groups"][0])), "2 parameter groups saved"),
         (lambda sd: sd["param_groups"][0].update({"params": [0, 1]}), "2 parameters saved"),
         (lambda sd: sd["state"].update({99: {}}), "unknown parameter index 99"),
     ]
@@ -584,3 +587,117 @@ def test_a_new_optimizer_needs_only_its_rule():
     again = HeavyBall8bit([torch.nn.Parameter(w.detach().clone())], lr=0.05)
     again.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     assert torch.equal(again.state[again.param_groups[0]["params"][0]]["velocity"].codes, velocity.codes)
+
+
+# -- the seams with torch.optim and bitsandbytes ------------------------------------------
+
+
+def test_constructor_arguments_of_bitsandbytes_and_torch():
+    model = mlp()
+    opt = AdamW8bit(model.parameters(), optim_bits=32)  # bitsandbytes' way to ask for 32-bit state
+    train_steps(model, opt, 1, seed=0)
+    assert not any(isinstance(v, q8.QTensor) for s in opt.state.values() for v in s.values())
+    assert isinstance(AdamW8bit(model.parameters(), optim_bits=8, is_paged=False, amsgrad=False), AdamW8bit)
+    for kwargs, message in [
+        ({"is_paged": True}, "CPUOffloadPolicy"),
+        ({"amsgrad": True}, "torch.optim.Adam/AdamW(amsgrad=True)"),
+        ({"percentile_clipping": 5}, "clip_grad_norm_"),
+        ({"block_wise": False}, "always blockwise"),
+        ({"fused": True}, "chooses its kernels"),
+        ({"nonsense": 1}, "unexpected keyword argument 'nonsense'"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            Lion8bit(model.parameters(), **kwargs)
+    with pytest.raises(ValueError, match="optim_bits must be 8 or 32"):
+        SGD8bit(model.parameters(), optim_bits=16)
+
+
+@pytest.mark.parametrize("cls,kwargs", ALL[:4], ids=[c.__name__ for c, _ in ALL[:4]])
+def test_maximize_is_minimizing_the_negated_objective(cls, kwargs):
+    """Bit for bit: maximize=True on f takes exactly the steps of minimizing -f."""
+    runs = []
+    for maximize in (False, True):
+        model = mlp()
+        opt = cls(model.parameters(), maximize=maximize, **kwargs)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            loss = model(torch.randn(32, 64, generator=g)).pow(2).mean()
+            opt.zero_grad()
+            (loss if maximize else -loss).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    if cls.torch_class is not None:  # and as torch.optim does it, in fp32 state
+        model, ref_model = mlp(), mlp()
+        opt = cls(model.parameters(), maximize=True, **FP32, **kwargs)
+        ref = cls.torch_class(ref_model.parameters(), maximize=True, **kwargs)
+        train_steps(model, opt, 3, seed=1)
+        train_steps(ref_model, ref, 3, seed=1)
+        for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_8bit_state_dict_is_refused_by_torch_and_bitsandbytes_but_loads_in_q8():
+    model = mlp()
+    opt = AdamW8bit(model.parameters())
+    train_steps(model, opt, 1, seed=0)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    sd = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # plain data: the Trainer's way to load
+    assert sd["param_groups"][-1]["q8_optimizer"] == "AdamW8bit" and sd["param_groups"][-1]["params"] == []
+    ref = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        ref.load_state_dict(sd)
+    assert not ref.state  # nothing loaded
+    bnb = pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        bnb.optim.AdamW8bit(model.parameters()).load_state_dict(sd)
+    again = AdamW8bit(model.parameters())
+    again.load_state_dict(sd)
+    assert_same_state(opt, again)
+    ref.load_state_dict(opt.to_torch_state_dict())  # the export torch does take
+
+
+def test_another_optimizers_state_is_refused():
+    model = mlp()
+    adam = Adam8bit(model.parameters())
+    train_steps(model, adam, 1, seed=0)
+    torch_adam = torch.optim.Adam(model.parameters())
+    train_steps(model, torch_adam, 1, seed=0)
+    cases = [
+        (Lion8bit, adam.state_dict(), "the state of a q8 Adam8bit, not of a Lion8bit"),
+        (AdamW8bit, adam.state_dict(), "the state of a q8 Adam8bit, not of a AdamW8bit"),
+        (Lion8bit, torch_adam.state_dict(), "'exp_avg_sq' is not an entry of Lion8bit's state (exp_avg)"),
+        (SGD8bit, torch_adam.state_dict(), "is not an entry of SGD8bit's state (none)"),
+    ]
+    for cls, sd, message in cases:
+        opt = cls(model.parameters())
+        with pytest.raises(ValueError, match=re.escape(message)):
+            opt.load_state_dict(sd)
+        assert not opt.state
+
+
+def test_step_inside_a_compiled_training_step():
+    """opt.step() inside a torch.compile'd function runs eagerly (a graph break): the same
+    bits as the uncompiled loop."""
+    runs = []
+    for compiled in (False, True):
+        model = mlp()
+        opt = AdamW8bit(model.parameters(), lr=1e-2)
+
+        def train_step(x, model=model, opt=opt):
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        g = torch.Generator().manual_seed(0)
+        losses = [step(torch.randn(32, 64, generator=g)).item() for _ in range(3)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    # ... and importing q8 does not import torch._dynamo (150 MB: q8convert's memory bound)
+    code = "import sys, q8; assert 'torch._dynamo' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONSAFEPATH": "1"}, timeout=120)

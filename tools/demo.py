@@ -127,7 +127,24 @@ def section_formats(tensors: dict[str, torch.Tensor]) -> None:
             size = path.stat().st_size
             rows.append((label, f"{size:,}", f"{raw / size:.2f}x", f"{exact}/{len(tensors)}", f"{worst:.2e}"))
     print(_table(rows, ("file", "bytes", "vs raw", "tensors bit-exact", "worst rel L2")))
-    print(f"raw tensors: {raw:,} bytes; both files verified and reloaded\n")
+    print(f"raw tensors: {raw:,} bytes; both files verified and reloaded")
+    with tempfile.TemporaryDirectory() as d:
+        q8.save_file(tensors, Path(d) / "m.q8")
+        with q8.safe_open(Path(d) / "m.q8", framework="pt", device="cpu") as f:  # safetensors' signature
+            rows = f.get_slice("model.embed.weight")[100:132]  # reads about those rows only
+        tied = torch.nn.Sequential(torch.nn.Embedding(512, 128), torch.nn.Linear(128, 512, bias=False))
+        tied[1].weight = tied[0].weight
+        try:
+            q8.save_file(tied.state_dict(), Path(d) / "tied.q8")
+        except ValueError as e:
+            print(f"save_file of tied weights refuses, as safetensors does: {str(e)[:60]}...")
+        q8.save_model(tied, Path(d) / "tied.q8")
+        again = torch.nn.Sequential(torch.nn.Embedding(512, 128), torch.nn.Linear(128, 512, bias=False))
+        again[1].weight = again[0].weight
+        q8.load_model(again, Path(d) / "tied.q8")
+        stored = len(q8.load_file(Path(d) / "tied.q8"))
+        print(f"get_slice('model.embed.weight')[100:132] -> {tuple(rows.shape)}; q8.save_model stored the tie once "
+              f"({stored} tensor), load_model kept it: {again[1].weight is again[0].weight}\n")  # fmt: skip
 
 
 def section_checkpoint_io() -> None:
@@ -421,14 +438,20 @@ def section_optim() -> None:
     train(resumed, resumed_opt, more)
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters(), strict=True))
     print(f"q8.save_optimizer -> {size:,} bytes; q8.load_optimizer into a fresh optimizer, 4 more steps: "
-          f"parameters identical to the uninterrupted run: {same}\n")  # fmt: skip
+          f"parameters identical to the uninterrupted run: {same}")  # fmt: skip
+    try:  # uint8 codes read as floats would be garbage: torch refuses q8's state dict (its extra mark group)
+        torch.optim.AdamW(model.parameters()).load_state_dict(opt.state_dict())
+    except ValueError as e:
+        print(f"torch.optim.AdamW.load_state_dict(AdamW8bit's state_dict()) refuses it: {e}; "
+              "opt.to_torch_state_dict() is the export it takes\n")  # fmt: skip
 
 
 def section_hf_trainer() -> None:
     print("== Hugging Face Trainer: Q8Trainer(q8_optim='adamw8bit') vs Trainer with torch AdamW ==")
     try:
         import transformers
-        from q8.integrations.hf import Q8Trainer
+        from q8.integrations.hf import Q8Trainer, q8_optimizer_cls_and_kwargs
+        from q8.tools.convert import main as q8convert
         from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
     except ImportError as e:
         print(f"skipped: {e} (pip install transformers accelerate)\n")
@@ -439,11 +462,14 @@ def section_hf_trainer() -> None:
     ids = torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": x, "labels": x} for x in ids]
 
-    def run(trainer_cls, folder, resume=None, **kwargs):
+    def run(trainer_cls, folder, resume=None, q8_optimizer=None, **kwargs):
         torch.manual_seed(0)
         args = TrainingArguments(folder, max_steps=8, save_steps=4, per_device_train_batch_size=4, report_to="none",
                                  use_cpu=True, disable_tqdm=True, seed=0, optim="adamw_torch")  # fmt: skip
-        trainer = trainer_cls(GPT2LMHeadModel(config), args, train_dataset=data, **kwargs)
+        model = GPT2LMHeadModel(config)
+        if q8_optimizer:  # a plain Trainer with a q8 optimizer, through its own argument
+            kwargs["optimizer_cls_and_kwargs"] = q8_optimizer_cls_and_kwargs(q8_optimizer, args, model)
+        trainer = trainer_cls(model, args, train_dataset=data, **kwargs)
         trainer.remove_callback(PrinterCallback)  # no metrics dicts in the demo's output
         trainer.train(resume_from_checkpoint=resume)
         return trainer
@@ -468,7 +494,15 @@ def section_hf_trainer() -> None:
         try:
             run(Trainer, f"{d}/wrong", resume=str(q8_ckpt))
         except RuntimeError as e:
-            print(f"a plain Trainer resuming it fails loudly (optimizer.pt is a placeholder): {str(e)[:96]}...\n")
+            print(f"a plain Trainer resuming it fails loudly (optimizer.pt is a placeholder): {str(e)[:96]}...")
+        q8convert([str(q8_ckpt), "-o", f"{d}/ckpt.q8", "-q"])  # weights exact (a training checkpoint)
+        q8convert(["decode", f"{d}/ckpt.q8", "-o", f"{d}/restored", "-q"])  # optimizer.pt: AdamW8bit's state_dict()
+        print(f"$ q8convert checkpoint-4 -o ckpt.q8; q8convert decode ckpt.q8 -o restored\n"
+              f"  restored: {', '.join(sorted(os.listdir(f'{d}/restored')))}")  # fmt: skip
+        plain = run(Trainer, f"{d}/plain-resumed", resume=f"{d}/restored", q8_optimizer="adamw8bit")
+        same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), plain.model.parameters(), strict=True))
+        print("a plain Trainer (AdamW8bit via optimizer_cls_and_kwargs) resumes the decoded folder, 4 more steps: "
+              f"weights identical to the uninterrupted run: {same}\n")  # fmt: skip
 
 
 def main() -> None:

@@ -57,8 +57,9 @@ class Decision:
     raw_bytes: int
     code: str | None = None
     blocksize: int | None = None
-    rel_l2: float = 0.0
+    rel_l2: float = 0.0  # of what was stored: 0 for an exact tensor
     max_abs: float = 0.0
+    refused_rel_l2: float | None = None  # kept exact by --max-error: the error quantizing would have caused
     stored_bytes: int | None = None  # what the file holds for it (after compression, once written)
     target_error: float | None = None
     tried: int = 0  # options the target search measured (0: no search)
@@ -68,6 +69,8 @@ class Decision:
         out = {"q8convert": self.reason}
         if self.encoding == "quantized":
             out |= {"rel_l2": f"{self.rel_l2:.3e}", "max_abs": f"{self.max_abs:.3e}"}
+        if self.refused_rel_l2 is not None:
+            out["refused_rel_l2"] = f"{self.refused_rel_l2:.3e}"
         if self.tried:
             out |= {"target_error": f"{self.target_error:g}", "options_tried": str(self.tried)}
         return out
@@ -101,6 +104,8 @@ class Policy:
     moments_by_target: bool = True
     """False: Adam moments keep their dynamic table at `DEFAULT_BLOCKSIZE` whatever the
     target (q8convert's default target is chosen for weights)."""
+    lossless_reason: str = "--lossless"
+    """Why `lossless` keeps every tensor exact, for the report."""
 
     def apply(
         self, name: str, x: torch.Tensor, key: str = "", held: set[q8.Code] | None = None
@@ -136,18 +141,17 @@ class Policy:
             d.target_error, d.tried = self.target_error, found.tried
             target = f"--target-error {self.target_error:g}"
             if _exact_is_smaller(x, found.cost):  # exact storage is an option too, of error 0
-                d.reason = (
-                    f"exact: smaller than any 8-bit option within {target}"
-                    if found.met
-                    else f"{target} out of reach, exact is smaller (best 8-bit: {err.rel_l2:.2e})"
-                )
+                if found.met:
+                    d.reason = f"exact: smaller than any 8-bit option within {target}"
+                else:
+                    d.reason, d.refused_rel_l2 = f"{target} out of reach, exact is smaller", err.rel_l2
                 return x, d
             prefix = f"Adam {key}: " if moment else ""
             why = f"{prefix}smallest within {target}" if found.met else f"{prefix}{target} out of reach: lowest error"
-        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
-        if self.max_error is not None and d.rel_l2 > self.max_error:
-            d.reason = f"error {d.rel_l2:.2e} > --max-error {self.max_error:g}"
+        if self.max_error is not None and err.rel_l2 > self.max_error:  # stored exact: its error is 0
+            d.reason, d.refused_rel_l2 = f"8-bit error > --max-error {self.max_error:g}", err.rel_l2
             return x, d
+        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
         d.encoding, d.code, d.blocksize = "quantized", best.code.name, best.blocksize
         d.reason = why
         if d.tried:
@@ -165,7 +169,7 @@ class Policy:
         if not x.is_floating_point():
             return f"{str(x.dtype).removeprefix('torch.')} (not float)"
         if self.lossless:
-            return "--lossless"
+            return self.lossless_reason
         if pattern := next((p for p in self.keep if fnmatch.fnmatchcase(name, p)), None):
             return f"--keep {pattern}"
         if x.dtype not in QUANTIZABLE:
