@@ -30,18 +30,19 @@ def hold_save_thread():
 
 
 def test_async_save_file_copies_before_returning(tmp_path, hold_save_thread):
-    w = torch.randn(300, 70)
+    w, t = torch.randn(300, 70), torch.randn(70, 300).t()  # t: not contiguous
     qt = q8.quantize(torch.randn(8192), "dynamic", 256)
-    expected_w, expected_codes = w.clone(), qt.codes.clone()
-    future = q8.async_save_file({"w": w, "t": w.t(), "q": qt}, tmp_path / "m.q8", metadata={"step": "1"})
+    expected_w, expected_t, expected_codes = w.clone(), t.clone(), qt.codes.clone()
+    future = q8.async_save_file({"w": w, "t": t, "q": qt}, tmp_path / "m.q8", metadata={"step": "1"})
     assert isinstance(future, Future) and not future.done()
     w.add_(1.0)  # in-place updates after the call never reach the file
+    t.add_(1.0)
     qt.codes.zero_()
     hold_save_thread.set()
     assert future.result(timeout=60) is None
     with q8.safe_open(tmp_path / "m.q8") as f:
         assert f.metadata() == {"step": "1"}
-        assert torch.equal(f.get_tensor("w"), expected_w) and torch.equal(f.get_tensor("t"), expected_w.t())
+        assert torch.equal(f.get_tensor("w"), expected_w) and torch.equal(f.get_tensor("t"), expected_t)
         assert torch.equal(f.get_qtensor("q").codes, expected_codes)
 
 
@@ -63,6 +64,9 @@ def test_bad_arguments_raise_at_the_call(tmp_path):
         q8.async_save_file({"x": [1, 2]}, tmp_path / "m.q8")
     with pytest.raises(ValueError, match="blocksize"):
         q8.async_save_file({"x": torch.zeros(3)}, tmp_path / "m.q8", blocksize=3)
+    w = torch.randn(10)
+    with pytest.raises(ValueError, match="share memory"):
+        q8.async_save_file({"a": w, "b": w[:5]}, tmp_path / "m.q8")
     with pytest.raises(TypeError, match="cannot store set"):
         q8.async_save({"x": {1, 2}}, tmp_path / "s.q8")
     assert not list(tmp_path.iterdir())
