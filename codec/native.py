@@ -63,12 +63,18 @@ def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def encode(
-    x: torch.Tensor, code: Code, blocksize: int, row_length: int | None = None
+    x: torch.Tensor,
+    code: Code,
+    blocksize: int,
+    row_length: int | None = None,
+    key: int | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Encode a contiguous 1-D fp32 CPU tensor in blocks that never cross a row of
-    `row_length` elements (None: one row, the flat layout). Returns (codes, absmax,
-    bad_block) where bad_block is -1, or the first block holding a NaN/inf (the outputs are
-    then invalid)."""
+    `row_length` elements (None: one row, the flat layout), to the nearest codes or, given
+    a `key`, by stochastic rounding (x's elements numbered from `offset`). Returns (codes,
+    absmax, bad_block) where bad_block is -1, or the first block holding a NaN/inf (the
+    outputs are then invalid)."""
     n = x.numel()
     row_length = n if row_length is None else row_length
     nblocks = num_blocks(n, blocksize, row_length)
@@ -78,10 +84,12 @@ def encode(
         return codes, absmax, -1
     thresholds, lut = code.thresholds, search_lut(code)
 
+    stochastic = () if key is None else (code.values.data_ptr(), key, offset)
+
     def run(b0: int, b1: int, threads: int) -> int:
         return _native.encode(
             x.data_ptr(), row_length, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
-            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads,
+            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads, *stochastic,
         )  # fmt: skip
 
     return codes, absmax, _run_blocks(run, nblocks, n)

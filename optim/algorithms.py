@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .fused import adam_hyper, sqrt_rn
+from .fused import adam_hyper, moment_bound, sqrt_rn
 from .optimizer import Optimizer8bit
 
 __all__ = [
@@ -29,7 +29,10 @@ __all__ = [
     "SGD8bit",
 ]
 
-SIGNED, NON_NEGATIVE = "dynamic", "udynamic"
+SIGNED, NON_NEGATIVE = "dynamic", "udynamic_sq"
+"""Codes of 8-bit state: signed entries round to the nearest "dynamic" entry; non-negative
+ones (second moments, Adagrad's sum) take the squared table with stochastic rounding
+(optim/fused.py; docs/OPTIMIZER_STATE.md)."""
 
 
 def _check(cls: str, **values: tuple[float, bool]) -> None:
@@ -56,6 +59,13 @@ def _sgd_defaults(cls: str, lr: float, momentum: float, dampening: float, weight
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{cls}: nesterov momentum requires a momentum and zero dampening")
     return {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov}
+
+
+def clamp_moment(m: torch.Tensor, sqrt_v: torch.Tensor, bound: float) -> torch.Tensor:
+    """m with |m| capped at bound * sqrt(v) (`moment_bound`: exact Adam never exceeds it),
+    as optim/_native.c writes it: an element within the bound keeps its own bits."""
+    b = sqrt_v * bound
+    return torch.where(m.abs() > b, torch.where(m < 0, -b, b), m)
 
 
 def _with_weight_decay(p: torch.Tensor, grad: torch.Tensor, weight_decay: float) -> torch.Tensor:
@@ -97,14 +107,15 @@ class Adam8bit(Optimizer8bit):
 
     def update(self, p, grad, state, group, step):
         # The exact operation order of optim/_native.c (the fused path must match it bit for bit).
-        beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2 = adam_hyper(group, step, self.decoupled)
+        beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2, bound = adam_hyper(group, step, self.decoupled)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         g = grad if l2 == 0 else grad + p * l2
         m.mul_(beta1).add_(g * c1)
         v.mul_(beta2).add_(g * g * c2)
+        s = sqrt_rn(v)
         if decay != 1:
             p.mul_(decay)
-        p.sub_(m / (sqrt_rn(v) / bc2_sqrt + eps) * step_size)
+        p.sub_(clamp_moment(m, s, bound) / (s / bc2_sqrt + eps) * step_size)
 
 
 class AdamW8bit(Adam8bit):
@@ -342,6 +353,7 @@ class LAMB8bit(Optimizer8bit):
         beta1, beta2 = group["betas"]
         m = state["exp_avg"].mul_(beta1).add_(grad * (1 - beta1))
         v = state["exp_avg_sq"].mul_(beta2).add_(grad * grad * (1 - beta2))
+        m = clamp_moment(m, v.sqrt(), moment_bound((beta1, beta2), step))
         r = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt_().add_(group["eps"]))
         r = _with_weight_decay(p, r, group["weight_decay"])
         trust = _trust_ratio(*self.norms(p, r))

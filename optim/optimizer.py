@@ -2,19 +2,22 @@
 (8-bit `q8.QTensor` or fp32), the step loop, and the state dict; subclasses only declare
 their state entries and write their update rule once, in fp32 torch ops.
 
-State of one parameter: {"step": int, <name>: QTensor | fp32 Tensor, ...}. An entry is
-8-bit (codes + fp32 absmax, `blocksize` elements per block) when the parameter has at
-least two dimensions and `min_8bit_size` elements (its global shape, if sharded) and
+State of one parameter: {"step": int, "seed": int, <name>: QTensor | fp32 Tensor, ...}. An
+entry is 8-bit (codes + fp32 absmax, `blocksize` elements per block) when the parameter has
+at least two dimensions and `min_8bit_size` elements (its global shape, if sharded) and
 neither its group (`optim_bits=32`) nor the parameter (`override_32bit`) asks for 32 bits.
-Signed entries use the "dynamic" code, non-negative ones "udynamic". 8-bit state is in the
-codec's row layout, a row being one slice along dim 0: no block crosses a row, so the same
-bytes result whether the parameter is whole or split into rows over any number of ranks
-(docs/OPTIMIZER_STATE.md). 1-D parameters keep fp32 state: no block layout of a vector
-survives every split.
+Signed entries use the "dynamic" code (nearest rounding), non-negative ones "udynamic_sq"
+(stochastic rounding keyed by "seed", the parameter's index in the optimizer, the step and
+the element's global index; docs/OPTIMIZER_STATE.md). A loaded entry in another table (older q8
+or bitsandbytes state: "udynamic") keeps it until the next step re-encodes it. 8-bit state
+is in the codec's row layout, a row being one slice along dim 0: no block crosses a row, so
+the same bytes result whether the parameter is whole or split into rows over any number of
+ranks (docs/OPTIMIZER_STATE.md). 1-D parameters keep fp32 state: no block layout of a
+vector survives every split.
 
 state_dict() layout (plain tensors and Python scalars; DTensors placed like a sharded
 parameter, optim/sharded.py):
-    {"state": {index: {"step": int,
+    {"state": {index: {"step": int, "seed": int,
                        <name>: uint8 codes or fp32 tensor, shaped like the parameter,
                        "<name>.absmax": fp32 (rows, K), K = ceil(row length / blocksize),
                        "<name>.code": str, "<name>.blocksize": int}},
@@ -39,6 +42,9 @@ from .norms import exact_norms
 from .sharded import all_finite, is_sharded, like, local, local_rows, shard_group
 
 _OVERRIDE_ATTR = "_q8_optim_bits"
+LOADABLE_CODES = {"udynamic_sq": ("udynamic", "dynamic")}
+"""Other tables a saved non-negative entry may be in (older q8 and bitsandbytes state): it
+is decoded with its own table until the next step re-encodes it in the optimizer's."""
 
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "amsgrad": ((False,), "AMSGrad has no 8-bit form in q8: use torch.optim.Adam/AdamW(amsgrad=True)"),
@@ -158,7 +164,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def state_codes(self, group: dict) -> dict[str, str]:
         """State entries of a parameter in `group`: name -> code ("dynamic" for signed
-        values, "udynamic" for non-negative ones)."""
+        values, "udynamic_sq" for non-negative ones)."""
         raise NotImplementedError
 
     def init_value(self, name: str, group: dict) -> float:
@@ -188,7 +194,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         return bits == 8 and p.dim() >= 2 and math.prod(p.shape) >= self.min_8bit_size
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state: dict[str, Any] = {"step": 0}
+        seed = next(i for i, q in enumerate(self._indexed_params()) if q is p)
+        state: dict[str, Any] = {"step": 0, "seed": seed}
         eight = self.is_8bit(p, group)
         for name, code in self.state_codes(group).items():
             value = torch.full(local(p).shape, self.init_value(name, group), dtype=torch.float32, device=p.device)
@@ -234,7 +241,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     grad = -grad
                 state["step"] += 1
                 self._shard_group = shard_group(p)
-                fused_update(self, local(p), local(grad), state, group)
+                offset = sharded.first_element(p) if is_sharded(p) else 0
+                fused_update(self, local(p), local(grad), state, group, offset)
         self._shard_group = None
         return loss
 
@@ -314,13 +322,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{name}.load_state_dict: state for unknown parameter index {index!r}")
             p, group = owner[index]
             where = f"{name}.load_state_dict: parameter {index} (shape {tuple(p.shape)})"
-            new_state[p] = self._unpack_state(saved, p, group, where)
+            new_state[p] = self._unpack_state(saved, p, group, where, seed=index)
         for group, new_group in zip(self.param_groups, new_groups, strict=True):
             group.update(new_group)
         self.state.clear()
         self.state.update(new_state)
 
-    def _unpack_state(self, saved: dict, p: torch.Tensor, group: dict, where: str) -> dict:
+    def _unpack_state(self, saved: dict, p: torch.Tensor, group: dict, where: str, seed: int) -> dict:
         if not isinstance(saved, dict):
             raise ValueError(f"{where}: state must be a dict, got {type(saved).__name__}")
         if "__bnb_optimizer_quant_state__" in saved:  # bitsandbytes >= 0.45 nests its 8-bit entries
@@ -329,7 +337,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         step = int(step.item()) if isinstance(step, torch.Tensor) else step
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"{where}: 'step' must be a non-negative int, got {step!r}")
-        state: dict[str, Any] = {"step": step}
+        seed = saved.get("seed", seed)  # absent from torch.optim and bitsandbytes state: the index
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ValueError(f"{where}: 'seed' must be an int in [0, 2**32), got {seed!r}")
+        state: dict[str, Any] = {"step": step, "seed": seed}
         entries = self.state_codes(group)
         if unexpected := sorted(map(str, saved.keys() - _known_keys(entries))):
             raise ValueError(
@@ -342,11 +353,11 @@ class Optimizer8bit(torch.optim.Optimizer):
             if key in saved:
                 value = unpack_entry(saved, key, p, f"{where}, entry {key!r}")
             elif bnb_key in saved:
-                value = unpack_bnb_entry(saved, i + 1, p, code, f"{where}, bitsandbytes entry {bnb_key!r}")
+                value = unpack_bnb_entry(saved, i + 1, p, f"{where}, bitsandbytes entry {bnb_key!r}")
             else:
                 raise ValueError(f"{where}: missing state entry {key!r}")
             if isinstance(value, QTensor):
-                if value.code.name != code:
+                if value.code.name not in (code, *LOADABLE_CODES.get(code, ())):
                     raise ValueError(f"{where}, entry {key!r}: code {value.code.name!r}, this optimizer uses {code!r}")
                 if not eight:  # e.g. a 1-D parameter's 8-bit state from an earlier q8: decoded, exactly
                     value = value.dequantize(torch.float32)
@@ -383,10 +394,10 @@ class Optimizer8bit(torch.optim.Optimizer):
 
 
 def _known_keys(entries: dict[str, str]) -> set[str]:
-    """Keys a loadable state of one parameter may hold: the step; per entry its q8 form
+    """Keys a loadable state of one parameter may hold: the step and seed; per entry its q8 form
     (codes or fp32, absmax, code, blocksize; shard_rows of an earlier FSDP2 layout, refused
     with its own message) or bitsandbytes' (state, absmax, qmap by position)."""
-    keys = {"step", "__bnb_optimizer_quant_state__"}
+    keys = {"step", "seed", "__bnb_optimizer_quant_state__"}
     for i, key in enumerate(entries, 1):
         keys |= {key, f"{key}.absmax", f"{key}.code", f"{key}.blocksize", f"{key}.shard_rows"}
         keys |= {f"state{i}", f"absmax{i}", f"qmap{i}"}
@@ -498,10 +509,11 @@ def unpack_entry(saved: dict, key: str, p: torch.Tensor, where: str) -> QTensor 
         raise ValueError(f"{where}: {err}") from None
 
 
-def unpack_bnb_entry(saved: dict, i: int, p: torch.Tensor, code: str, where: str) -> QTensor | torch.Tensor:
+def unpack_bnb_entry(saved: dict, i: int, p: torch.Tensor, where: str) -> QTensor | torch.Tensor:
     """State entry `i` (1 or 2) of a bitsandbytes optimizer: `state{i}` is fp32 (small
-    parameters) or uint8 codes with `absmax{i}` and table `qmap{i}`. bitsandbytes does not
-    record its blocksize; it is inferred from the number of absmax values (256 preferred)."""
+    parameters) or uint8 codes with `absmax{i}` and table `qmap{i}` (its signed or unsigned
+    dynamic map, q8's "dynamic" and "udynamic"). bitsandbytes does not record its blocksize;
+    it is inferred from the number of absmax values (256 preferred)."""
     value = saved[f"state{i}"]
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where}: expected a tensor, got {type(value).__name__}")
@@ -512,9 +524,10 @@ def unpack_bnb_entry(saved: dict, i: int, p: torch.Tensor, code: str, where: str
     qmap, absmax = saved.get(f"qmap{i}"), saved.get(f"absmax{i}")
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
         raise ValueError(f"{where}: absmax{i} must be a 1-D float32 tensor")
-    table = get_code(code)
-    if not isinstance(qmap, torch.Tensor) or not torch.equal(qmap.detach().cpu().float(), table.values):
-        raise ValueError(f"{where}: qmap{i} is not the {code!r} table; only bitsandbytes' dynamic maps load losslessly")
+    qmap = qmap.detach().cpu().float() if isinstance(qmap, torch.Tensor) else None
+    table = next((t for t in map(get_code, ("dynamic", "udynamic")) if torch.equal(qmap, t.values)), None)
+    if qmap is None or table is None:
+        raise ValueError(f"{where}: qmap{i} is not a dynamic table; only bitsandbytes' dynamic maps load losslessly")
     n, nblocks = p.numel(), absmax.numel()
     candidates = [b for b in (256, 64, 128, 512, 1024, 2048, 4096) if -(-n // b) == nblocks]
     if not candidates:

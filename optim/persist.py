@@ -5,7 +5,8 @@ absmax, no second rounding), every fp32 entry losslessly, through `q8.save_file`
 reads the entries through `q8.formats.read_tensors` (small ones several at a time).
 `async_save_optimizer` copies the state and writes the same file in the background. Tensor
 names are `state.<index>.<entry>` (the index of `state_dict()`); the parameter groups, step
-counts and the optimizer class travel as JSON in the metadata key `q8.optimizer`.
+counts, rounding seeds and the optimizer class travel as JSON in the metadata key
+`q8.optimizer`.
 
 Any other `torch.optim.Optimizer` (torch's, bitsandbytes', your own) goes through
 `q8.save` of its `state_dict()`, losslessly (or, asked to, its large float tensors as
@@ -114,12 +115,13 @@ def _optimizer_file(
                 for p, i in zip(g["params"], sg["params"], strict=True)}  # fmt: skip
     try:
         header = json.dumps({"format": FORMAT, "class": type(opt).__name__, "param_groups": groups,
-                             "steps": {str(i): s["step"] for i, s in sd["state"].items()}})  # fmt: skip
+                             "steps": {str(i): s["step"] for i, s in sd["state"].items()},
+                             "seeds": {str(i): s["seed"] for i, s in sd["state"].items()}})  # fmt: skip
     except TypeError as err:
         raise TypeError(f"{caller}: parameter groups must hold JSON-serializable values ({err})") from None
     tensors = {
         f"state.{index_of[id(p)]}.{key}": value for p, state in opt.state.items() for key, value in state.items()
-        if key != "step"
+        if key not in ("step", "seed")
     }  # fmt: skip
     metadata = {**(metadata or {}), METADATA_KEY: header}
     return tensors, lambda tensors: save_file(tensors, path, metadata)
@@ -178,6 +180,9 @@ def load_optimizer_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     defaults = getattr(sys.modules[__package__], header["class"], None)  # the class's tuples (betas)
     defaults = defaults([torch.nn.Parameter(torch.zeros(1))]).defaults if isinstance(defaults, type) else {}
     state: dict[int, dict[str, Any]] = {int(i): {"step": step} for i, step in header["steps"].items()}
+    for i, seed in header.get("seeds", {}).items():  # files before seeds were saved: the index
+        if i.isdigit() and int(i) in state:
+            state[int(i)]["seed"] = seed
     with safe_open(path) as f:
         for name in f.keys():
             parts = name.split(".", 2)

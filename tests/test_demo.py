@@ -18,6 +18,8 @@ def test_demo_runs_every_section():
     assert "restored: config.json, generation_config.json, model.safetensors, optimizer.pt" in out  # the round trip
     assert "refuses it: loaded state dict has a different number of parameter groups" in out
     assert "load_model kept it: True" in out and "as safetensors does" in out
+    steps = re.search(r"largest step of any weight: torch ([\d.]+) lr, q8 ([\d.]+) lr .* ([\d.]+) lr at step 8", out)
+    assert steps and float(steps[2]) <= float(steps[3]), out
     assert ": OK" in out  # q8convert verify
     assert "--target-error 0.02" in out and "drew each tensor's bits per element" in out  # q8convert's trade-off
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
