@@ -18,6 +18,8 @@ from .codec import (
 from .formats import (
     FormatError,
     Writer,
+    async_save,
+    async_save_file,
     load,
     load_bytes,
     load_file,
@@ -29,7 +31,7 @@ from .formats import (
     save_model,
     verify,
 )
-from .optim import load_optimizer, save_optimizer
+from .optim import async_save_optimizer, load_optimizer, save_optimizer
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,9 @@ __all__ = [
     "QuantError",
     "Writer",
     "__version__",
+    "async_save",
+    "async_save_file",
+    "async_save_optimizer",
     "dequantize",
     "dynamic_code",
     "linear_code",

@@ -120,6 +120,41 @@ def decode(
     return out
 
 
+def decode_range(
+    codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int, row_length: int, e0: int, out: torch.Tensor
+) -> None:
+    """Decode elements [e0, e0 + len(codes)) of a tensor laid out as `encode` makes them
+    into the fp32 tensor `out` (one value per code), on the calling thread: `codes` holds
+    only those elements' codes, `absmax` the whole tensor's. The blocks inside the range go
+    through the compiled loop; the parts of the (at most two) blocks it cuts are decoded
+    with the same single fp32 product."""
+    e1 = e0 + codes.numel()
+    per_row = -(-row_length // blocksize)
+
+    def block(e: int) -> int:  # the block holding element e
+        return e // row_length * per_row + e % row_length // blocksize
+
+    def start(b: int) -> int:
+        return b // per_row * row_length + b % per_row * blocksize
+
+    def by_element(a: int, b: int) -> None:
+        idx = torch.arange(a, b)
+        blocks = idx // row_length * per_row + idx % row_length // blocksize
+        out[a - e0 : b - e0] = code.values[codes[a - e0 : b - e0].long()] * absmax[blocks]
+
+    b0 = block(e0) + (e0 % row_length % blocksize != 0)
+    b1 = absmax.numel() if e1 == row_length * (absmax.numel() // per_row) else block(e1)
+    if b0 >= b1:
+        by_element(e0, e1)
+        return
+    by_element(e0, start(b0))
+    _native.decode(
+        codes.data_ptr() - e0, absmax.data_ptr(), code.values.data_ptr(), row_length, blocksize, b0, b1,
+        out.data_ptr() - 4 * e0, 1,
+    )  # fmt: skip
+    by_element(start(b1) if b1 < absmax.numel() else e1, e1)
+
+
 def block_errors(
     x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int, row_length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

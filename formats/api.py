@@ -19,15 +19,30 @@ import torch
 from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
 from .atomic import TempFile, fsync_dir
-from .container import BytesWriter, FormatError, Reader, Writer, _check_str_map, check_storable
+from .background import SaveFuture, save_in_background
+from .container import BytesWriter, FormatError, Reader, Writer, _check_str_map, _pool, check_storable
+from .planes import map_all
 from .tree import pack_tree, unpack_tree
 
-__all__ = ["load", "load_bytes", "load_file", "safe_open", "save", "save_bytes", "save_file", "verify"]
+__all__ = [
+    "async_save",
+    "async_save_file",
+    "load",
+    "load_bytes",
+    "load_file",
+    "read_tensors",
+    "safe_open",
+    "save",
+    "save_bytes",
+    "save_file",
+    "verify",
+]
 
 INDEX_SUFFIX = ".index.json"
 MIN_QUANTIZE_NUMEL = 4096
 """save_file(quantize=True) keeps float tensors smaller than this exact (norms, biases)."""
 
+_LARGE_TENSOR_BYTES = 4 << 20  # read_tensors reads larger tensors one at a time
 Tensors = Mapping[str, "torch.Tensor | QTensor"]
 
 
@@ -272,11 +287,60 @@ def save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None =
         >>> q8.load("s.q8")["state"][0]["m"]  # a QTensor again
     """
     tree, tensors = pack_tree(obj)
-    metadata = _check_str_map(metadata, "metadata")
+    write_tree(tree, tensors, path, _check_str_map(metadata, "metadata"))
+
+
+def write_tree(tree: bytes, tensors: Tensors, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """The file of `q8.save`: the packed structure `tree` and the tensors it names."""
     with Writer(path, metadata) as w:
         w.set_tree(tree)
         for name, x in tensors.items():
             w.add(name, x)
+
+
+def async_save_file(
+    tensors: Tensors,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    quantize: bool | Callable[[str, torch.Tensor], bool] = False,
+    code: str | Code = "auto",
+    blocksize: int = 2048,
+    max_shard_size: int | str | None = None,
+) -> SaveFuture:
+    """`save_file` in the background: returns once the tensors are copied (CUDA tensors to
+    pinned host memory, QTensors as codes + absmax), so the caller may update them at once;
+    encoding, compression and the atomic write run on q8's save thread.
+
+    Saves run in the order they were made (a blocking save to the same file waits for
+    them); the interpreter waits for pending saves before it exits. Bad arguments raise
+    here, before anything is copied; a failure while writing is raised by `result()`, and
+    logged if nobody reads it.
+
+    Returns:
+        A `concurrent.futures.Future` (`q8.formats.SaveFuture`): `result()` is None once the
+        file is in place.
+
+    Example:
+        >>> future = q8.async_save_file(model.state_dict(), "m.q8")
+        >>> ...  # keep training: the file is written meanwhile
+        >>> future.result()  # raises if the save failed
+    """
+    metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
+    kwargs = {"quantize": quantize, "code": code, "blocksize": blocksize, "max_shard_size": max_shard_size}
+    return save_in_background(path, lambda copy: save_file(copy, path, metadata, **kwargs), dict(tensors))
+
+
+def async_save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> SaveFuture:
+    """`save` in the background, as `async_save_file` does: the structure is packed and its
+    tensors copied before this returns; the file is written on q8's save thread.
+
+    Example:
+        >>> q8.async_save({"step": 3, "state": opt.state_dict()}, "state.q8").result()
+    """
+    tree, tensors = pack_tree(obj)
+    metadata = _check_str_map(metadata, "metadata")
+    return save_in_background(path, lambda copy: write_tree(tree, copy, path, metadata), tensors)
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -344,8 +408,8 @@ class ShardedReader:
     def info(self, name: str) -> dict:
         return self._for(name).info(name)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self._for(name).get_tensor(name)
+    def get_tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        return self._for(name).get_tensor(name, copy=copy)
 
     def get_qtensor(self, name: str) -> QTensor:
         return self._for(name).get_qtensor(name)
@@ -420,7 +484,7 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> di
         >>> tensors = q8.load_file("m.q8")
     """
     with safe_open(path, device=device) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return read_tensors(f, decode=True)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
@@ -428,18 +492,40 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     `save_file`, the dict of its tensors."""
     with safe_open(path, device=device) as f:
         if getattr(f, "tree", None) is None:
-            return {name: _load_one(f, name) for name in f.keys()}
+            return read_tensors(f)
         return read_tree(f)
+
+
+def read_tensors(
+    f: Reader | ShardedReader, *, decode: bool = False, copy: bool = False
+) -> dict[str, torch.Tensor | QTensor]:
+    """Every tensor of an open file: quantized ones as QTensors, or decoded with
+    `decode=True`; `copy`: no zero-copy views of the file (state that will be updated in
+    place). Small tensors are read several at a time (their per-tensor costs dominate),
+    large ones one after another, each range by range on several threads (so that the
+    memory beyond the tensors stays a few buffers)."""
+
+    info = {name: f.info(name) for name in f.keys()}
+
+    def read(name: str) -> torch.Tensor | QTensor:
+        if not decode and info[name]["encoding"] == "blockwise":
+            return f.get_qtensor(name)
+        return f.get_tensor(name, copy=copy)
+
+    small = [name for name, i in info.items() if i["raw_bytes"] < _LARGE_TENSOR_BYTES]
+    loaded = dict(zip(small, map_all(_pool(), read, small), strict=True))
+    return {name: loaded[name] if name in loaded else read(name) for name in info}
 
 
 def read_tree(f: Reader) -> Any:
     """The nested object in the `tree` of an open q8 file, its tensors loaded (each once:
-    tied tensors stay tied). FormatError on a malformed structure."""
-    loaded: dict[str, Any] = {}
+    tied tensors stay tied; all of the file's, several at a time). FormatError on a
+    malformed structure."""
+    loaded = read_tensors(f)
 
     def load_one(name: str) -> Any:
         if name not in loaded:
-            loaded[name] = _load_one(f, name)
+            raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}")
         return loaded[name]
 
     try:
@@ -448,14 +534,6 @@ def read_tree(f: Reader) -> Any:
         raise
     except Exception as e:
         raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
-
-
-def _load_one(f: Reader | ShardedReader, name: str) -> torch.Tensor | QTensor:
-    try:
-        encoding = f.info(name)["encoding"]
-    except KeyError:
-        raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}") from None
-    return f.get_qtensor(name) if encoding == "blockwise" else f.get_tensor(name)
 
 
 def verify(path: str | os.PathLike) -> None:

@@ -27,7 +27,7 @@ import torch
 from ..codec import QTensor
 from .checkpoints import safetensors_dtype
 from .container import PLANE_WIDTH, Reader, blockwise_problem, bool_problem, dtype_name
-from .planes import from_planes
+from .planes import join
 
 __all__ = ["TensorSlice"]
 
@@ -94,7 +94,9 @@ class TensorSlice:
             width = PLANE_WIDTH[dtype]
             n = dtype.itemsize // width  # bytes of each plane per element
             planes = [reader.segment_bytes(seg, s * n, e * n, name).contiguous() for seg in segments]
-            out = from_planes(planes, dtype, torch.Size([e - s]))
+            out = torch.empty((e - s) * dtype.itemsize, dtype=torch.uint8)
+            join(planes, out, width, 0, (e - s) * n)
+            out = out.view(dtype)
         else:
             data = reader.segment_bytes(segments[0], s * dtype.itemsize, e * dtype.itemsize, name)
             if dtype == torch.bool and (problem := bool_problem(data)):

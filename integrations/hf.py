@@ -17,16 +17,24 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import secrets
+import shutil
 import warnings
+from collections.abc import Callable
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
 from typing import Any
 
 import q8
 import q8.optim
 import torch
+from q8.formats.atomic import fsync_dir, make_temp_dir, remove_stale_matching
+from q8.formats.background import save_in_background
 from q8.formats.checkpoints import Q8_MODEL_FILE, Q8_OPTIMIZER_FILE, SCHEDULER_FILE, TORCH_OPTIMIZER_FILE
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 __all__ = [
@@ -203,6 +211,12 @@ class Q8Trainer(Trainer):
             (`model.q8`, lossless, resume exact) or "q8-8bit" (`model.q8`, 8-bit codes, about 4x smaller;
             a resume continues from the quantized weights; the error is logged). Only checkpoints:
             `trainer.save_model()` still writes files `from_pretrained` reads.
+        async_save: a checkpoint returns to training once the model and optimizer state are copied; they
+            are written (and quantized, if asked) on q8's save thread into a hidden staging folder that is
+            renamed to `checkpoint-<step>` once every file is complete, so rotation (`save_total_limit`),
+            `load_best_model_at_end` and resume only ever see complete checkpoints. The next checkpoint, the
+            end of training and the interpreter's exit wait for it; a failed write raises there. Single
+            process only (no DeepSpeed/FSDP/DDP), and not with `push_to_hub`.
     """
 
     def __init__(
@@ -212,13 +226,23 @@ class Q8Trainer(Trainer):
         embeddings_32bit: bool = True,
         quantize_optimizer_state: bool = False,
         model_weights: str = "safetensors",
+        async_save: bool = False,
         **kwargs: Any,
     ) -> None:
         if model_weights not in MODEL_WEIGHTS:
             raise ValueError(f"Q8Trainer: model_weights must be one of {MODEL_WEIGHTS}, got {model_weights!r}")
+        refused = ValueError(
+            "Q8Trainer: async_save=True needs a single process without push_to_hub, DeepSpeed or FSDP "
+            "(their checkpoints are written by other code); use async_save=False"
+        )
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if async_save and training_args is not None and (training_args.push_to_hub or training_args.world_size > 1):
+            raise refused  # before the Trainer creates a Hub repository
         if q8_optim is not None and (not isinstance(q8_optim, str) or q8_optim.lower() not in OPTIMIZERS):
             raise ValueError(f"Q8Trainer: unknown q8_optim {q8_optim!r}: expected one of {sorted(OPTIMIZERS)}")
         super().__init__(*args, **kwargs)
+        if async_save and self._saves_its_own_optimizer_state():
+            raise refused
         if q8_optim is not None and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
             raise ValueError(
                 "Q8Trainer: pass q8_optim or an optimizer (optimizers, optimizer_cls_and_kwargs), not both"
@@ -229,7 +253,10 @@ class Q8Trainer(Trainer):
         self.embeddings_32bit = embeddings_32bit
         self.quantize_optimizer_state = quantize_optimizer_state
         self.model_weights = model_weights
+        self.async_save = async_save
         self._saving_checkpoint = False
+        self._checkpoint: _AsyncCheckpoint | None = None  # the one being saved now, with async_save
+        self._pending_checkpoint: _AsyncCheckpoint | None = None  # the last one saved, maybe still writing
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         created = self.optimizer is None
@@ -254,10 +281,16 @@ class Q8Trainer(Trainer):
         if not self.args.should_save:
             return
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-        q8.save_optimizer(optimizer, os.path.join(output_dir, OPTIMIZER_FILE), quantize=self.quantize_optimizer_state)
-        torch.save(_PlaceholderOptimizerState(), os.path.join(output_dir, TORCH_OPTIMIZER_FILE))
+        checkpoint = self._checkpoint
+        folder = checkpoint.staging if checkpoint else output_dir
+        path, quantize = os.path.join(folder, OPTIMIZER_FILE), self.quantize_optimizer_state
+        if checkpoint:
+            checkpoint.futures.append(q8.async_save_optimizer(optimizer, path, quantize=quantize))
+        else:
+            q8.save_optimizer(optimizer, path, quantize=quantize)
+        torch.save(_PlaceholderOptimizerState(), os.path.join(folder, TORCH_OPTIMIZER_FILE))
         with warnings.catch_warnings(record=True) as caught_warnings:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_FILE))
         reissue_pt_warnings(caught_warnings)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -296,12 +329,58 @@ class Q8Trainer(Trainer):
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         self._saving_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            if self.async_save:
+                self._save_checkpoint_async(model, trial)
+            else:
+                super()._save_checkpoint(model, trial)
         finally:
             self._saving_checkpoint = False
 
+    def _save_checkpoint_async(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, its model and optimizer files written in the background into a staging
+        folder (`_AsyncCheckpoint`); the Trainer's own small files are written now and moved there. Rotation
+        runs once the checkpoint is complete."""
+        self._wait_for_checkpoint()
+        run_dir = self._get_output_dir(trial=trial)
+        self._checkpoint = checkpoint = _AsyncCheckpoint(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"))
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation: once complete
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            checkpoint.abandon()
+            raise
+        finally:
+            self.args.save_total_limit = limit
+            self._checkpoint = None
+        best = self.state.best_model_checkpoint
+        checkpoint.complete(lambda: rotate_checkpoints(run_dir, limit, best, use_mtime=True))
+        self._pending_checkpoint = checkpoint
+
+    def _wait_for_checkpoint(self) -> None:
+        """Block until the last asynchronous checkpoint is complete; raise if writing it failed."""
+        checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
+        if checkpoint is not None:
+            checkpoint.wait()
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        self._wait_for_checkpoint()  # before the best model is loaded and checkpoints are deleted
+        return super()._finalize_training(*args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self._writes_q8_model():
+        checkpoint, q8_weights = self._checkpoint, self._writes_q8_model()
+        if checkpoint is None:
+            return self._write_model(output_dir, state_dict, q8_weights)
+        os.makedirs(output_dir, exist_ok=True)  # the Trainer looks for it (best checkpoint)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        weights = state_dict if state_dict is not None else model.state_dict()
+        folder = checkpoint.staging
+        checkpoint.futures.append(
+            save_in_background(folder, lambda copy: self._write_model(folder, copy, q8_weights), weights)
+        )
+
+    def _write_model(self, output_dir: str | None, state_dict: dict | None, q8_weights: bool) -> None:
+        """What `Trainer._save` writes; with `q8_weights`, `model.q8` instead of the Trainer's weights."""
+        if not q8_weights:
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
@@ -324,7 +403,60 @@ class Q8Trainer(Trainer):
         q8.load_model(self.model if model is None else model, path)
 
     def _load_best_model(self) -> None:
+        self._wait_for_checkpoint()
         path = os.path.join(self.state.best_model_checkpoint, MODEL_FILE)
         if not os.path.isfile(path):
             return super()._load_best_model()
         q8.load_model(self.model, path)
+
+
+class _AsyncCheckpoint:
+    """A checkpoint folder written in the background (`Q8Trainer(async_save=True)`).
+
+    Files go into a locked staging folder next to `final` (`.checkpoint-<step>.<pid>.<random>.tmp`, hidden
+    from the Trainer's `checkpoint-*` patterns; a later checkpoint removes one left by a killed process).
+    `complete()` moves in what was written to `final` meanwhile and queues, on the save thread behind the
+    checkpoint's own saves, the rename of the staging folder to `final` and then `after()` (rotation)."""
+
+    def __init__(self, final: str) -> None:
+        self.final = final
+        remove_stale_matching(Path(final).parent, rb"checkpoint-\d+")
+        staging, self._lock = make_temp_dir(Path(final), secrets.token_hex(4))
+        self.staging = str(staging)
+        self.futures: list[q8.formats.SaveFuture] = []
+
+    def complete(self, after: Callable[[], None]) -> None:
+        if os.path.isdir(self.final):
+            for name in os.listdir(self.final):
+                os.replace(os.path.join(self.final, name), os.path.join(self.staging, name))
+            os.rmdir(self.final)
+
+        saves = list(self.futures)
+
+        def finish(_: Any) -> None:  # on the save thread, after the checkpoint's saves
+            errors = [e for e in (f.exception() for f in saves) if e is not None]
+            if errors:
+                self._discard()
+                raise errors[0]
+            os.replace(self.staging, self.final)
+            fsync_dir(Path(self.final).parent)
+            os.close(self._lock)
+            after()
+
+        self.futures.append(save_in_background(self.final, finish))
+
+    def abandon(self) -> None:
+        """Remove the staging folder once the saves writing into it are done (the checkpoint failed)."""
+        wait_futures(self.futures)
+        self._discard()
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.close(self._lock)
+
+    def wait(self) -> None:
+        for future in self.futures:
+            try:
+                future.result()
+            except Exception as e:
+                raise RuntimeError(f"the asynchronous save of {self.final} failed: {e}") from e

@@ -1,11 +1,12 @@
 """`save_optimizer` / `load_optimizer`: an optimizer's state in one q8 container file.
 
-A q8 optimizer's state is streamed parameter by parameter: every 8-bit state entry is
-written as the QTensor it is (codes + absmax, no second rounding), every fp32 entry
-losslessly, one tensor at a time through `q8.Writer`; loading reads one tensor at a time
-through `q8.safe_open`. Tensor names are `state.<index>.<entry>` (the index of
-`state_dict()`); the parameter groups, step counts, rounding seeds and the optimizer class
-travel as JSON in the metadata key `q8.optimizer`.
+A q8 optimizer's state: every 8-bit state entry is written as the QTensor it is (codes +
+absmax, no second rounding), every fp32 entry losslessly, through `q8.save_file`; loading
+reads the entries through `q8.formats.read_tensors` (small ones several at a time).
+`async_save_optimizer` copies the state and writes the same file in the background. Tensor
+names are `state.<index>.<entry>` (the index of `state_dict()`); the parameter groups, step
+counts, rounding seeds and the optimizer class travel as JSON in the metadata key
+`q8.optimizer`.
 
 Any other `torch.optim.Optimizer` (torch's, bitsandbytes', your own) goes through
 `q8.save` of its `state_dict()`, losslessly (or, asked to, its large float tensors as
@@ -18,17 +19,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..codec import CODE_NAMES, QTensor, get_code, quantize_best
-from ..formats import FormatError, Writer, load, safe_open, save
+from ..formats import FormatError, SaveFuture, load, read_tensors, safe_open, save, save_file
 from ..formats.api import worth_quantizing
+from ..formats.background import save_in_background
 from .optimizer import Optimizer8bit, pack_state, split_state_mark, state_mark
 from .sharded import is_sharded
 
-__all__ = ["load_optimizer", "load_optimizer_state_dict", "save_optimizer"]
+__all__ = ["async_save_optimizer", "load_optimizer", "load_optimizer_state_dict", "save_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +72,43 @@ def save_optimizer(
         >>> q8.save_optimizer(opt, "opt.q8")
         >>> q8.save_optimizer(torch_adamw, "adamw.q8")  # lossless, ~1.2x smaller than torch.save
     """
+    state, save = _optimizer_file(opt, path, metadata, quantize, "save_optimizer")
+    save(state)
+
+
+def async_save_optimizer(
+    opt: torch.optim.Optimizer,
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    *,
+    quantize: bool = False,
+) -> SaveFuture:
+    """`save_optimizer` in the background: returns once the state is copied (8-bit entries
+    as codes + absmax; groups and step counts as they are now), so the next `opt.step()`
+    may run at once; quantizing (if asked) and writing happen on q8's save thread
+    (`q8.async_save_file` says how errors, order and exit are handled).
+
+    Example:
+        >>> future = q8.async_save_optimizer(opt, "opt.q8")
+        >>> opt.step()  # the file is written meanwhile
+        >>> future.result()
+    """
+    state, save = _optimizer_file(opt, path, metadata, quantize, "async_save_optimizer")
+    return save_in_background(path, save, state)
+
+
+def _optimizer_file(
+    opt: torch.optim.Optimizer, path: str | os.PathLike, metadata: dict | None, quantize: bool, caller: str
+) -> tuple[Any, Callable[[Any], None]]:
+    """What `opt`'s state file holds (the live state, not copied; groups and steps taken
+    now) and the function that writes it to `path`."""
     if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"save_optimizer expects a torch.optim.Optimizer, got {type(opt).__name__}")
+        raise TypeError(f"{caller} expects a torch.optim.Optimizer, got {type(opt).__name__}")
     if not isinstance(opt, Optimizer8bit):
-        _save_state_dict(opt, path, metadata, quantize)
-        return
+        name = class_name(opt)
+        return opt.state_dict(), lambda state: _save_state_dict(state, name, path, metadata, quantize)
     if any(is_sharded(p) for p in opt.state):
-        raise ValueError("save_optimizer: sharded (DTensor) state is saved with torch.distributed.checkpoint")
+        raise ValueError(f"{caller}: sharded (DTensor) state is saved with torch.distributed.checkpoint")
     sd = opt.state_dict()  # references to the live state, no copy
     groups = split_state_mark(sd["param_groups"])[0]
     index_of = {id(p): i for g, sg in zip(opt.param_groups, groups, strict=True)
@@ -85,12 +118,13 @@ def save_optimizer(
                              "steps": {str(i): s["step"] for i, s in sd["state"].items()},
                              "seeds": {str(i): s["seed"] for i, s in sd["state"].items()}})  # fmt: skip
     except TypeError as err:
-        raise TypeError(f"save_optimizer: parameter groups must hold JSON-serializable values ({err})") from None
-    with Writer(path, metadata={**(metadata or {}), METADATA_KEY: header}) as writer:
-        for p, state in opt.state.items():
-            for key, value in state.items():
-                if key not in ("step", "seed"):
-                    writer.add(f"state.{index_of[id(p)]}.{key}", value)
+        raise TypeError(f"{caller}: parameter groups must hold JSON-serializable values ({err})") from None
+    tensors = {
+        f"state.{index_of[id(p)]}.{key}": value for p, state in opt.state.items() for key, value in state.items()
+        if key not in ("step", "seed")
+    }  # fmt: skip
+    metadata = {**(metadata or {}), METADATA_KEY: header}
+    return tensors, lambda tensors: save_file(tensors, path, metadata)
 
 
 def load_optimizer(opt: torch.optim.Optimizer, path: str | os.PathLike) -> None:
@@ -154,15 +188,15 @@ def load_optimizer_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             parts = name.split(".", 2)
             if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in state:
                 raise FormatError(f"{path}: unexpected tensor {name!r} in an optimizer state file")
-            index, key = int(parts[1]), parts[2]
-            try:
-                value = _entry(f, name)
-                like = torch.empty(value.shape, device="meta")  # packed for a parameter of the entry's shape
-                state[index].update(pack_state({key: value}, like))
-            except FormatError:
-                raise
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"{path}: tensor {name!r}: {err}") from None
+        entries = read_tensors(f, copy=True)  # small ones several at a time; memory of their own
+    for name, value in entries.items():
+        _, index, key = name.split(".", 2)
+        try:
+            value = _checked(value)
+            like = torch.empty(value.shape, device="meta")  # packed for a parameter of the entry's shape
+            state[int(index)].update(pack_state({key: value}, like))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: tensor {name!r}: {err}") from None
     groups = [_restore_tuples(g, defaults) for g in header["param_groups"]]
     return {"state": state, "param_groups": [*groups, state_mark(header["class"])]}
 
@@ -174,14 +208,11 @@ def _metadata(path: str | os.PathLike) -> dict[str, str]:
         return f.metadata()
 
 
-def _entry(f: Any, name: str) -> Any:
-    """One state entry, copied out of the file: a QTensor (table checked to be q8's own) or a tensor."""
-    if f.info(name)["encoding"] != "blockwise":
-        return f.get_tensor(name).clone()
-    qt = f.get_qtensor(name)
-    if qt.code.name not in CODE_NAMES or qt.code != get_code(qt.code.name):
-        raise ValueError(f"8-bit codes use a table {qt.code.name!r} that is not one of q8's {', '.join(CODE_NAMES)}")
-    return QTensor(qt.codes.clone(), qt.absmax.clone(), qt.code, qt.blocksize, qt.shape, qt.dtype, qt.row_length)
+def _checked(value: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
+    """A state entry read from the file; 8-bit codes must index one of q8's own tables."""
+    if isinstance(value, QTensor) and (value.code.name not in CODE_NAMES or value.code != get_code(value.code.name)):
+        raise ValueError(f"8-bit codes use a table {value.code.name!r} that is not one of q8's {', '.join(CODE_NAMES)}")
+    return value
 
 
 def _header(metadata: dict[str, str], path) -> dict:
@@ -205,11 +236,11 @@ def _restore_tuples(saved: dict, current: dict) -> dict:
 
 
 def _save_state_dict(
-    opt: torch.optim.Optimizer, path: str | os.PathLike, metadata: dict | None, quantize: bool
+    state: dict[str, Any], name: str, path: str | os.PathLike, metadata: dict | None, quantize: bool
 ) -> None:
-    """A non-q8 optimizer's state dict through `q8.save`, optionally with 8-bit float state."""
-    state = opt.state_dict()
-    metadata = {**(metadata or {}), CLASS_KEY: class_name(opt)}
+    """A non-q8 optimizer's state dict (of class `name`) through `q8.save`, optionally with
+    8-bit float state."""
+    metadata = {**(metadata or {}), CLASS_KEY: name}
     if quantize:
         state, worst = _quantize_state(state)
         metadata["quantized_rel_l2_max"] = f"{worst:.3e}"

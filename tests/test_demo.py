@@ -12,7 +12,7 @@ def test_demo_runs_every_section():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     sections = [line for line in out.splitlines() if line.startswith("== ")]
-    assert len(sections) == 8, sections
+    assert len(sections) == 9, sections
     assert "Traceback" not in out and "skipped" not in out
     assert out.count("identical to the uninterrupted run: True") == 4, out
     assert "restored: config.json, generation_config.json, model.safetensors, optimizer.pt" in out  # the round trip
@@ -25,3 +25,6 @@ def test_demo_runs_every_section():
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
     assert "q8 never unpickles" in out and "the pickle's code ran: False" in out
     assert "one flipped bit: FormatError" in out and "removed it: []" in out
+    assert "the file holds the state of the call: True" in out
+    assert float(re.search(r"peak memory ([0-9.]+)x the tensors", out).group(1)) <= 1.15
+    assert "optimizer.q8 identical to the synchronous run's: True" in out

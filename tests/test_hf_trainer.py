@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import q8
@@ -471,3 +472,84 @@ def test_q8_state_in_a_plain_trainer_checkpoint_is_kept_as_is(plain_q8_run, tmp_
     assert q8convert(checkpoint, "-o", tmp_path / "w.q8", "--quantize-weights", "-q") == 0  # one flag away
     with q8.safe_open(tmp_path / "w.q8" / "model.q8") as f:
         assert f.info("transformer.h.0.mlp.c_fc.weight")["encoding"] == "blockwise"
+
+
+class CheckpointsSeenOnSave(transformers.TrainerCallback):
+    """At each save, which checkpoint folders exist, and whether each visible one is complete."""
+
+    def __init__(self, out) -> None:
+        self.out, self.seen = out, []
+
+    def on_save(self, args, state, control, **kwargs):
+        visible = sorted(p for p in os.listdir(self.out) if p.startswith("checkpoint-"))
+        complete = all(
+            {"optimizer.q8", "trainer_state.json", "model.q8"} <= set(os.listdir(self.out / p)) for p in visible
+        )
+        self.seen.append((state.global_step, visible, complete))
+
+
+def test_async_checkpoints_are_the_synchronous_ones_written_later(tmp_path, monkeypatch):
+    """async_save=True: the checkpoint call returns before model.q8 and optimizer.q8 are written (their
+    writer is slowed down here), only complete checkpoints are ever visible, rotation keeps the last
+    one, and the files equal those of a synchronous run; a resume from them is exact."""
+    write = q8.save_model
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.5)
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(q8, "save_model", slow_write)
+    seen = CheckpointsSeenOnSave(tmp_path / "async")
+    trainer = train(
+        tmp_path / "async",
+        args=training_args(tmp_path / "async", save_total_limit=1),
+        q8_optim="adamw8bit",
+        model_weights="q8",
+        async_save=True,
+        callbacks=[seen],
+    )
+    assert seen.seen == [(10, [], True), (20, ["checkpoint-10"], True)]  # checkpoint-20 still being written
+    assert sorted(os.listdir(tmp_path / "async")) == [f"checkpoint-{STEPS}"]  # rotated once complete, no debris
+
+    monkeypatch.setattr(q8, "save_model", write)
+    sync = train(tmp_path / "sync", q8_optim="adamw8bit", model_weights="q8")
+    for name in ("optimizer.q8", "model.q8"):
+        a = q8.load(tmp_path / "async" / f"checkpoint-{STEPS}" / name)
+        b = q8.load(tmp_path / "sync" / f"checkpoint-{STEPS}" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    for name in ("scheduler.pt", "rng_state.pth"):
+        assert (tmp_path / "async" / f"checkpoint-{STEPS}" / name).read_bytes() == (
+            tmp_path / "sync" / f"checkpoint-{STEPS}" / name
+        ).read_bytes()
+    assert loss_at(trainer, STEPS) == loss_at(sync, STEPS)
+    resumed = train(
+        tmp_path / "resumed", resume=tmp_path / "sync" / f"checkpoint-{SAVE_EVERY}", q8_optim="adamw8bit",
+        model_weights="q8", async_save=True,
+    )  # fmt: skip
+    assert loss_at(resumed, STEPS) == loss_at(sync, STEPS)
+
+
+def test_async_checkpoint_with_the_trainers_safetensors(tmp_path):
+    train(tmp_path, q8_optim="adamw8bit", async_save=True)
+    checkpoint = tmp_path / f"checkpoint-{SAVE_EVERY}"
+    assert {"model.safetensors", "config.json", "optimizer.q8", "scheduler.pt", "trainer_state.json"} <= set(
+        os.listdir(checkpoint)
+    )
+    model = GPT2LMHeadModel.from_pretrained(str(checkpoint))
+    assert model.transformer.wte.weight is model.lm_head.weight  # tied weights stored once, as the Trainer does
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+def test_a_failed_async_checkpoint_raises_and_leaves_no_folder(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(q8, "save_model", fail)
+    with pytest.raises(RuntimeError, match=r"asynchronous save of .*checkpoint-10 failed: disk full"):
+        train(tmp_path, q8_optim="adamw8bit", model_weights="q8", async_save=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_async_save_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="async_save=True needs a single process without push_to_hub"):
+        Q8Trainer(make_model(), training_args(tmp_path, push_to_hub=True, hub_model_id="x/y"), async_save=True)

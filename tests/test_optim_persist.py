@@ -2,13 +2,14 @@
 errors."""
 
 import os
+import threading
 import zlib
 
 import msgpack
 import pytest
 import q8
 import torch
-from q8.formats import FORMAT_VERSION, MAGIC
+from q8.formats import FORMAT_VERSION, MAGIC, background
 from q8.formats.container import FOOTER
 from q8.optim import AdamW8bit, LAMB8bit, Lion8bit, SGD8bit
 
@@ -205,6 +206,32 @@ def test_tampered_files_raise_errors_naming_file_and_tensor(tmp_path, edit, erro
     with pytest.raises(error, match=match) as e:
         q8.load_optimizer(AdamW8bit(model.parameters()), path)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=1024), lambda ps: torch.optim.AdamW(ps, lr=1e-2)],
+    ids=["AdamW8bit", "torch AdamW"],
+)  # fmt: skip
+def test_async_save_optimizer_keeps_the_state_of_the_call(tmp_path, make):
+    """The file holds the state (8-bit codes and absmax, or a torch optimizer's tensors; steps,
+    groups) as it was when async_save_optimizer returned, whatever the optimizer does next."""
+    model, batches = model_and_data()
+    opt = make(model.parameters())
+    run(model, opt, batches[:3])
+    q8.save_optimizer(opt, tmp_path / "sync.q8")
+    gate = threading.Event()
+    blocker = background.save_in_background(os.devnull, lambda _: gate.wait())
+    future = q8.async_save_optimizer(opt, tmp_path / "async.q8")
+    run(model, opt, batches[3:])  # steps update codes and absmax in place
+    opt.param_groups[0]["lr"] = 0.5
+    gate.set()
+    blocker.result()
+    assert future.result(timeout=60) is None
+    expected, got = make(model.parameters()), make(model.parameters())
+    q8.load_optimizer(expected, tmp_path / "sync.q8")
+    q8.load_optimizer(got, tmp_path / "async.q8")
+    assert got.param_groups[0]["lr"] == 1e-2
+    assert_equal_lists(state_bytes(got), state_bytes(expected))
 
 
 TORCH_OPTIMIZERS = {
