@@ -171,20 +171,23 @@ def _bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def _slot_fields(entry, target: Code | None) -> list[int]:
+def _code_fields(target: Code) -> tuple[int, int, int, int]:
+    """What a slot's C record takes from the table it is encoded in: kind, encode tree,
+    values[0] bits, zero code (the same for every parameter of a group)."""
+    tree = target.search_trees[0 if target.signed else 1]
+    kind = _SLOT_KINDS["nearest" if target.signed else "stochastic"]
+    return kind, tree.data_ptr(), _bits(float(target.values[0])), target.zero_index
+
+
+def _slot_fields(entry, fields: tuple[int, int, int, int] | None) -> list[int]:
     """One slot of a C record: kind, data (fp32 values or codes), absmax, decode table,
-    encode tree, values[0] bits, zero code."""
+    encode tree, values[0] bits, zero code (`fields`: `_code_fields` of its table)."""
     if entry is None:
         return [0] * 7
     if not isinstance(entry, QTensor):
         return [_SLOT_KINDS["fp32"], entry.data_ptr(), 0, 0, 0, 0, 0]
-    trees = target.search_trees
-    kind = "nearest" if target.signed else "stochastic"
-    tree = trees[0] if target.signed else trees[1]
-    zero = target.zero_index
-    value0 = _bits(float(target.values[0]))
-    return [_SLOT_KINDS[kind], entry.codes.data_ptr(), entry.absmax.data_ptr(), entry.code.values.data_ptr(),
-            tree.data_ptr(), value0, zero]  # fmt: skip
+    kind, tree, value0, zero = fields
+    return [kind, entry.codes.data_ptr(), entry.absmax.data_ptr(), entry.code.values.data_ptr(), tree, value0, zero]
 
 
 def _layout(entries: list, n: int) -> tuple[int, int] | None:
@@ -197,54 +200,61 @@ def _layout(entries: list, n: int) -> tuple[int, int] | None:
 
 
 def cpu_step(opt, work: list) -> None:
-    """The C kernels over every CPU parameter of the step (see `fused_step`)."""
-    records, status, keep, ready, hyper_cache = array("q"), array("q"), [], [], {}
+    """The C kernels over every CPU parameter of the step (see `fused_step`). Python work
+    per parameter is kept to building its record: what depends only on the group (slot
+    names, tables, constants of the step) is computed once per group."""
+    records, status, keep, ready, per_group = array("q"), array("q"), [], [], {}
     for p, grad, state, group in work:
-        if is_sharded(p) and not all_finite(grad):  # every rank skips the same parameters
+        sharded = is_sharded(p)
+        if sharded and not all_finite(grad):  # every rank skips the same parameters
             warn_skipped(opt, p)
             continue
-        local_p, g = local(p).detach(), local(grad).detach()
+        local_p, g = (local(p).detach(), local(grad).detach()) if sharded else (p.detach(), grad.detach())
         target = local_p if local_p.is_contiguous() else local_p.contiguous()
         g = g if g.is_contiguous() else g.contiguous()
-        names = slot_names(opt, group)
-        codes = opt.state_codes(group)
+        if id(group) not in per_group:
+            names, codes = slot_names(opt, group), opt.state_codes(group)
+            tables = tuple(None if name is None else get_code(codes[name]) for name in names)
+            fields = tuple(None if t is None else _code_fields(t) for t in tables)
+            per_group[id(group)] = names, tables, fields, {}
+        names, tables, fields, hyper = per_group[id(group)]
         entries = [None if name is None else state[name] for name in names]
         layout = _layout(entries, target.numel())
         if layout is None:
             generic_step(opt, p, grad, state, group)
             continue
         step = int(state["step"]) + 1
-        h = hyper_cache.get((id(group), step))
+        h = hyper.get(step)
         if h is None:
-            h = hyper_cache[id(group), step] = torch.tensor(pad_hyper(opt.hyper(group, step)), dtype=torch.float32)
+            h = hyper[step] = torch.tensor(pad_hyper(opt.hyper(group, step)), dtype=torch.float32)
         record = [g.data_ptr(), DTYPE_CODES[g.dtype], step, h.data_ptr(), _bits(1.0), target.data_ptr(),
-                  DTYPE_CODES[target.dtype], int(group["maximize"]), target.numel(), *layout, offset_of(p),
-                  state["seed"]]  # fmt: skip
-        for name, entry in zip(names, entries, strict=True):
-            record += _slot_fields(entry, None if name is None else get_code(codes[name]))
+                  DTYPE_CODES[target.dtype], int(group["maximize"]), target.numel(), *layout,
+                  offset_of(p) if sharded else 0, state["seed"]]  # fmt: skip
+        for entry, f in zip(entries, fields, strict=True):
+            record += _slot_fields(entry, f)
         records.extend(record)
         status.append(-1)
         keep += [target, g]
-        ready.append((p, target, state, group, names))
+        ready.append((p, local_p, target, state, group, names, tables))
     if not ready:
         return
-    threads = max(1, min(torch.get_num_threads(), sum(t[1].numel() for t in ready) >> 18))
+    threads = max(1, min(torch.get_num_threads(), sum(t[2].numel() for t in ready) >> 18))
     rule = _native.rule_index(opt.rule)
     if opt.rule in NORM_RULES:
         _set_trust(opt, rule, records, status, ready, threads)
     _native.step(rule, records, status, threads)
     overflow = None
-    for (p, target, state, group, names), result in zip(ready, status, strict=True):
+    for (p, local_p, target, state, _, names, tables), result in zip(ready, status, strict=True):
         if result == -2:
             warn_skipped(opt, p)
             continue
         state["step"] = int(state["step"]) + 1
-        if target.data_ptr() != local(p).data_ptr():
-            local(p).detach().copy_(target)
-        for name in filter(None, names):
-            entry, code = state[name], get_code(opt.state_codes(group)[name])
-            if isinstance(entry, QTensor) and entry.code != code:  # re-encoded in the optimizer's table
-                state[name] = dataclasses.replace(entry, code=code)
+        if target is not local_p:
+            local_p.copy_(target)
+        for name, table in zip(names, tables, strict=True):
+            entry = None if name is None else state[name]
+            if isinstance(entry, QTensor) and entry.code != table:
+                state[name] = dataclasses.replace(entry, code=table)  # re-encoded in the optimizer's table
         if result >= 0 and overflow is None:
             overflow = overflow_error(opt, p, result)
     if overflow is not None:
@@ -272,7 +282,7 @@ def _set_trust(opt, rule: int, records: array, status: array, ready: list, threa
         if is_sharded(p):
             dist.all_reduce(sum_t[i], op=dist.ReduceOp.SUM, group=sharded_group(p))
     norms = norms_from_sums(max_t, scale_t, sum_t)
-    for i, (_, _, _, group, _) in enumerate(ready):
+    for i, (*_, group, _, _) in enumerate(ready):
         records[i * _native.RECORD + 4] = _bits(float(opt.trust(list(norms[i].unbind()), group)))
 
 

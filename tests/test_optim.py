@@ -862,3 +862,18 @@ def test_step_inside_a_compiled_training_step():
     # ... and importing q8 does not import torch._dynamo (150 MB: q8convert's memory bound)
     code = "import sys, q8; assert 'torch._dynamo' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONSAFEPATH": "1"}, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("value", "code"), [(0.0, "dynamic"), (-2.5, "dynamic"), (0.0, "udynamic_sq"), (0.1, "udynamic_sq")]
+)
+def test_new_state_is_the_quantized_filled_tensor(value, code):
+    """The state a first step creates without encoding (`filled`, no device work) is what
+    quantizing the filled fp32 tensor gives, in the row layout too."""
+    from q8.optim.optimizer import filled
+
+    for shape, row_length in (((7, 300), 300), ((5, 256), 1280), ((0, 3), 3)):
+        want = q8.quantize(torch.full(shape, value), code, 256, row_length=row_length)
+        got = filled(value, code, 256, torch.Size(shape), row_length, "cpu")
+        assert (got.shape, got.row_length, got.code) == (want.shape, want.row_length, want.code)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.absmax, want.absmax)
