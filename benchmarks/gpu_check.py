@@ -51,6 +51,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from optim import table  # noqa: E402  (benchmarks/optim.py: markdown tables)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -130,14 +133,6 @@ def attempt(what: str, fn: Callable[[], object]):
         print(f"{what} failed: {type(err).__name__}: {err}")
         traceback.print_exc(limit=3, file=sys.stdout)
         return None
-
-
-def table(header: tuple[str, ...], rows: list[tuple]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join(" --- " for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
-    print()
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:

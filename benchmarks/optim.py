@@ -121,6 +121,7 @@ def time_steps(makers: dict[str, Callable], model: Callable[[], torch.nn.Module]
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    """Print a markdown table (benchmarks/gpu_check.py prints its tables with it too)."""
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(" --- " for _ in header) + "|")
     for row in rows:

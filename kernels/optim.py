@@ -345,6 +345,8 @@ def step(
         raise ValueError(f"q8.kernels.step: p on {p.device}, grad on {grad.device}")
     if len(slots) != 3 or len(hyper) > 12 or len(doubles) != 4:
         raise ValueError("q8.kernels.step: three slots, at most 12 constants and 4 doubles")
+    if n == 0:  # an empty parameter (an FSDP2 rank's empty shard): nothing to update
+        return
     row_length, blocksize = layout
     args = []
     kinds = []
@@ -357,8 +359,6 @@ def step(
         kind, slot = _slot_args(entry, code, p)
         kinds.append(kind)
         args += slot
-    if n == 0:
-        return
     nblocks = n // row_length * -(-row_length // blocksize)
     rows, grid = _grid(nblocks, blocksize)
     h = [float(x) for x in hyper] + [0.0] * (12 - len(hyper))

@@ -104,7 +104,8 @@ def cuda_step(opt, work: list) -> None:
         report = opt._reports.setdefault(device, DeviceReport(device))
         report.poll(owner, wait=False)
         grads = [local(g).detach() for _, g, _, _ in items]
-        ok = torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().to(torch.int64)
+        nonempty = [g if g.numel() else one(device) for g in grads]  # the inf-norm of nothing is an error
+        ok = torch.stack(torch._foreach_norm(nonempty, math.inf)).isfinite().to(torch.int64)
         for i, (p, *_) in enumerate(items):
             if is_sharded(p):  # every rank skips the same parameters
                 torch.distributed.all_reduce(ok[i : i + 1], op=torch.distributed.ReduceOp.MIN, group=sharded_group(p))

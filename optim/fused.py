@@ -196,7 +196,8 @@ def _layout(entries: list, n: int) -> tuple[int, int] | None:
     layouts = {(e.row_length, e.blocksize) for e in entries if isinstance(e, QTensor)}
     if len(layouts) > 1:
         return None
-    return layouts.pop() if layouts else (max(n, 1), _FP32_BLOCK)
+    row_length, blocksize = layouts.pop() if layouts else (n, _FP32_BLOCK)
+    return max(row_length, 1), blocksize  # an empty parameter (an FSDP2 rank's empty shard): no blocks
 
 
 def cpu_step(opt, work: list) -> None:

@@ -184,3 +184,12 @@ def test_a_captured_step_replays_exactly(name):
         eager.step()
     torch.cuda.synchronize()
     optim_vectors.assert_same((graphed, params), (eager, eager_params))
+
+
+def test_an_empty_parameter_steps(gpu_path):
+    p, empty = (torch.nn.Parameter(torch.ones(s, device=DEVICE)) for s in ((4, 300), (0, 300)))
+    opt = q8.optim.AdamW8bit([empty, p], lr=1e-2, min_8bit_size=0, blocksize=64)
+    for _ in range(2):
+        empty.grad, p.grad = torch.zeros_like(empty), torch.ones_like(p)
+        opt.step()
+    assert int(opt.state[empty]["step"]) == int(opt.state[p]["step"]) == 2

@@ -877,3 +877,17 @@ def test_new_state_is_the_quantized_filled_tensor(value, code):
         got = filled(value, code, 256, torch.Size(shape), row_length, "cpu")
         assert (got.shape, got.row_length, got.code) == (want.shape, want.row_length, want.code)
         assert torch.equal(got.codes, want.codes) and torch.equal(got.absmax, want.absmax)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd-nesterov"])
+def test_an_empty_parameter_steps(name):
+    """A parameter with no elements (what an FSDP2 rank holds of a parameter with fewer rows
+    than ranks) takes its step with the others: nothing to update, the step counted."""
+    cls, kwargs = optim_vectors.OPTIMIZERS[name]
+    empty, p = torch.nn.Parameter(torch.zeros(0, 300)), torch.nn.Parameter(torch.ones(4, 300))
+    opt = cls([empty, p], **kwargs, **optim_vectors.OPTIONS)
+    for _ in range(2):
+        empty.grad, p.grad = torch.zeros(0, 300), torch.ones(4, 300)
+        opt.step()
+    assert opt.state[empty]["step"] == opt.state[p]["step"] == 2
+    assert isinstance(opt.state[empty][opt.slots(opt.param_groups[0])[0]], q8.QTensor)
