@@ -182,7 +182,7 @@ def main() -> None:
         ratio = ratios.get((big, family, anchor))
         verdict = "met" if ratio is not None and ratio <= limit else "NOT met"
         shown = "n/a" if ratio is None else f"{ratio:.2f}x"
-        print(f"target {family}8bit <= {limit}x {anchor} ({big}): {shown} -- {verdict}")
+        print(f"target {FAMILIES[family][0].__name__} <= {limit}x {anchor} ({big}): {shown} -- {verdict}")
     ratio = ratios.get((f"{SMALL} nn.Linear(64, 64)", "AdamW", "torch foreach"))
     verdict = "met" if ratio is not None and ratio <= 1.0 else "NOT met"
     print(f"target {2 * SMALL} small parameters, AdamW8bit <= 1.0x torch foreach: {ratio:.2f}x -- {verdict}")
