@@ -10,6 +10,7 @@ and fp32 tensors for everything q8convert quantized, which torch's optimizers lo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import q8
@@ -17,6 +18,7 @@ import torch
 from q8.codec import get_code
 from q8.codec.blockwise import BLOCKSIZES
 
+from . import search
 from .checkpoints import InputError
 from .policy import Decision, Policy
 
@@ -60,11 +62,26 @@ def _is_bnb_8bit(d: dict, key: str) -> bool:
     return key in _BNB_8BIT_KEYS and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
 
 
+def _leaves(x: Any, path: str = "", key: str = "") -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(dotted path, key in its dict, tensor) of every tensor in a nested object."""
+    if isinstance(x, torch.Tensor):
+        yield path, key, x
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list | tuple) else ()
+    for k, v in items:
+        yield from _leaves(v, f"{path}.{k}" if path else str(k), str(k) if isinstance(x, dict) else "")
+
+
 def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decision]]:
     """`obj` with each tensor replaced by what the policy stores for it; and the decisions.
 
-    `where` names the source file in errors.
+    `where` names the source file in errors. A model error covers the object's tensors
+    as one model (`Policy.for_model`; not Adam moments, not bitsandbytes state).
     """
+    policy = policy.for_model(
+        (x.numel(), search.sample(x))
+        for path, key, x in _leaves(obj)
+        if key not in _BNB_8BIT_KEYS and policy.covers(path, x.dtype, tuple(x.shape), key)
+    )
     decisions: list[Decision] = []
     held: set[q8.Code] = set()  # the code tables the file will hold
 
