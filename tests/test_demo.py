@@ -15,7 +15,8 @@ def test_demo_runs_every_section():
     assert "Traceback" not in out and "skipped" not in out
     assert out.count("identical to the uninterrupted run: True") == 3, out
     assert ": OK" in out  # q8convert verify
-    assert "--target-error 0.02" in out and "drew each tensor's bits per element" in out  # q8convert's trade-off
+    assert "--model-error auto (default)" in out and "--target-error 0.02" in out  # q8convert: the trade-off
+    assert "drew each tensor's bits per element" in out  # q8convert's trade-off
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
     assert "q8 never unpickles" in out and "the pickle's code ran: False" in out
     assert "one flipped bit: FormatError" in out and "removed it: []" in out
