@@ -95,6 +95,13 @@ class Decision:
         return out
 
 
+def _norm(x: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """||x||, summed in float64 a chunk at a time (a float64 copy of a large tensor would
+    cross q8convert's memory bound)."""
+    flat = x.detach().reshape(-1)
+    return math.sqrt(sum(float(flat[i : i + chunk].double().square().sum()) for i in range(0, flat.numel(), chunk)))
+
+
 def _fixed_error(x: torch.Tensor) -> float:
     """The relative L2 error of `x` under the fixed encoding (`--code auto`, blocksize 2048)."""
     return quantize_best(x, AUTO_CODES[bool(x.min() < 0)], DEFAULT_BLOCKSIZE)[1].rel_l2
@@ -219,7 +226,7 @@ class Policy:
         without a model error."""
         if self.model_error is None:
             return None
-        d.norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+        d.norm = _norm(x)
         if self.share_scale is None:  # no model fitted: the tensor is a model of its own
             d.model_error = _fixed_error(x) if self.model_error == "auto" else self.model_error
             return d.model_error
