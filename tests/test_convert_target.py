@@ -136,6 +136,8 @@ def test_default_is_the_model_error_and_old_flags_keep_their_meaning(src, tmp_pa
     assert "positive number" in capsys.readouterr().err
     assert run(src, "-o", tmp_path / "x.q8", "--target-error", "0.01", "--model-error", "0.01") == EXIT_USAGE
     assert "not allowed with argument" in capsys.readouterr().err
+    assert run(src, "-o", tmp_path / "x.q8", "--model-error", "much") == EXIT_USAGE
+    assert "must be 'auto' or a positive number" in capsys.readouterr().err
 
 
 def test_sampled_search_confirms_on_the_whole_tensor():

@@ -578,7 +578,12 @@ def _blocksize(text: str) -> int:
 
 
 def _model_error(text: str) -> float | str:
-    return "auto" if text == "auto" else _fraction(text)
+    if text == "auto":
+        return text
+    try:
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number (e.g. 0.01), got {text!r}") from None
 
 
 def _fraction(text: str) -> float:
