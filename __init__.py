@@ -15,8 +15,23 @@ from .codec import (
     quantile_code,
     quantize,
 )
-from .formats import FormatError, Writer, load, load_file, safe_open, save, save_file, verify
-from .optim import load_optimizer, save_optimizer
+from .formats import (
+    FormatError,
+    Writer,
+    async_save,
+    async_save_file,
+    load,
+    load_bytes,
+    load_file,
+    load_model,
+    safe_open,
+    save,
+    save_bytes,
+    save_file,
+    save_model,
+    verify,
+)
+from .optim import async_save_optimizer, load_optimizer, save_optimizer
 
 __version__ = "0.1.0"
 
@@ -27,11 +42,16 @@ __all__ = [
     "QuantError",
     "Writer",
     "__version__",
+    "async_save",
+    "async_save_file",
+    "async_save_optimizer",
     "dequantize",
     "dynamic_code",
     "linear_code",
     "load",
+    "load_bytes",
     "load_file",
+    "load_model",
     "load_optimizer",
     "optim",
     "quant_error",
@@ -39,7 +59,9 @@ __all__ = [
     "quantize",
     "safe_open",
     "save",
+    "save_bytes",
     "save_file",
+    "save_model",
     "save_optimizer",
     "verify",
 ]

@@ -1,6 +1,17 @@
 """The codec: code tables and blockwise 8-bit quantization (CPU path compiled, GPU in q8.kernels)."""
 
-from .blockwise import AUTO_CODES, QTensor, QuantError, dequantize, quant_error, quantize, quantize_best
+from .blockwise import (
+    AUTO_CODES,
+    QTensor,
+    QuantError,
+    dequantize,
+    mix32,
+    quant_error,
+    quantize,
+    quantize_best,
+    quantize_stochastic,
+    rounding_key,
+)
 from .codes import CODE_NAMES, Code, dynamic_code, get_code, linear_code, quantile_code
 
 __all__ = [
@@ -13,8 +24,11 @@ __all__ = [
     "dynamic_code",
     "get_code",
     "linear_code",
+    "mix32",
     "quant_error",
     "quantile_code",
     "quantize",
     "quantize_best",
+    "quantize_stochastic",
+    "rounding_key",
 ]

@@ -21,6 +21,9 @@ typedef struct {
     q8_layout layout;
     uint8_t zero_code, *codes;
     float *absmax;
+    const float *values; /* NULL: nearest; else the table, for stochastic rounding */
+    uint32_t key;
+    int64_t offset;
 } encode_job;
 
 /* Encode blocks [b0, b1). Returns -1, or the index of the first block holding a
@@ -34,7 +37,11 @@ static int64_t encode_blocks(const void *job, int64_t b0, int64_t b1) {
         const float m = q8_block_absmax(e->x + start, len, &finite);
         if (!finite) return b;
         e->absmax[b] = m;
-        q8_encode_block(e->x + start, len, m, e->thresholds, e->lut, e->zero_code, e->codes + start);
+        if (e->values)
+            q8_encode_block_stochastic(e->x + start, len, m, e->values, e->thresholds, e->lut, e->zero_code,
+                                       e->key, e->offset + start, e->codes + start);
+        else
+            q8_encode_block(e->x + start, len, m, e->thresholds, e->lut, e->zero_code, e->codes + start);
     }
     return -1;
 }
@@ -102,16 +109,17 @@ static int check_layout(long long row_length, long long blocksize) {
 }
 
 static PyObject *py_encode(PyObject *self, PyObject *args) {
-    unsigned long long x, thr, lut, codes, absmax;
-    long long row_length, blocksize, b0, b1;
+    unsigned long long x, thr, lut, codes, absmax, values = 0;
+    unsigned long key = 0;
+    long long row_length, blocksize, b0, b1, offset = 0;
     int zero_code, threads;
-    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi", &x, &row_length, &blocksize, &b0, &b1, &thr, &lut,
-                          &zero_code, &codes, &absmax, &threads))
+    if (!PyArg_ParseTuple(args, "KLLLLKKiKKi|KkL", &x, &row_length, &blocksize, &b0, &b1, &thr, &lut,
+                          &zero_code, &codes, &absmax, &threads, &values, &key, &offset))
         return NULL;
     if (!check_layout(row_length, blocksize)) return NULL;
     const encode_job job = {(const float *)x, (const float *)thr, (const uint8_t *)lut,
                             q8_make_layout(row_length, blocksize), (uint8_t)zero_code,
-                            (uint8_t *)codes, (float *)absmax};
+                            (uint8_t *)codes, (float *)absmax, (const float *)values, (uint32_t)key, offset};
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = q8_parallel_blocks(encode_blocks, &job, b0, b1, threads);
@@ -169,8 +177,9 @@ static PyObject *py_advise_hugepages(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"encode", py_encode, METH_VARARGS,
-     "encode(x, row_length, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads) -> first bad "
-     "block or -1"},
+     "encode(x, row_length, blocksize, b0, b1, thresholds, lut, zero_code, codes, absmax, threads[, values, key, "
+     "offset]) -> first bad block or -1; with values (the table): stochastic rounding keyed by key and offset + "
+     "the element's index"},
     {"decode", py_decode, METH_VARARGS, "decode(codes, absmax, table, row_length, blocksize, b0, b1, out, threads)"},
     {"block_errors", py_block_errors, METH_VARARGS,
      "block_errors(x, codes, absmax, table, row_length, blocksize, b0, b1, err2, ref2, max_abs, threads)"},

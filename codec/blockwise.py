@@ -22,7 +22,18 @@ import torch
 from .codes import Code, get_code
 from .layout import canonical_row_length, check_row_length, num_blocks
 
-__all__ = ["AUTO_CODES", "QTensor", "QuantError", "dequantize", "quant_error", "quantize", "quantize_best"]
+__all__ = [
+    "AUTO_CODES",
+    "QTensor",
+    "QuantError",
+    "dequantize",
+    "mix32",
+    "quant_error",
+    "quantize",
+    "quantize_best",
+    "quantize_stochastic",
+    "rounding_key",
+]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 64, 4096
@@ -209,6 +220,93 @@ def quantize(
             "8-bit codes cannot represent non-finite values"
         )
     return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype, row_length)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def mix32(x: int | torch.Tensor) -> int | torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32): uint32 values as Python ints or int64
+    tensors. The products are taken in 16-bit halves so no int64 product overflows."""
+
+    def mul(a, c):
+        return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+    x = x ^ (x >> 16)
+    x = mul(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, step: int) -> int:
+    """The per-step key of `quantize_stochastic`: mix32(seed ^ mix32(step)), both 32-bit."""
+    return mix32((seed & _U32) ^ mix32(step & _U32))
+
+
+def quantize_stochastic(
+    x: torch.Tensor, code: str | Code, blocksize: int, key: int, offset: int = 0, *, row_length: int | None = None
+) -> QTensor:
+    """Quantize with deterministic stochastic rounding (docs/CODEC.md): each value goes to
+    one of the two table entries around it, the upper with probability equal to its
+    position between them, drawn from a hash of (`key`, the element's index `offset + i`).
+    Unbiased, so an EMA whose increments are below half a step still moves on average; a
+    positive value never takes the code of 0.0. The rule the optimizers use for
+    non-negative state (docs/OPTIMIZER_STATE.md); the fused optimizer kernels implement it too.
+
+    Args:
+        x: fp32/fp16/bf16 tensor (CPU: the compiled path; CUDA: torch ops).
+        code, blocksize, row_length: as for `quantize`.
+        key: 32-bit key, `rounding_key(seed, step)` for optimizer state.
+        offset: index of x's first element in the whole tensor it is part of (a shard's
+            start), so that the bytes do not depend on how a tensor is sharded.
+    """
+    _check_input(x)
+    _check_blocksize(blocksize)
+    numel = x.numel()
+    if row_length is not None:
+        check_row_length(numel, row_length)
+    row_length = canonical_row_length(numel, blocksize, numel if row_length is None else row_length)
+    table, key, flat = get_code(code), key & _U32, _flat_fp32(x)
+    if x.device.type == "cpu":
+        from . import native
+
+        codes, absmax, bad = native.encode(flat, table, blocksize, row_length, key, offset)
+    else:
+        codes, absmax, bad = _encode_stochastic_torch(flat, table, blocksize, row_length, key, offset)
+    if bad >= 0:
+        raise ValueError(f"quantize_stochastic: input has NaN or inf in block {bad}")
+    return QTensor(codes, absmax, table, blocksize, x.shape, x.dtype, row_length)
+
+
+def _encode_stochastic_torch(
+    flat: torch.Tensor, table: Code, blocksize: int, row_length: int, key: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The stochastic rounding rule in torch ops (any device) on a flat fp32 tensor in the
+    row layout: codes, absmax, bad block (-1 if none)."""
+    if flat.numel() == 0:
+        return flat.new_empty(0, dtype=torch.uint8), flat.new_empty(0), -1
+    width = -(-row_length // blocksize) * blocksize  # a row's blocks, the last zero-padded
+    rows = torch.nn.functional.pad(flat.view(-1, row_length), (0, width - row_length))
+    blocks = rows.view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    bad = torch.nonzero(~torch.isfinite(absmax))
+    if bad.numel():
+        return flat.new_empty(0, dtype=torch.uint8), absmax, int(bad[0, 0])
+    q = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
+    values = table.values.to(flat.device)
+    floor = (torch.searchsorted(values, q, right=True) - 1).clamp_(0, 255)
+    below = floor.clamp(max=254)
+    lo, hi = values[below], values[below + 1]
+    frac = (q - lo) / (hi - lo)
+    row = torch.arange(rows.shape[0], device=flat.device)[:, None] * row_length
+    index = (offset + row + torch.arange(width, device=flat.device)[None, :]).view_as(blocks)
+    u = mix32(mix32((index & _U32) ^ key) ^ (index >> 32))
+    codes = floor + (((u >> 8).float() * 2.0**-24 < frac) & (floor < 255))
+    z = table.zero_index
+    if z < 255:
+        codes = torch.where((blocks > 0) & (codes == z), z + 1, codes)
+    return codes.to(torch.uint8).view(-1, width)[:, :row_length].reshape(-1), absmax, -1
 
 
 def quantize_best(

@@ -32,8 +32,8 @@ class Code:
     """A named 256-entry fp32 code table, sorted and strictly increasing.
 
     Args:
-        name: identifier stored in files ("dynamic", "udynamic", "linear", "ulinear",
-            "quantile" or any user name).
+        name: identifier stored in files ("dynamic", "udynamic", "udynamic_sq", "linear",
+            "ulinear", "quantile" or any user name).
         values: 256 finite values, strictly increasing, containing 0.0.
 
     Example:
@@ -140,6 +140,11 @@ def _named(name: str) -> Code:
             if signed:
                 parts.append(-scaled)
         return Code(name, torch.cat(parts).sort().values)
+    if name == "udynamic_sq":
+        # udynamic squared (binary64 squares rounded to binary32), the table of second
+        # moments: storing v with it is storing sqrt(v) with udynamic, half the dynamic
+        # range in decades, so a v 1e-7 below its block's largest lands on a fine step, not 0.
+        return Code(name, _named("udynamic").values.double().square().float())
     linear = re.fullmatch(r"(u?)linear(?:-([1-9][0-9]{0,2}))?", name)
     top = 255 if linear and linear[1] else 127
     if linear and int(linear[2] or top) <= top:
@@ -151,7 +156,7 @@ def _named(name: str) -> Code:
     )
 
 
-CODE_NAMES = ("dynamic", "udynamic", "linear", "ulinear")
+CODE_NAMES = ("dynamic", "udynamic", "udynamic_sq", "linear", "ulinear")
 
 
 def get_code(code: str | Code) -> Code:

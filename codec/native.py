@@ -63,12 +63,18 @@ def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def encode(
-    x: torch.Tensor, code: Code, blocksize: int, row_length: int | None = None
+    x: torch.Tensor,
+    code: Code,
+    blocksize: int,
+    row_length: int | None = None,
+    key: int | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Encode a contiguous 1-D fp32 CPU tensor in blocks that never cross a row of
-    `row_length` elements (None: one row, the flat layout). Returns (codes, absmax,
-    bad_block) where bad_block is -1, or the first block holding a NaN/inf (the outputs are
-    then invalid)."""
+    `row_length` elements (None: one row, the flat layout), to the nearest codes or, given
+    a `key`, by stochastic rounding (x's elements numbered from `offset`). Returns (codes,
+    absmax, bad_block) where bad_block is -1, or the first block holding a NaN/inf (the
+    outputs are then invalid)."""
     n = x.numel()
     row_length = n if row_length is None else row_length
     nblocks = num_blocks(n, blocksize, row_length)
@@ -78,10 +84,12 @@ def encode(
         return codes, absmax, -1
     thresholds, lut = code.thresholds, search_lut(code)
 
+    stochastic = () if key is None else (code.values.data_ptr(), key, offset)
+
     def run(b0: int, b1: int, threads: int) -> int:
         return _native.encode(
             x.data_ptr(), row_length, blocksize, b0, b1, thresholds.data_ptr(), lut.data_ptr(),
-            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads,
+            code.zero_index, codes.data_ptr(), absmax.data_ptr(), threads, *stochastic,
         )  # fmt: skip
 
     return codes, absmax, _run_blocks(run, nblocks, n)
@@ -110,6 +118,41 @@ def decode(
 
     _run_blocks(run, absmax.numel(), n)
     return out
+
+
+def decode_range(
+    codes: torch.Tensor, absmax: torch.Tensor, code: Code, blocksize: int, row_length: int, e0: int, out: torch.Tensor
+) -> None:
+    """Decode elements [e0, e0 + len(codes)) of a tensor laid out as `encode` makes them
+    into the fp32 tensor `out` (one value per code), on the calling thread: `codes` holds
+    only those elements' codes, `absmax` the whole tensor's. The blocks inside the range go
+    through the compiled loop; the parts of the (at most two) blocks it cuts are decoded
+    with the same single fp32 product."""
+    e1 = e0 + codes.numel()
+    per_row = -(-row_length // blocksize)
+
+    def block(e: int) -> int:  # the block holding element e
+        return e // row_length * per_row + e % row_length // blocksize
+
+    def start(b: int) -> int:
+        return b // per_row * row_length + b % per_row * blocksize
+
+    def by_element(a: int, b: int) -> None:
+        idx = torch.arange(a, b)
+        blocks = idx // row_length * per_row + idx % row_length // blocksize
+        out[a - e0 : b - e0] = code.values[codes[a - e0 : b - e0].long()] * absmax[blocks]
+
+    b0 = block(e0) + (e0 % row_length % blocksize != 0)
+    b1 = absmax.numel() if e1 == row_length * (absmax.numel() // per_row) else block(e1)
+    if b0 >= b1:
+        by_element(e0, e1)
+        return
+    by_element(e0, start(b0))
+    _native.decode(
+        codes.data_ptr() - e0, absmax.data_ptr(), code.values.data_ptr(), row_length, blocksize, b0, b1,
+        out.data_ptr() - 4 * e0, 1,
+    )  # fmt: skip
+    by_element(start(b1) if b1 < absmax.numel() else e1, e1)
 
 
 def block_errors(

@@ -122,6 +122,45 @@ static inline void q8_encode_block(const float *x, int64_t len, float m, const f
     }
 }
 
+/* Wellons' lowbias32 integer hash (codec/blockwise.py::mix32). */
+static inline uint32_t q8_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* Codes of one block of finite values whose absmax is m by deterministic stochastic
+ * rounding (docs/CODEC.md; reference: codec/blockwise.py::quantize_stochastic). Element i
+ * has global index index0 + i. q = x / m lies between entries f = floor and f + 1 of
+ * `values`; it takes f + 1 when (u >> 8) * 2^-24 < (q - values[f]) / (values[f+1] -
+ * values[f]), u = mix32(mix32(low32(index) ^ key) ^ high32(index)). A positive x never
+ * takes zero_code. The nearest code (LUT + thresholds, as q8_encode_block) finds f. */
+static inline void q8_encode_block_stochastic(const float *x, int64_t len, float m, const float *values,
+                                              const float *thr, const uint8_t *lut, uint8_t zero_code,
+                                              uint32_t key, int64_t index0, uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    for (int64_t i = 0; i < len; i++) {
+        const float q = x[i] / m;
+        unsigned c = lut[q8_f2u(q) >> 16];
+        while (c < 255 && q >= thr[c]) c++;
+        unsigned f = (values[c] <= q || c == 0) ? c : c - 1;
+        if (f < 255) {
+            const float frac = (q - values[f]) / (values[f + 1] - values[f]);
+            const uint64_t index = (uint64_t)(index0 + i);
+            const uint32_t u = q8_mix32(q8_mix32((uint32_t)index ^ key) ^ (uint32_t)(index >> 32));
+            f += (float)(u >> 8) * 0x1p-24f < frac;
+        }
+        if (f == zero_code && zero_code < 255 && x[i] > 0.0f) f = zero_code + 1u;
+        codes[i] = (uint8_t)f;
+    }
+}
+
 /* Decode one block: out[i] = table[codes[i]] * m (one fp32 multiplication). */
 static inline void q8_decode_block(const uint8_t *codes, int64_t len, float m, const float *table,
                                    float *out) {

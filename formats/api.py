@@ -19,15 +19,30 @@ import torch
 from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
 from .atomic import TempFile, fsync_dir
-from .container import FormatError, Reader, Writer, _check_str_map, check_storable
+from .background import SaveFuture, save_in_background
+from .container import BytesWriter, FormatError, Reader, Writer, _check_str_map, _pool, check_storable
+from .planes import map_all
 from .tree import pack_tree, unpack_tree
 
-__all__ = ["load", "load_file", "safe_open", "save", "save_file", "verify"]
+__all__ = [
+    "async_save",
+    "async_save_file",
+    "load",
+    "load_bytes",
+    "load_file",
+    "read_tensors",
+    "safe_open",
+    "save",
+    "save_bytes",
+    "save_file",
+    "verify",
+]
 
 INDEX_SUFFIX = ".index.json"
 MIN_QUANTIZE_NUMEL = 4096
 """save_file(quantize=True) keeps float tensors smaller than this exact (norms, biases)."""
 
+_LARGE_TENSOR_BYTES = 4 << 20  # read_tensors reads larger tensors one at a time
 Tensors = Mapping[str, "torch.Tensor | QTensor"]
 
 
@@ -60,22 +75,15 @@ def save_file(
             zstd; None writes one file.
 
     Raises:
-        TypeError / ValueError: an unsupported value, non-str key or bad argument, before
-            anything is written.
+        TypeError / ValueError: an unsupported value, non-str key or bad argument, or
+            tensors that share memory (tied weights: `q8.save_model` stores them once),
+            before anything is written.
 
     Example:
         >>> q8.save_file({"w": torch.randn(1024, 1024)}, "m.q8", metadata={"step": "10"})
         >>> q8.save_file({"w": torch.randn(1024, 1024)}, "m8.q8", quantize=True, blocksize=256)
     """
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"save_file expects a dict of tensors, got {type(tensors).__name__}")
-    metadata = _check_str_map(metadata, "metadata")
-    for name, x in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"save_file: tensor names must be non-empty str, got {name!r}")
-        if not isinstance(x, QTensor):
-            check_storable(x, f"save_file: tensor {name!r}")
-    Writer(path, code=code, blocksize=blocksize)  # validates code and blocksize
+    metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
     items = [(name, _plan(name, x, quantize)) for name, x in tensors.items()]
     shards = _shard(items, _parse_size(max_shard_size))
     path = Path(path)
@@ -96,12 +104,117 @@ def save_file(
         path.unlink()
 
 
+def check_save_file_args(
+    tensors: Tensors,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None,
+    code: str | Code,
+    blocksize: int,
+    max_shard_size: int | str | None,
+) -> dict[str, str]:
+    """TypeError/ValueError for any argument `save_file` cannot take (nothing is written);
+    the metadata as a dict."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"save_file expects a dict of tensors, got {type(tensors).__name__}")
+    metadata = _check_str_map(metadata, "metadata")
+    for name, x in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"save_file: tensor names must be non-empty str, got {name!r}")
+        if not isinstance(x, QTensor):
+            check_storable(x, f"save_file: tensor {name!r}")
+    if shared := shared_groups({k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}):
+        raise ValueError(
+            f"save_file: tensors {', '.join(map(repr, shared[0]))} share memory (tied weights?): stored apart "
+            "they would load untied. Save a model with q8.save_model(model, path), which stores them once and "
+            "q8.load_model restores the tie, or save copies (.clone())."
+        )
+    Writer(path, code=code, blocksize=blocksize)  # validates code and blocksize
+    _parse_size(max_shard_size)
+    return metadata
+
+
+def save_bytes(
+    tensors: Tensors,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    quantize: bool | Callable[[str, torch.Tensor], bool] = False,
+    code: str | Code = "auto",
+    blocksize: int = 2048,
+) -> bytes:
+    """`save_file` into memory: the bytes of a q8 file (safetensors' `save`). Named apart
+    from `q8.save(obj, path)`, which saves nested state to a file.
+
+    Example:
+        >>> data = q8.save_bytes({"w": torch.randn(1024, 1024)})
+        >>> q8.load_bytes(data)["w"]
+    """
+    metadata = check_save_file_args(tensors, "<bytes>", metadata, code, blocksize, None)
+    writer = BytesWriter(metadata, code=code, blocksize=blocksize)
+    try:
+        for name, x in tensors.items():
+            x, quantized = _plan(name, x, quantize)
+            writer.add(name, x, lossless=not quantized)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def load_bytes(data: bytes | bytearray | memoryview, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a q8 file held in memory (`save_bytes`, or a file's bytes), decoded,
+    on `device` (safetensors' `load`). Raises `q8.FormatError` on any corrupt input.
+
+    Example:
+        >>> tensors = q8.load_bytes(data)
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"load_bytes expects bytes, got {type(data).__name__}")
+    with Reader("<bytes>", device, data=data) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Names of tensors whose bytes overlap, in groups of two or more, each in the order of
+    `tensors` (safetensors' rule: views of disjoint parts of one storage do not count)."""
+    by_storage: dict[tuple, list[tuple[int, int, str]]] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+            continue
+        start = t.storage_offset() * t.element_size()
+        reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1
+        key = (t.device, t.untyped_storage().data_ptr())
+        by_storage.setdefault(key, []).append((start, start + reach * t.element_size(), name))
+    order = {name: i for i, name in enumerate(tensors)}
+    groups = []
+    for spans in by_storage.values():
+        spans.sort()
+        group, end = [spans[0][2]], spans[0][1]
+        for start, stop, name in spans[1:]:
+            if start < end:
+                group.append(name)
+            else:
+                if len(group) > 1:
+                    groups.append(group)
+                group = [name]
+            end = max(end, stop)
+        if len(group) > 1:
+            groups.append(group)
+    return [sorted(group, key=order.__getitem__) for group in groups]
+
+
+def worth_quantizing(x: torch.Tensor) -> bool:
+    """Whether `quantize=True` stores `x` as 8-bit codes (here and in `save_optimizer`,
+    `save_model`): a float tensor of at least `MIN_QUANTIZE_NUMEL` elements, all finite."""
+    return x.dtype in FLOAT_DTYPES and x.numel() >= MIN_QUANTIZE_NUMEL and bool(torch.isfinite(x).all())
+
+
 def _plan(name: str, x: torch.Tensor | QTensor, policy: bool | Callable) -> tuple[Any, bool]:
     """(tensor, whether to quantize it) under the quantize policy."""
     if isinstance(x, QTensor) or not policy or x.dtype not in FLOAT_DTYPES:
         return x, False
-    wanted = policy(name, x) if callable(policy) else x.numel() >= MIN_QUANTIZE_NUMEL
-    return x, bool(wanted) and bool(torch.isfinite(x).all())
+    if callable(policy):
+        return x, bool(policy(name, x)) and bool(torch.isfinite(x).all())
+    return x, worth_quantizing(x)
 
 
 def _stored_estimate(x: torch.Tensor | QTensor, quantized: bool) -> int:
@@ -174,11 +287,60 @@ def save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None =
         >>> q8.load("s.q8")["state"][0]["m"]  # a QTensor again
     """
     tree, tensors = pack_tree(obj)
-    metadata = _check_str_map(metadata, "metadata")
+    write_tree(tree, tensors, path, _check_str_map(metadata, "metadata"))
+
+
+def write_tree(tree: bytes, tensors: Tensors, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """The file of `q8.save`: the packed structure `tree` and the tensors it names."""
     with Writer(path, metadata) as w:
         w.set_tree(tree)
         for name, x in tensors.items():
             w.add(name, x)
+
+
+def async_save_file(
+    tensors: Tensors,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    quantize: bool | Callable[[str, torch.Tensor], bool] = False,
+    code: str | Code = "auto",
+    blocksize: int = 2048,
+    max_shard_size: int | str | None = None,
+) -> SaveFuture:
+    """`save_file` in the background: returns once the tensors are copied (CUDA tensors to
+    pinned host memory, QTensors as codes + absmax), so the caller may update them at once;
+    encoding, compression and the atomic write run on q8's save thread.
+
+    Saves run in the order they were made (a blocking save to the same file waits for
+    them); the interpreter waits for pending saves before it exits. Bad arguments raise
+    here, before anything is copied; a failure while writing is raised by `result()`, and
+    logged if nobody reads it.
+
+    Returns:
+        A `concurrent.futures.Future` (`q8.formats.SaveFuture`): `result()` is None once the
+        file is in place.
+
+    Example:
+        >>> future = q8.async_save_file(model.state_dict(), "m.q8")
+        >>> ...  # keep training: the file is written meanwhile
+        >>> future.result()  # raises if the save failed
+    """
+    metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
+    kwargs = {"quantize": quantize, "code": code, "blocksize": blocksize, "max_shard_size": max_shard_size}
+    return save_in_background(path, lambda copy: save_file(copy, path, metadata, **kwargs), dict(tensors))
+
+
+def async_save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> SaveFuture:
+    """`save` in the background, as `async_save_file` does: the structure is packed and its
+    tensors copied before this returns; the file is written on q8's save thread.
+
+    Example:
+        >>> q8.async_save({"step": 3, "state": opt.state_dict()}, "state.q8").result()
+    """
+    tree, tensors = pack_tree(obj)
+    metadata = _check_str_map(metadata, "metadata")
+    return save_in_background(path, lambda copy: write_tree(tree, copy, path, metadata), tensors)
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -222,6 +384,23 @@ class ShardedReader:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
+    def offset_keys(self) -> list[str]:
+        """Tensor names shard by shard, in file order within each."""
+        shards = sorted(set(self.weight_map.values()))
+        return [name for shard in shards for name in self._reader(shard).keys() if self.weight_map.get(name) == shard]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.weight_map
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def get_slice(self, name: str):
+        return self._for(name).get_slice(name)
+
     def metadata(self) -> dict[str, str]:
         shards = sorted(set(self.weight_map.values()))
         return self._reader(shards[0]).metadata() if shards else {}
@@ -229,8 +408,8 @@ class ShardedReader:
     def info(self, name: str) -> dict:
         return self._for(name).info(name)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self._for(name).get_tensor(name)
+    def get_tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        return self._for(name).get_tensor(name, copy=copy)
 
     def get_qtensor(self, name: str) -> QTensor:
         return self._for(name).get_qtensor(name)
@@ -253,19 +432,31 @@ class ShardedReader:
         self.close()
 
 
-def safe_open(path: str | os.PathLike, device: str | torch.device = "cpu") -> Reader | ShardedReader:
+def safe_open(
+    path: str | os.PathLike, framework: str = "pt", device: str | torch.device = "cpu"
+) -> Reader | ShardedReader:
     """Open a q8 file (or a sharded checkpoint's index json, or a path whose
-    `<path>.index.json` exists) for random access; use as a context manager.
+    `<path>.index.json` exists) for random access; use as a context manager. The signature
+    is safetensors': `framework` must be "pt" (q8 reads into torch tensors).
 
-    The object has `keys()`, `metadata()`, `get_tensor(name)` (decoded, on `device`),
-    `get_qtensor(name)` (codes + absmax of a quantized tensor, no decoding) and
-    `info(name)` (shape, dtype, encoding, code, blocksize, stored_bytes, raw_bytes, extra).
-    Only the segments of the tensors asked for are read; every one is checksummed.
+    The object has `keys()` / `offset_keys()` (names in file order), `in`, iteration,
+    `metadata()`, `get_tensor(name)` (decoded, on `device`), `get_slice(name)` (index it
+    to read part of a tensor: `q8.formats.slicing`), `get_qtensor(name)` (codes + absmax
+    of a quantized tensor, no decoding) and `info(name)` (shape, dtype, encoding, code,
+    blocksize, stored_bytes, raw_bytes, extra). Only the segments of the tensors asked for
+    are read; every one is checksummed (`get_slice` of an uncompressed segment reads only
+    the bytes it needs, without the checksum).
 
     Example:
-        >>> with q8.safe_open("m.q8") as f:
+        >>> with q8.safe_open("m.q8", framework="pt", device="cpu") as f:
         ...     w = f.get_tensor("w"); print(f.info("w")["stored_bytes"])
+        ...     rows = f.get_slice("w")[:128]
     """
+    if framework not in ("pt", "torch"):
+        raise ValueError(
+            f"safe_open: framework must be 'pt' (q8 reads into torch tensors), got {framework!r}"
+            + ("; pass the device by name: safe_open(path, device=...)" if _is_device(framework) else "")
+        )
     torch.device(device)
     path = Path(path)
     if path.name.endswith(INDEX_SUFFIX):
@@ -273,6 +464,14 @@ def safe_open(path: str | os.PathLike, device: str | torch.device = "cpu") -> Re
     if not path.exists() and Path(f"{path}{INDEX_SUFFIX}").is_file():
         return ShardedReader(Path(f"{path}{INDEX_SUFFIX}"), device)
     return Reader(path, device)
+
+
+def _is_device(value: Any) -> bool:
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -284,27 +483,49 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> di
     Example:
         >>> tensors = q8.load_file("m.q8")
     """
-    with safe_open(path, device) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    with safe_open(path, device=device) as f:
+        return read_tensors(f, decode=True)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """Load what `q8.save` wrote (QTensors come back as QTensors); for a file written by
     `save_file`, the dict of its tensors."""
-    with safe_open(path, device) as f:
+    with safe_open(path, device=device) as f:
         if getattr(f, "tree", None) is None:
-            return {name: _load_one(f, name) for name in f.keys()}
+            return read_tensors(f)
         return read_tree(f)
+
+
+def read_tensors(
+    f: Reader | ShardedReader, *, decode: bool = False, copy: bool = False
+) -> dict[str, torch.Tensor | QTensor]:
+    """Every tensor of an open file: quantized ones as QTensors, or decoded with
+    `decode=True`; `copy`: no zero-copy views of the file (state that will be updated in
+    place). Small tensors are read several at a time (their per-tensor costs dominate),
+    large ones one after another, each range by range on several threads (so that the
+    memory beyond the tensors stays a few buffers)."""
+
+    info = {name: f.info(name) for name in f.keys()}
+
+    def read(name: str) -> torch.Tensor | QTensor:
+        if not decode and info[name]["encoding"] == "blockwise":
+            return f.get_qtensor(name)
+        return f.get_tensor(name, copy=copy)
+
+    small = [name for name, i in info.items() if i["raw_bytes"] < _LARGE_TENSOR_BYTES]
+    loaded = dict(zip(small, map_all(_pool(), read, small), strict=True))
+    return {name: loaded[name] if name in loaded else read(name) for name in info}
 
 
 def read_tree(f: Reader) -> Any:
     """The nested object in the `tree` of an open q8 file, its tensors loaded (each once:
-    tied tensors stay tied). FormatError on a malformed structure."""
-    loaded: dict[str, Any] = {}
+    tied tensors stay tied; all of the file's, several at a time). FormatError on a
+    malformed structure."""
+    loaded = read_tensors(f)
 
     def load_one(name: str) -> Any:
         if name not in loaded:
-            loaded[name] = _load_one(f, name)
+            raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}")
         return loaded[name]
 
     try:
@@ -313,14 +534,6 @@ def read_tree(f: Reader) -> Any:
         raise
     except Exception as e:
         raise FormatError(f"{f.path}: malformed nested structure: {e}") from None
-
-
-def _load_one(f: Reader | ShardedReader, name: str) -> torch.Tensor | QTensor:
-    try:
-        encoding = f.info(name)["encoding"]
-    except KeyError:
-        raise FormatError(f"{f.path}: the structure references a missing tensor {name!r}") from None
-    return f.get_qtensor(name) if encoding == "blockwise" else f.get_tensor(name)
 
 
 def verify(path: str | os.PathLike) -> None:

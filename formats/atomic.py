@@ -24,6 +24,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from .background import wait_for
+
 __all__ = [
     "TempFile",
     "fsync_dir",
@@ -118,9 +120,11 @@ def _remove_stale(folder: Path, pattern: re.Pattern[bytes], old_is_garbage: bool
 
 class TempFile:
     """A locked temporary file next to `dest`, opened for binary writing; stale temporary
-    files of dead writers for `dest` are removed first."""
+    files of dead writers for `dest` are removed first. A save made here lands after the
+    background saves to `dest` pending before it (formats/background.py)."""
 
     def __init__(self, dest: Path) -> None:
+        wait_for(dest)
         remove_stale(dest)
         self.path = temp_name(dest)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)

@@ -16,7 +16,6 @@ import os
 import struct
 import sys
 import weakref
-import zlib
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,11 +29,13 @@ import zstandard
 from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
 from ..codec.layout import num_blocks
+from ..codec.native import decode_range
 from .atomic import TempFile, fsync_dir
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
-from .planes import byte_plane, from_planes, huffman_decode, huffman_encode
+from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join
+from .stream import HuffmanSource, RawSource, ZstdSource, ZstdStream, decode_ranges, pread
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "BytesWriter", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
 
 MAGIC = b"\x89Q8F\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -51,8 +52,13 @@ MAX_INDEX_BYTES = 1 << 30
 MAX_NAME_BYTES = 1 << 16
 MAX_ZSTD_RATIO = 1 << 15  # a zstd block regenerates at most 128 KiB and takes at least 4 bytes (RLE)
 MAX_ZSTD_WINDOW = 1 << 27  # zstd's default limit: the decoder's history buffer
-_MIN_SAVING = 0.03  # keep a compressed segment only if it saves at least 3%
+# Keep a compressed segment only if it saves at least 3%. Bytes are what q8 is for: a segment
+# that Huffman shrinks by 3-10% (young 8-bit optimizer codes) costs more time to load than a raw
+# one (about 2x for such codes), which async saves and rare resumes afford better than storage
+# affords the bytes. Exponent planes save ~70% and all-zero state 99%.
+_MIN_SAVING = 0.03
 _MIN_COMPRESS_BYTES = 256
+_PARALLEL_CRC_BYTES = 1 << 20  # smaller segments are checksummed on the writing thread
 _ZSTD_PROBE = 1 << 16  # bytes per probe slice when deciding whether zstd pays
 _PLANES_MIN_NUMEL = 1024  # smaller float tensors: raw bytes (planes would not pay)
 _UNPACK = {"raw": False, "strict_map_key": True, "use_list": True}
@@ -215,10 +221,12 @@ class Writer:
             if compression == RAW:  # memory-mappable as any dtype
                 self._write(b"\0" * (-self._pos % ALIGN))
             start = self._pos
-            crc = _pool().submit(_crc32, pieces)  # beside the writes: both release the GIL
+            stored = sum(memoryview(p).nbytes for p in pieces)
+            # beside the writes (both release the GIL), where that pays for the thread handoff
+            crc = _pool().submit(_crc32, pieces) if stored >= _PARALLEL_CRC_BYTES else None
             for piece in pieces:
                 self._write(piece)
-            out.append([start, self._pos - start, raw_length, compression, crc.result()])
+            out.append([start, stored, raw_length, compression, crc.result() if crc else _crc32(pieces)])
             del part, pieces  # freed before the next part is made
         return out
 
@@ -237,6 +245,22 @@ class Writer:
         """Write index and footer, fsync, and atomically rename onto `path`."""
         if self._file is None:
             self._open()
+        self._finish()
+        f = self._file
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
+            fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._discard.detach()
+        self._file = self._tmp = None
+        f.close()
+
+    def _finish(self) -> None:
+        """Write the index and the footer after the data."""
         from .. import __version__
 
         index = {
@@ -251,25 +275,34 @@ class Writer:
         self._write(b"\0" * (-self._pos % ALIGN))
         offset = self._pos
         self._write(blob)
-        self._write(FOOTER.pack(offset, len(blob), zlib.crc32(blob), FORMAT_VERSION, MAGIC))
-        f = self._file
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(self._tmp, self.path)  # still locked: never taken for a dead writer's file
-            fsync_dir(self.path.parent)
-        except BaseException:
-            self.abort()
-            raise
-        self._discard.detach()
-        self._file = self._tmp = None
-        f.close()
+        self._write(FOOTER.pack(offset, len(blob), crc32(blob), FORMAT_VERSION, MAGIC))
 
     def abort(self) -> None:
         """Drop the temporary file; the previous file at `path`, if any, is untouched."""
         if self._file is not None:
             self._file = self._tmp = None
             self._discard()
+
+
+class BytesWriter(Writer):
+    """A `Writer` that builds the file in memory: `close()` returns its bytes (`q8.save_bytes`)."""
+
+    def __init__(self, metadata: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__("<bytes>", metadata, **kwargs)
+
+    def _open(self) -> None:
+        self._file = io.BytesIO()
+        self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
+
+    def close(self) -> bytes:
+        if self._file is None:
+            self._open()
+        self._finish()
+        data, self._file = self._file.getvalue(), None
+        return data
+
+    def abort(self) -> None:
+        self._file = None
 
 
 def blockwise_problem(absmax: torch.Tensor, code: Code, dtype: torch.dtype) -> str | None:
@@ -310,13 +343,13 @@ def _blockwise_parts(qt: QTensor) -> list[torch.Tensor]:
 
 def _encode_segment(part: torch.Tensor, level: int, threads: int) -> tuple[list, int, int]:
     """(buffers to store, raw length, compression): the smallest of raw, Huffman and
-    zstd that saves at least 3%. Huffman (fast) is tried first; zstd only where Huffman
+    zstd that saves at least 10%. Huffman (fast) is tried first; zstd only where Huffman
     does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
     raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
     n = raw.nbytes
     best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
     if n >= _MIN_COMPRESS_BYTES:
-        packed = huffman_encode(part)
+        packed = huffman_encode(part, _MIN_SAVING)
         if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
             best, best_size, compression = packed, size, HUFFMAN
         if best_size < n / 4 if compression == HUFFMAN else _zstd_pays(raw, level, threads):
@@ -368,7 +401,7 @@ def stored_nbytes(x: torch.Tensor | QTensor, level: int = 1) -> int:
 def _crc32(pieces: list) -> int:
     crc = 0
     for piece in pieces:
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
     return crc
 
 
@@ -400,15 +433,27 @@ class Reader:
     """Random access to one q8 file: validates header, footer and index on open; reads
     and checks only the segments of the tensor asked for. Use through `q8.safe_open`."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, path: str | os.PathLike, device: str | torch.device = "cpu", *, data: bytes | None = None
+    ) -> None:
+        """Open file `path`, or with `data`, a q8 file held in memory (`path` names it in errors)."""
         self.path = Path(path)
         self.device = torch.device(device)
-        with open(self.path, "rb") as f:
-            self.size = os.fstat(f.fileno()).st_size
-            if self.size < HEADER.size + FOOTER.size:
-                raise self.error(f"file too short for a q8 file ({self.size} bytes)")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._fd = None  # for pread: decoding reads ranges (a file in memory is read from it)
+        self._mm = None
         try:
+            if data is not None:
+                self._mm = bytearray(data)  # a writable copy, as the copy-on-write map of a file
+                self.size = len(self._mm)
+                if self.size < HEADER.size + FOOTER.size:
+                    raise self.error(f"too short for a q8 file ({self.size} bytes)")
+            else:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                self._close_fd = weakref.finalize(self, os.close, self._fd)
+                self.size = os.fstat(self._fd).st_size
+                if self.size < HEADER.size + FOOTER.size:
+                    raise self.error(f"file too short for a q8 file ({self.size} bytes)")
+                self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
             self._parse()
         except BaseException:
             self.close()
@@ -419,8 +464,11 @@ class Reader:
         return FormatError(f"{where}: {msg}")
 
     def close(self) -> None:
-        """Drop the map; zero-copy tensors keep it alive (they hold references) until freed."""
+        """Drop the map and the file; zero-copy tensors keep the map alive (they hold
+        references) until freed."""
         self._mm = None
+        if self._fd is not None:
+            self._close_fd()
 
     def __enter__(self) -> Reader:
         return self
@@ -445,7 +493,7 @@ class Reader:
         if length > MAX_INDEX_BYTES or offset != self.data_end or offset < HEADER.size or offset % ALIGN:
             raise self.error(f"index at {offset} (+{length} bytes) does not fit a {self.size}-byte file")
         blob = self._mm[offset : offset + length]  # a copy: the checked bytes cannot change under us
-        if zlib.crc32(blob) != crc:
+        if crc32(blob) != crc:
             raise self.error("index checksum mismatch (file corrupt)")
         self._index = blob
         try:
@@ -622,10 +670,27 @@ class Reader:
     # - tensors -
 
     def keys(self) -> list[str]:
+        """Tensor names in the order they were written, which is their order in the file."""
         return list(self._where)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names by position in the file (safetensors' `offset_keys`): `keys()`."""
+        return self.keys()
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get_slice(self, name: str):
+        """A `q8.formats.slicing.TensorSlice` of tensor `name`: index it to read part of it."""
+        from .slicing import TensorSlice  # it builds on this module
+
+        return TensorSlice(self, name)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -654,12 +719,19 @@ class Reader:
             "extra": dict(rec["extra"]),
         }
 
-    def _segment(self, seg: tuple[int, int, int, int, int], name: str) -> torch.Tensor:
+    def _segment(self, seg: tuple[int, int, int, int, int], name: str, owned: bool = False) -> torch.Tensor:
         """The raw bytes of one segment as a uint8 tensor: zero-copy into the map if stored
-        uncompressed, else decoded straight into a buffer of exactly its raw length."""
+        uncompressed (read into a new tensor if `owned`), else decoded straight into a
+        buffer of exactly its raw length."""
         offset, stored, raw, compression, crc = seg
+        if owned and compression == RAW:
+            out = torch.empty(raw, dtype=torch.uint8)
+            self._read(out, offset, name)
+            if crc32(out.numpy()) != crc:
+                raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
+            return out
         view = memoryview(self._mm)[offset : offset + stored]
-        if zlib.crc32(view) != crc:
+        if crc32(view) != crc:
             raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
         if raw == 0:
             return torch.empty(0, dtype=torch.uint8)
@@ -670,76 +742,141 @@ class Reader:
             if isinstance(out, str):
                 raise self.error(out, name)
             return out
-        return self._unzstd(view, raw, name)
-
-    def _unzstd(self, view: memoryview, raw: int, name: str) -> torch.Tensor:
-        """Decode one zstd frame straight into a new tensor of exactly `raw` bytes. A frame
-        whose header or output disagrees with `raw` is refused as soon as it does: the
-        output never grows or moves, and decoding stops one byte past `raw`."""
-        try:
-            params = zstandard.get_frame_parameters(view)
-        except zstandard.ZstdError as e:
-            raise self.error(f"bad zstd segment: {e}", name) from None
-        if params.content_size != raw:
-            raise self.error(f"zstd frame holds {params.content_size} bytes, index says {raw}", name)
-        if raw > MAX_ZSTD_RATIO * view.nbytes:
-            raise self.error(f"zstd segment of {view.nbytes} bytes cannot hold {raw} bytes", name)
+        zstd = self._zstd_stream(view, raw, name)  # sizes checked before allocating
         out = torch.empty(raw, dtype=torch.uint8)
-        dst, pos = memoryview(out.numpy()), 0
-        try:
-            with zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
-                view, read_across_frames=False
-            ) as r:
-                while pos < raw and (n := r.readinto(dst[pos:])):
-                    pos += n
-                trailing = r.read(1)
-        except zstandard.ZstdError as e:
-            raise self.error(f"bad zstd segment: {e}", name) from None
-        if pos != raw or trailing:
-            raise self.error(f"zstd segment decodes to {'more than' if trailing else pos} bytes, expected {raw}", name)
+        zstd.readinto(out)
+        zstd.finish()
         return out
 
-    def _decoded(self, name: str) -> tuple[dict, list[torch.Tensor]]:
-        """The record of `name` and its segments: checksummed, decoded, and checked for
-        everything decoding relies on (`q8.verify` runs exactly these checks)."""
-        rec = self.record(name)
-        parts = [self._segment(s, name) for s in rec["segments"]]
-        if rec["encoding"] == "blockwise":
-            problem = blockwise_problem(parts[1].view(torch.float32), rec["code"], rec["dtype"])
-        elif rec["dtype"] == torch.bool:
-            problem = bool_problem(parts[0])
+    def segment_bytes(self, seg: tuple[int, int, int, int, int], start: int, stop: int, name: str) -> torch.Tensor:
+        """Bytes [start, stop) of one segment's raw content. Uncompressed: a zero-copy view
+        of the map, so only those bytes are read, and the segment's checksum, which covers
+        all of it, is not checked. Compressed: the whole segment is checked and decoded."""
+        offset, _, raw, compression, _ = seg
+        if not 0 <= start <= stop <= raw:
+            raise ValueError(f"bytes [{start}, {stop}) outside a segment of {raw} bytes")
+        if stop == start:
+            return torch.empty(0, dtype=torch.uint8)
+        if compression == RAW:
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=stop - start, offset=offset + start)
+        return self._segment(seg, name)[start:stop]
+
+    def _read(self, out: torch.Tensor, offset: int, name: str) -> None:
+        """Fill the uint8 tensor `out` with the file's bytes at `offset` (`pread`: no map
+        pages become resident), or a file in memory's."""
+        if self._fd is None:
+            out.numpy()[:] = numpy.frombuffer(self._mm, numpy.uint8, out.numel(), offset)
         else:
-            problem = None
-        if problem:
+            pread(self._fd, out, offset, lambda msg: self.error(msg, name))
+
+    def _zstd_stream(self, view: memoryview, raw: int, name: str) -> ZstdStream:
+        return ZstdStream(view, raw, MAX_ZSTD_RATIO, MAX_ZSTD_WINDOW, lambda msg: self.error(msg, name))
+
+    def _source(self, seg: tuple[int, int, int, int, int], name: str) -> RawSource | ZstdSource:
+        """One segment, to be decoded range by range (formats/stream.py)."""
+        error = lambda msg: self.error(msg, name)  # noqa: E731
+        read = lambda out, offset: self._read(out, offset, name)  # noqa: E731
+        if seg[3] == RAW:
+            return RawSource(read, seg, error)
+        if seg[3] == HUFFMAN:
+            return HuffmanSource(read, seg, error)
+        offset, stored, raw, _, crc = seg
+        view = memoryview(self._mm)[offset : offset + stored]
+        if crc32(view) != crc:
+            raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
+        return ZstdSource(self._zstd_stream(view, raw, name))
+
+    def _decoded(self, rec: dict, owned: bool = False) -> list[torch.Tensor]:
+        """The segments of a tensor: checksummed, decoded whole, and checked for everything
+        decoding relies on (`q8.verify` runs exactly these checks; `get_tensor` makes them
+        range by range). `owned`: never views of the map."""
+        name = rec["name"]
+        parts = [self._segment(s, name, owned) for s in rec["segments"]]
+        if rec["encoding"] == "blockwise":
+            self._check_absmax(rec, parts[1])
+        elif rec["dtype"] == torch.bool and (problem := bool_problem(parts[0])):
             raise self.error(problem, name)
-        return rec, parts
+        return parts
+
+    def _check_absmax(self, rec: dict, absmax: torch.Tensor) -> None:
+        if problem := blockwise_problem(absmax.view(torch.float32), rec["code"], rec["dtype"]):
+            raise self.error(problem, rec["name"])
 
     def verify(self) -> None:
         """Read and check every tensor as loading it would, without decoding 8-bit codes
         or reassembling byte planes."""
         for name in self._where:
-            self._decoded(name)
+            self._decoded(self.record(name))
 
     def get_qtensor(self, name: str) -> QTensor:
-        """The codes + absmax of a quantized tensor, not decoded, on the reader's device."""
-        if self.record(name)["encoding"] != "blockwise":
+        """The codes + absmax of a quantized tensor, not decoded, on the reader's device;
+        read into new tensors (8-bit state is updated in place: no copy-on-write map)."""
+        rec = self.record(name)
+        if rec["encoding"] != "blockwise":
             raise ValueError(f"{self.path}: tensor {name!r} is stored exactly, not quantized")
-        return self._qtensor(*self._decoded(name))
+        return self._qtensor(rec, self._decoded(rec, owned=True))
 
     def _qtensor(self, rec: dict, parts: list[torch.Tensor]) -> QTensor:
         codes, absmax = parts[0], parts[1].view(torch.float32)
         qt = QTensor(codes, absmax, rec["code"], rec["blocksize"], rec["shape"], rec["dtype"], rec["row_length"])
         return qt if self.device.type == "cpu" else qt.to(self.device)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
         """The tensor, decoded, on the reader's device. Uncompressed exact tensors read on
-        CPU are zero-copy views of the memory-mapped file (copy-on-write)."""
-        rec, parts = self._decoded(name)
-        dtype, shape = rec["dtype"], rec["shape"]
-        if rec["encoding"] == "blockwise":
-            return self._qtensor(rec, parts).dequantize()
-        if rec["encoding"] == "planes":
-            x = from_planes(parts, dtype, shape)
+        CPU are zero-copy views of the memory-mapped file (copy-on-write), unless `copy`;
+        the others are decoded range by range straight into the output (formats/stream.py).
+        Quantized tensors read for a GPU travel as codes and are decoded there."""
+        rec = self.record(name)
+        dtype, shape, segments = rec["dtype"], rec["shape"], rec["segments"]
+        if rec["encoding"] == "blockwise" and self.device.type != "cpu":
+            return self._qtensor(rec, self._decoded(rec)).dequantize()
+        if math.prod(shape) == 0 or (rec["encoding"] == "raw" and segments[0][3] == RAW):
+            x = self._decoded(rec, owned=copy)[0].view(dtype).view(shape)
         else:
-            x = parts[0].view(dtype).view(shape)
+            x = self._decode(rec)
         return x if self.device.type == "cpu" else x.to(self.device)
+
+    def _decode(self, rec: dict) -> torch.Tensor:
+        """A non-empty tensor stored as planes, codes or compressed raw bytes, decoded
+        straight into a new CPU tensor, allocated once every size is checked."""
+        name, dtype, segments = rec["name"], rec["dtype"], rec["segments"]
+        try:
+            if rec["encoding"] == "blockwise":
+                absmax = self._segment(segments[1], name).view(torch.float32)
+                self._check_absmax(rec, absmax)
+                segments = segments[:1]
+            sources = [self._source(s, name) for s in segments]
+            out = torch.empty(math.prod(rec["shape"]) * dtype.itemsize, dtype=torch.uint8)
+            if rec["encoding"] == "planes":
+                width = PLANE_WIDTH[dtype]
+
+                def combine(b0: int, b1: int, planes: list[torch.Tensor]) -> None:
+                    join(planes, out, width, b0, b1)
+
+            elif rec["encoding"] == "blockwise":
+
+                def combine(b0: int, b1: int, bufs: list[torch.Tensor]) -> None:
+                    values = out.view(dtype)[b0:b1]
+                    decoded = values if dtype == torch.float32 else torch.empty(b1 - b0, dtype=torch.float32)
+                    decode_range(
+                        bufs[0][: b1 - b0], absmax, rec["code"], rec["blocksize"], rec["row_length"], b0, decoded
+                    )
+                    if decoded is not values:
+                        values.copy_(decoded)  # rounded as dequantize's .to(dtype)
+
+            else:
+
+                def combine(b0: int, b1: int, bufs: list[torch.Tensor]) -> None:
+                    out.numpy()[b0:b1] = bufs[0].numpy()[: b1 - b0]  # a memcpy on this thread
+
+            decode_ranges(sources, segments[0][2], combine)
+        except FormatError:
+            if self._fd is not None and os.fstat(self._fd).st_size != self.size:
+                raise  # the file changed under us: its map cannot be read
+            for seg in segments:  # a corrupt file is named as such, as reading a segment whole does
+                if crc32(memoryview(self._mm)[seg[0] : seg[0] + seg[1]]) != seg[4]:
+                    raise self.error(f"checksum mismatch in segment at {seg[0]} (file corrupt)", name) from None
+            raise
+        if dtype == torch.bool and (problem := bool_problem(out)):
+            raise self.error(problem, name)
+        return out.view(dtype).view(rec["shape"])

@@ -17,15 +17,24 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import secrets
+import shutil
 import warnings
+from collections.abc import Callable
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
 from typing import Any
 
 import q8
 import q8.optim
 import torch
+from q8.formats.atomic import fsync_dir, make_temp_dir, remove_stale_matching
+from q8.formats.background import save_in_background
+from q8.formats.checkpoints import Q8_MODEL_FILE, Q8_OPTIMIZER_FILE, SCHEDULER_FILE, TORCH_OPTIMIZER_FILE
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 __all__ = [
@@ -39,14 +48,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_FILE = "optimizer.q8"
-"""Where `Q8Trainer` keeps the optimizer state in a checkpoint folder."""
-TORCH_OPTIMIZER_FILE = "optimizer.pt"  # transformers' name; in a Q8Trainer checkpoint: the placeholder below
-SCHEDULER_FILE = "scheduler.pt"  # written and read as transformers does
-CLASS_KEY = "optimizer"  # metadata of a non-q8 optimizer's optimizer.q8: its class, "torch.optim.adamw.AdamW"
-Q8_OPTIMIZER_KEY = q8.optim.persist.METADATA_KEY  # metadata of a file written by q8.save_optimizer
-MODEL_FILE = "model.q8"
-"""Where `Q8Trainer(model_weights="q8" | "q8-8bit")` keeps the model weights in a checkpoint folder."""
+# The layout of a Q8Trainer checkpoint (q8.formats.checkpoints): optimizer.q8 with a placeholder optimizer.pt,
+# scheduler.pt as transformers writes it, and with model_weights="q8" | "q8-8bit" the weights in model.q8.
+OPTIMIZER_FILE = Q8_OPTIMIZER_FILE
+MODEL_FILE = Q8_MODEL_FILE
 MODEL_WEIGHTS = ("safetensors", "q8", "q8-8bit")
 
 # Name -> class name in q8.optim. The names follow bitsandbytes' (AdamW8bit -> "adamw8bit").
@@ -60,11 +65,6 @@ OPTIMIZERS = {
     "lamb8bit": "LAMB8bit",
     "lars8bit": "LARS8bit",
 }
-# With `quantize_optimizer_state=True`, fp32 state tensors smaller than this stay lossless, as q8's 8-bit
-# optimizers keep small tensors in 32 bits (default `min_8bit_size`): there the absmax overhead and the
-# error would not pay off. Scalars such as Adam's `step` and non-finite tensors are never quantized.
-MIN_QUANTIZED_NUMEL = 4096
-QUANTIZE_BLOCKSIZE = 256
 
 
 def q8_optimizer_cls_and_kwargs(
@@ -89,11 +89,14 @@ def q8_optimizer_cls_and_kwargs(
         >>> trainer = Trainer(model, args, train_dataset=ds,
         ...                   optimizer_cls_and_kwargs=q8_optimizer_cls_and_kwargs("adamw8bit", args, model))
     """
-    key = name.lower()
+    key = name.lower() if isinstance(name, str) else name
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown q8 optimizer {name!r}: expected one of {sorted(OPTIMIZERS)}")
     cls = getattr(q8.optim, OPTIMIZERS[key])
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = {  # the optimizer's own arguments and those every q8 optimizer takes
+        **inspect.signature(q8.optim.Optimizer8bit.__init__).parameters,
+        **inspect.signature(cls.__init__).parameters,
+    }
     kwargs: dict[str, Any] = {"lr": args.learning_rate}
     if "betas" in accepted:
         kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
@@ -116,7 +119,7 @@ def _parse_optim_args(optim_args: str | None, cls: type, accepted: dict[str, ins
         if not item:
             continue
         key, sep, text = item.partition("=")
-        if not sep or key not in accepted or key in ("self", "params"):
+        if not sep or key not in accepted or key in ("self", "params", "defaults", "options", "unsupported"):
             raise ValueError(f"optim_args: {item!r} is not a `key=value` keyword argument of {cls.__name__}")
         default = accepted[key].default
         if isinstance(default, bool):
@@ -130,157 +133,36 @@ def _parse_optim_args(optim_args: str | None, cls: type, accepted: dict[str, ins
     return parsed
 
 
-def _class_name(optimizer: torch.optim.Optimizer) -> str:
-    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+save_optimizer_state = q8.save_optimizer
+"""What Q8Trainer does with `optimizer.q8` (`q8.save_optimizer`: any optimizer), for your own loops."""
+load_optimizer_state = q8.load_optimizer
+"""What Q8Trainer does with `optimizer.q8` on resume (`q8.load_optimizer`)."""
+save_model_weights = q8.save_model
+"""What Q8Trainer(model_weights="q8" | "q8-8bit") does with `model.q8` (`q8.save_model`)."""
+load_model_weights = q8.load_model
+"""What Q8Trainer does with `model.q8` on resume (`q8.load_model`, strict)."""
 
 
-def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str, *, quantize: bool = False) -> None:
-    """Write an optimizer's state to a q8 file.
-
-    A q8 optimizer goes through `q8.save_optimizer`: its 8-bit state as is. Any other optimizer's
-    `state_dict()` goes through `q8.save`, losslessly, with its class recorded in the metadata. With
-    `quantize=True`, those floating-point state tensors with at least `MIN_QUANTIZED_NUMEL` elements are
-    stored as 8-bit blockwise codes instead (dynamic code; unsigned for non-negative tensors such as Adam's
-    second moment): a one-time loss at each save, whose largest relative L2 error is logged and recorded.
-    """
-    if isinstance(optimizer, q8.optim.Optimizer8bit):
-        q8.save_optimizer(optimizer, path)
-        return
-    state = optimizer.state_dict()
-    metadata = {CLASS_KEY: _class_name(optimizer)}
-    if quantize:
-        state, worst = _quantize_state(state)
-        metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
-        logger.warning(f"{path}: fp32 optimizer state stored as 8-bit codes, max relative L2 error {worst:.3e}")
-    q8.save(state, path, metadata=metadata)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
-    """Load a file written by `save_optimizer_state` (or by `q8convert` from an `optimizer.pt`) into `optimizer`.
-
-    Raises FileNotFoundError if the file is missing, `q8.FormatError` if it is corrupt, and ValueError
-    (naming the file) if it was written by another optimizer class or for other parameters.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: optimizer state file not found")
-    with q8.safe_open(path) as f:
-        metadata = f.metadata()
-    if Q8_OPTIMIZER_KEY in metadata:  # written by q8.save_optimizer
-        if not isinstance(optimizer, q8.optim.Optimizer8bit):
-            raise ValueError(f"{path}: holds a q8 optimizer's 8-bit state, which {_class_name(optimizer)} cannot load")
-        q8.load_optimizer(optimizer, path)  # checks the class and every entry; ValueError naming the file
-        return
-    saved = metadata.get(CLASS_KEY)  # None: not from Q8Trainer (q8convert of a torch optimizer.pt)
-    if saved is not None and saved != _class_name(optimizer):
-        raise ValueError(f"{path}: state of a {saved}, cannot load it into {_class_name(optimizer)}")
-    state = q8.load(path)
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)):
-        raise ValueError(f"{path}: not an optimizer state dict (no 'state' mapping)")
-    state = _dequantize_state(state)
-    if not isinstance(optimizer, q8.optim.Optimizer8bit) and _holds_codes(state):
-        # torch.optim would silently cast the uint8 codes of 8-bit state to float
-        raise ValueError(f"{path}: holds 8-bit optimizer state, which {_class_name(optimizer)} cannot load")
-    try:
-        optimizer.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: optimizer state does not match the optimizer's parameters: {e}") from e
-
-
-def _holds_codes(state: dict[str, Any]) -> bool:
-    return any(
-        isinstance(t, torch.Tensor) and t.dtype == torch.uint8
-        for entry in state["state"].values()
-        if isinstance(entry, dict)
-        for t in entry.values()
-    )
-
-
-def _quantize_state(state: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    """A copy of a torch optimizer state dict with its large floating-point tensors as QTensors (dynamic
-    code; unsigned for non-negative tensors), and the largest relative L2 error this caused."""
-    worst = 0.0
-    quantized: dict[Any, dict[str, Any]] = {}
-    for index, tensors in state["state"].items():
-        quantized[index] = {}
-        for key, t in tensors.items():
-            if _quantizable(t):
-                t, error = _quantize(t, ("udynamic",) if bool((t >= 0).all()) else ("dynamic",))
-                worst = max(worst, error)
-            quantized[index][key] = t
-    return {**state, "state": quantized}, worst
-
-
-def _quantize(t: torch.Tensor, codes: tuple[str, ...]) -> tuple[q8.QTensor, float]:
-    """The best of `codes` for `t`, and its relative L2 error (measured once)."""
-    qt, err = q8.codec.quantize_best(t, codes, QUANTIZE_BLOCKSIZE)
-    return qt, err.rel_l2
-
-
-def _quantizable(t: Any) -> bool:
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """One line for the training log: the optimizer, which parameters get 8-bit state, and
+    the size of the state once every parameter has stepped."""
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if not isinstance(optimizer, q8.optim.Optimizer8bit):
+        return f"optimizer: {type(optimizer).__name__}, {len(params)} parameters (its own state, not 8-bit)"
+    eight, nbytes, fp32_bytes = 0, 0, 0
+    for p, group in params:
+        entries = len(optimizer.state_codes(group))
+        fp32_bytes += entries * 4 * p.numel()
+        if optimizer.is_8bit(p, group):
+            eight += 1
+            rows, k = q8.optim.optimizer.absmax_shape(p, optimizer.blocksize)
+            nbytes += entries * (p.numel() + 4 * rows * k)
+        else:
+            nbytes += entries * 4 * p.numel()
     return (
-        isinstance(t, torch.Tensor)
-        and t.is_floating_point()
-        and t.numel() >= MIN_QUANTIZED_NUMEL
-        and bool(torch.isfinite(t).all())
+        f"optimizer: q8 {type(optimizer).__name__}, 8-bit state for {eight} of {len(params)} parameters, "
+        f"{nbytes / 1e6:.1f} MB of state ({fp32_bytes / 1e6:.1f} MB in fp32)"
     )
-
-
-def _dequantize_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `_quantize_state` (a no-op on lossless state)."""
-    restored = {
-        index: {key: t.dequantize() if isinstance(t, q8.QTensor) else t for key, t in tensors.items()}
-        if isinstance(tensors, dict)
-        else tensors
-        for index, tensors in state["state"].items()
-    }
-    return {**state, "state": restored}
-
-
-def save_model_weights(weights: dict[str, torch.Tensor], path: str, *, quantize: bool = False) -> None:
-    """Write a model state dict to a q8 file: losslessly, or with `quantize=True` as 8-bit codes (the code
-    with the lowest error per tensor; small tensors stay exact; the largest error is logged and recorded).
-    Tied weights (one storage under several names) are stored once, under their first name."""
-    unique: dict[str, torch.Tensor | q8.QTensor] = {}
-    seen = set()
-    worst = 0.0
-    for name, t in weights.items():
-        if _storage_key(t) in seen:
-            continue
-        seen.add(_storage_key(t))
-        if quantize and _quantizable(t):
-            t, error = _quantize(t, q8.codec.AUTO_CODES[bool((t < 0).any())])
-            worst = max(worst, error)
-        unique[name] = t
-    metadata = {}
-    if quantize:
-        metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
-        logger.warning(f"{path}: model weights stored as 8-bit codes, max relative L2 error {worst:.3e}")
-    q8.save_file(unique, path, metadata=metadata)
-
-
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a q8 weights file into `model`, strictly: every parameter and buffer must be in the file
-    (tied weights may be stored under any one of their names), with its shape.
-    Raises ValueError naming the file otherwise, `q8.FormatError` if the file is corrupt."""
-    weights = q8.load_file(path)
-    expected = model.state_dict()
-    by_storage: dict[tuple, list[str]] = {}
-    for name, t in expected.items():
-        by_storage.setdefault(_storage_key(t), []).append(name)
-    for names in by_storage.values():  # fill the other names of tied weights
-        present = [n for n in names if n in weights]
-        for name in names:
-            if present and name not in weights:
-                weights[name] = weights[present[0]]
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: model weights do not match the model: {e}") from e
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    """Equal for tensors that are views of the same memory with the same layout (tied weights)."""
-    return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
 
 
 def resume_requires_q8trainer(optimizer_file: str) -> None:
@@ -329,6 +211,12 @@ class Q8Trainer(Trainer):
             (`model.q8`, lossless, resume exact) or "q8-8bit" (`model.q8`, 8-bit codes, about 4x smaller;
             a resume continues from the quantized weights; the error is logged). Only checkpoints:
             `trainer.save_model()` still writes files `from_pretrained` reads.
+        async_save: a checkpoint returns to training once the model and optimizer state are copied; they
+            are written (and quantized, if asked) on q8's save thread into a hidden staging folder that is
+            renamed to `checkpoint-<step>` once every file is complete, so rotation (`save_total_limit`),
+            `load_best_model_at_end` and resume only ever see complete checkpoints. The next checkpoint, the
+            end of training and the interpreter's exit wait for it; a failed write raises there. Single
+            process only (no DeepSpeed/FSDP/DDP), and not with `push_to_hub`.
     """
 
     def __init__(
@@ -338,27 +226,48 @@ class Q8Trainer(Trainer):
         embeddings_32bit: bool = True,
         quantize_optimizer_state: bool = False,
         model_weights: str = "safetensors",
+        async_save: bool = False,
         **kwargs: Any,
     ) -> None:
         if model_weights not in MODEL_WEIGHTS:
             raise ValueError(f"Q8Trainer: model_weights must be one of {MODEL_WEIGHTS}, got {model_weights!r}")
+        refused = ValueError(
+            "Q8Trainer: async_save=True needs a single process without push_to_hub, DeepSpeed or FSDP "
+            "(their checkpoints are written by other code); use async_save=False"
+        )
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if async_save and training_args is not None and (training_args.push_to_hub or training_args.world_size > 1):
+            raise refused  # before the Trainer creates a Hub repository
+        if q8_optim is not None and (not isinstance(q8_optim, str) or q8_optim.lower() not in OPTIMIZERS):
+            raise ValueError(f"Q8Trainer: unknown q8_optim {q8_optim!r}: expected one of {sorted(OPTIMIZERS)}")
         super().__init__(*args, **kwargs)
+        if async_save and self._saves_its_own_optimizer_state():
+            raise refused
         if q8_optim is not None and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
             raise ValueError(
                 "Q8Trainer: pass q8_optim or an optimizer (optimizers, optimizer_cls_and_kwargs), not both"
             )
+        if q8_optim is not None:  # the hyperparameters too (args.optim_args), now rather than in train()
+            q8_optimizer_cls_and_kwargs(q8_optim, self.args, embeddings_32bit=False)
         self.q8_optim = q8_optim
         self.embeddings_32bit = embeddings_32bit
         self.quantize_optimizer_state = quantize_optimizer_state
         self.model_weights = model_weights
+        self.async_save = async_save
         self._saving_checkpoint = False
+        self._checkpoint: _AsyncCheckpoint | None = None  # the one being saved now, with async_save
+        self._pending_checkpoint: _AsyncCheckpoint | None = None  # the last one saved, maybe still writing
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.q8_optim is not None and self.optimizer is None:
+        created = self.optimizer is None
+        if self.q8_optim is not None and created:
             self.optimizer_cls_and_kwargs = q8_optimizer_cls_and_kwargs(
                 self.q8_optim, self.args, self.model if model is None else model, embeddings_32bit=self.embeddings_32bit
             )
-        return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        if created:
+            logger.info(describe_optimizer(getattr(optimizer, "optimizer", optimizer)))
+        return optimizer
 
     def _saves_its_own_optimizer_state(self) -> bool:
         """True where the parent's distributed engines write (sharded) optimizer state themselves."""
@@ -372,12 +281,16 @@ class Q8Trainer(Trainer):
         if not self.args.should_save:
             return
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-        save_optimizer_state(
-            optimizer, os.path.join(output_dir, OPTIMIZER_FILE), quantize=self.quantize_optimizer_state
-        )
-        torch.save(_PlaceholderOptimizerState(), os.path.join(output_dir, TORCH_OPTIMIZER_FILE))
+        checkpoint = self._checkpoint
+        folder = checkpoint.staging if checkpoint else output_dir
+        path, quantize = os.path.join(folder, OPTIMIZER_FILE), self.quantize_optimizer_state
+        if checkpoint:
+            checkpoint.futures.append(q8.async_save_optimizer(optimizer, path, quantize=quantize))
+        else:
+            q8.save_optimizer(optimizer, path, quantize=quantize)
+        torch.save(_PlaceholderOptimizerState(), os.path.join(folder, TORCH_OPTIMIZER_FILE))
         with warnings.catch_warnings(record=True) as caught_warnings:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_FILE))
         reissue_pt_warnings(caught_warnings)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -399,7 +312,7 @@ class Q8Trainer(Trainer):
             )
         if not os.path.isfile(q8_file):
             return super()._load_optimizer_and_scheduler(checkpoint)  # a plain Trainer's checkpoint
-        load_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer), q8_file)
+        q8.load_optimizer(getattr(self.optimizer, "optimizer", self.optimizer), q8_file)
         with warnings.catch_warnings(record=True) as caught_warnings:
             self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
         reissue_pt_warnings(caught_warnings)
@@ -416,12 +329,58 @@ class Q8Trainer(Trainer):
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         self._saving_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            if self.async_save:
+                self._save_checkpoint_async(model, trial)
+            else:
+                super()._save_checkpoint(model, trial)
         finally:
             self._saving_checkpoint = False
 
+    def _save_checkpoint_async(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, its model and optimizer files written in the background into a staging
+        folder (`_AsyncCheckpoint`); the Trainer's own small files are written now and moved there. Rotation
+        runs once the checkpoint is complete."""
+        self._wait_for_checkpoint()
+        run_dir = self._get_output_dir(trial=trial)
+        self._checkpoint = checkpoint = _AsyncCheckpoint(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"))
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotation: once complete
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            checkpoint.abandon()
+            raise
+        finally:
+            self.args.save_total_limit = limit
+            self._checkpoint = None
+        best = self.state.best_model_checkpoint
+        checkpoint.complete(lambda: rotate_checkpoints(run_dir, limit, best, use_mtime=True))
+        self._pending_checkpoint = checkpoint
+
+    def _wait_for_checkpoint(self) -> None:
+        """Block until the last asynchronous checkpoint is complete; raise if writing it failed."""
+        checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
+        if checkpoint is not None:
+            checkpoint.wait()
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        self._wait_for_checkpoint()  # before the best model is loaded and checkpoints are deleted
+        return super()._finalize_training(*args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self._writes_q8_model():
+        checkpoint, q8_weights = self._checkpoint, self._writes_q8_model()
+        if checkpoint is None:
+            return self._write_model(output_dir, state_dict, q8_weights)
+        os.makedirs(output_dir, exist_ok=True)  # the Trainer looks for it (best checkpoint)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        weights = state_dict if state_dict is not None else model.state_dict()
+        folder = checkpoint.staging
+        checkpoint.futures.append(
+            save_in_background(folder, lambda copy: self._write_model(folder, copy, q8_weights), weights)
+        )
+
+    def _write_model(self, output_dir: str | None, state_dict: dict | None, q8_weights: bool) -> None:
+        """What `Trainer._save` writes; with `q8_weights`, `model.q8` instead of the Trainer's weights."""
+        if not q8_weights:
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
@@ -429,7 +388,7 @@ class Q8Trainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         weights = state_dict if state_dict is not None else model.state_dict()
-        save_model_weights(weights, os.path.join(output_dir, MODEL_FILE), quantize=self.model_weights == "q8-8bit")
+        q8.save_model(weights, os.path.join(output_dir, MODEL_FILE), quantize=self.model_weights == "q8-8bit")
         model.config.save_pretrained(output_dir)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(output_dir)
@@ -441,10 +400,63 @@ class Q8Trainer(Trainer):
         path = os.path.join(resume_from_checkpoint, MODEL_FILE)
         if not os.path.isfile(path):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_model_weights(self.model if model is None else model, path)
+        q8.load_model(self.model if model is None else model, path)
 
     def _load_best_model(self) -> None:
+        self._wait_for_checkpoint()
         path = os.path.join(self.state.best_model_checkpoint, MODEL_FILE)
         if not os.path.isfile(path):
             return super()._load_best_model()
-        load_model_weights(self.model, path)
+        q8.load_model(self.model, path)
+
+
+class _AsyncCheckpoint:
+    """A checkpoint folder written in the background (`Q8Trainer(async_save=True)`).
+
+    Files go into a locked staging folder next to `final` (`.checkpoint-<step>.<pid>.<random>.tmp`, hidden
+    from the Trainer's `checkpoint-*` patterns; a later checkpoint removes one left by a killed process).
+    `complete()` moves in what was written to `final` meanwhile and queues, on the save thread behind the
+    checkpoint's own saves, the rename of the staging folder to `final` and then `after()` (rotation)."""
+
+    def __init__(self, final: str) -> None:
+        self.final = final
+        remove_stale_matching(Path(final).parent, rb"checkpoint-\d+")
+        staging, self._lock = make_temp_dir(Path(final), secrets.token_hex(4))
+        self.staging = str(staging)
+        self.futures: list[q8.formats.SaveFuture] = []
+
+    def complete(self, after: Callable[[], None]) -> None:
+        if os.path.isdir(self.final):
+            for name in os.listdir(self.final):
+                os.replace(os.path.join(self.final, name), os.path.join(self.staging, name))
+            os.rmdir(self.final)
+
+        saves = list(self.futures)
+
+        def finish(_: Any) -> None:  # on the save thread, after the checkpoint's saves
+            errors = [e for e in (f.exception() for f in saves) if e is not None]
+            if errors:
+                self._discard()
+                raise errors[0]
+            os.replace(self.staging, self.final)
+            fsync_dir(Path(self.final).parent)
+            os.close(self._lock)
+            after()
+
+        self.futures.append(save_in_background(self.final, finish))
+
+    def abandon(self) -> None:
+        """Remove the staging folder once the saves writing into it are done (the checkpoint failed)."""
+        wait_futures(self.futures)
+        self._discard()
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.close(self._lock)
+
+    def wait(self) -> None:
+        for future in self.futures:
+            try:
+                future.result()
+            except Exception as e:
+                raise RuntimeError(f"the asynchronous save of {self.final} failed: {e}") from e

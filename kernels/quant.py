@@ -90,6 +90,36 @@ def quantize_tile(x, absmax, tree_ptr, zero_code):
 
 
 @triton.jit
+def mix32(x):
+    """Wellons' lowbias32 hash of uint32 values (q8.codec.mix32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def quantize_tile_stochastic(x, absmax, values_ptr, tree_ptr, zero_code, key, index):
+    """Codes (uint8) of an fp32 tile by deterministic stochastic rounding (docs/CODEC.md;
+    reference `q8.codec.quantize_stochastic`): `index` holds each element's global index
+    (int64), `key` the 32-bit rounding key. The nearest code finds the entry below q."""
+    scale = tl.where(absmax == 0.0, 1.0, absmax)[:, None]
+    q = tl.math.div_rn(x, scale)
+    c = code_of(q, tree_ptr)
+    f = tl.where((tl.load(values_ptr + c) <= q) | (c == 0), c, c - 1)
+    below = tl.minimum(f, 254)
+    lo = tl.load(values_ptr + below)
+    frac = tl.math.div_rn(q - lo, tl.load(values_ptr + below + 1) - lo)
+    low = (index & 0xFFFFFFFF).to(tl.uint32)
+    u = mix32(mix32(low ^ key.to(tl.uint32)) ^ (index >> 32).to(tl.uint32))
+    up = ((u >> 8).to(tl.float32) * 5.9604644775390625e-08 < frac) & (f < 255)
+    f = f + up.to(tl.int32)
+    f = tl.where((f == zero_code) & (zero_code < 255) & (x > 0.0), zero_code + 1, f)
+    return tl.where(absmax[:, None] == 0.0, zero_code, f).to(tl.uint8)
+
+
+@triton.jit
 def dequantize_tile(codes, absmax, values_ptr):
     """fp32 values of a code tile `[ROWS, BLOCKSIZE]`: values[code] * absmax (one rounding)."""
     return tl.load(values_ptr + codes.to(tl.int32)) * absmax[:, None]

@@ -1,27 +1,33 @@
 /* q8 fused 8-bit Adam/AdamW update on CPU (called by optim/fused.py).
  *
  * SPEC (the CUDA kernel must match it bit for bit; the torch reference is
- * q8.optim.algorithms.Adam8bit.update followed by q8.quantize):
+ * q8.optim.algorithms.Adam8bit.update followed by q8.optim.fused.generic_update's encoding;
+ * the rule and why: docs/OPTIMIZER_STATE.md):
  *
  * All arithmetic is IEEE binary32, round-to-nearest-even, no FMA contraction, denormals
- * honoured. Hyperparameters arrive as binary32 values h[0..8] computed once per step in
- * Python (binary64, then rounded to binary32):
+ * honoured. Hyperparameters arrive as binary32 values h[0..9] computed once per step in
+ * Python (binary64, then rounded to binary32; q8.optim.fused.adam_hyper):
  *   beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1**step),
  *   sqrt(1 - beta2**step), 1 - lr * weight_decay (AdamW; 1 for Adam),
- *   weight_decay (Adam's L2 term; 0 for AdamW).
+ *   weight_decay (Adam's L2 term; 0 for AdamW), K = moment_bound(betas, step).
  * For each block of the codec's block layout (docs/CODEC.md: rows of `row_length` elements,
  * each cut into blocks of `blocksize`, the last of a row possibly shorter; the flat layout is
  * row_length = n), independently:
- *   1. m = table_m[m_code] * m_absmax;  v = table_v[v_code] * v_absmax        (decode)
+ *   1. m = table_m[m_code] * m_absmax;  v = table_v[v_code] * v_absmax        (decode,
+ *      each entry with the table it was stored in)
  *   2. per element, in this order:
  *        g  = grad;  if (l2 != 0) g = g + (l2 * p)
  *        m  = (beta1 * m) + (c1 * g)
  *        v  = (beta2 * v) + (c2 * (g * g))
+ *        s  = sqrt(v);  b = K * s;  mu = |m| > b ? (m < 0 ? -b : b) : m      (the bound)
  *        if (decay != 1) p = p * decay
- *        p  = p - (step_size * (m / ((sqrt(v) / bc2_sqrt) + eps)))
- *   3. m_absmax = max |m|, v_absmax = max |v| over the block; codes = exact nearest entry
- *      of m / m_absmax (signed "dynamic" table) and v / v_absmax ("udynamic"), ties to the
- *      lower entry: the codec rule of docs/CODEC.md, shared through codec/q8_codec.h.
+ *        p  = p - (step_size * (mu / ((s / bc2_sqrt) + eps)))
+ *   3. m_absmax = max |m|, v_absmax = max |v| over the block; m's codes = exact nearest
+ *      entry of m / m_absmax in the signed "dynamic" table, ties to the lower entry (the
+ *      codec rule of docs/CODEC.md); v's codes = deterministic stochastic rounding of
+ *      v / v_absmax in the "udynamic_sq" table keyed by `key` (rounding_key(seed, step))
+ *      and the element's global index offset + its flat index (docs/CODEC.md). Both
+ *      through codec/q8_codec.h.
  * The parameter update uses the new m and v before requantization.
  * Returns -1, or the first block whose new m or v is not finite (an fp32 overflow, e.g.
  * |grad| > 1.8e19: the caller rejects non-finite gradients before calling).
@@ -33,10 +39,12 @@
 
 #define Q8_MAX_BLOCKSIZE 4096
 
+/* One 8-bit state entry: decoded with `table`, encoded in the code of `values`. */
 typedef struct {
     uint8_t *codes;
     float *absmax;
     const float *table;
+    const float *values;
     const float *thresholds;
     const uint8_t *lut;
     uint8_t zero_code;
@@ -54,6 +62,8 @@ typedef struct {
     float *p;
     const float *grad, *hyper;
     q8_layout layout;
+    int64_t offset;
+    uint32_t key;
     q8_state8 m8, v8;
 } adam_job;
 
@@ -63,7 +73,7 @@ Q8_CLONES static int64_t adam_blocks(const void *job, int64_t b0, int64_t b1) {
     const float *grad = a->grad, *h = a->hyper;
     const q8_state8 m8 = a->m8, v8 = a->v8;
     const float beta1 = h[0], c1 = h[1], beta2 = h[2], c2 = h[3], eps = h[4];
-    const float step_size = h[5], bc2_sqrt = h[6], decay = h[7], l2 = h[8];
+    const float step_size = h[5], bc2_sqrt = h[6], decay = h[7], l2 = h[8], bound = h[9];
     float m[Q8_MAX_BLOCKSIZE], v[Q8_MAX_BLOCKSIZE];
     for (int64_t b = b0; b < b1; b++) {
         int64_t len;
@@ -79,9 +89,11 @@ Q8_CLONES static int64_t adam_blocks(const void *job, int64_t b0, int64_t b1) {
             const float vi = beta2 * v[i] + c2 * (g * g);
             m[i] = mi;
             v[i] = vi;
+            const float si = sqrtf(vi), bi = bound * si;
+            const float mu = fabsf(mi) > bi ? (mi < 0.0f ? -bi : bi) : mi;
             float pi = pb[i];
             if (decay != 1.0f) pi = pi * decay;
-            pb[i] = pi - step_size * (mi / (sqrtf(vi) / bc2_sqrt + eps));
+            pb[i] = pi - step_size * (mu / (si / bc2_sqrt + eps));
         }
         int finite_m, finite_v;
         const float am = q8_block_absmax(m, len, &finite_m);
@@ -90,18 +102,20 @@ Q8_CLONES static int64_t adam_blocks(const void *job, int64_t b0, int64_t b1) {
         m8.absmax[b] = am;
         v8.absmax[b] = av;
         q8_encode_block(m, len, am, m8.thresholds, m8.lut, m8.zero_code, m8.codes + start);
-        q8_encode_block(v, len, av, v8.thresholds, v8.lut, v8.zero_code, v8.codes + start);
+        q8_encode_block_stochastic(v, len, av, v8.values, v8.thresholds, v8.lut, v8.zero_code, a->key,
+                                   a->offset + start, v8.codes + start);
     }
     return -1;
 }
 
 static int parse_state(PyObject *t, q8_state8 *s) {
-    unsigned long long codes, absmax, table, thr, lut;
+    unsigned long long codes, absmax, table, values, thr, lut;
     int zero;
-    if (!PyArg_ParseTuple(t, "KKKKKi", &codes, &absmax, &table, &thr, &lut, &zero)) return 0;
+    if (!PyArg_ParseTuple(t, "KKKKKKi", &codes, &absmax, &table, &values, &thr, &lut, &zero)) return 0;
     s->codes = (uint8_t *)codes;
     s->absmax = (float *)absmax;
     s->table = (const float *)table;
+    s->values = (const float *)values;
     s->thresholds = (const float *)thr;
     s->lut = (const uint8_t *)lut;
     s->zero_code = (uint8_t)zero;
@@ -110,11 +124,12 @@ static int parse_state(PyObject *t, q8_state8 *s) {
 
 static PyObject *py_adam(PyObject *self, PyObject *args) {
     unsigned long long p, grad, hyper;
-    long long row_length, blocksize, b0, b1;
+    unsigned long key;
+    long long row_length, blocksize, b0, b1, offset;
     PyObject *m_args, *v_args;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKLLLLO!O!Ki", &p, &grad, &row_length, &blocksize, &b0, &b1,
-                          &PyTuple_Type, &m_args, &PyTuple_Type, &v_args, &hyper, &threads))
+    if (!PyArg_ParseTuple(args, "KKLLLLO!O!KkLi", &p, &grad, &row_length, &blocksize, &b0, &b1,
+                          &PyTuple_Type, &m_args, &PyTuple_Type, &v_args, &hyper, &key, &offset, &threads))
         return NULL;
     if (blocksize < 1 || blocksize > Q8_MAX_BLOCKSIZE || row_length < 1) {
         PyErr_Format(PyExc_ValueError, "blocksize %lld or row_length %lld out of range", blocksize,
@@ -122,7 +137,7 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
         return NULL;
     }
     adam_job job = {(float *)p, (const float *)grad, (const float *)hyper,
-                    q8_make_layout(row_length, blocksize)};
+                    q8_make_layout(row_length, blocksize), offset, (uint32_t)key};
     if (!parse_state(m_args, &job.m8) || !parse_state(v_args, &job.v8)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
@@ -133,8 +148,8 @@ static PyObject *py_adam(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"adam", py_adam, METH_VARARGS,
-     "adam(p, grad, row_length, blocksize, b0, b1, m_state, v_state, hyper, threads) -> first bad block or -1; "
-     "*_state = (codes, absmax, table, thresholds, lut, zero_code)"},
+     "adam(p, grad, row_length, blocksize, b0, b1, m_state, v_state, hyper, key, offset, threads) -> first bad "
+     "block or -1; *_state = (codes, absmax, decode table, encode values, thresholds, lut, zero_code)"},
     {NULL, NULL, 0, NULL},
 };
 

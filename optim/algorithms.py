@@ -1,5 +1,7 @@
 """The q8 optimizers: each declares its state entries and writes its update rule once, in
-fp32 torch ops. How the state is stored (8-bit or fp32) is the base class's business.
+fp32 torch ops. How the state is stored (8-bit or fp32) is the base class's business, and so
+are the keyword arguments every optimizer takes (`blocksize`, `min_8bit_size`, `optim_bits`,
+`maximize`: `Optimizer8bit`).
 
 Hyperparameters and defaults follow the torch.optim counterpart (Adam, AdamW, SGD,
 RMSprop, Adagrad) or the paper (Lion: Chen et al. 2023; LAMB: You et al. 2019; LARS: You
@@ -9,10 +11,11 @@ et al. 2017).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from .fused import adam_hyper, sqrt_rn
+from .fused import adam_hyper, moment_bound, sqrt_rn
 from .optimizer import Optimizer8bit
 
 __all__ = [
@@ -26,7 +29,10 @@ __all__ = [
     "SGD8bit",
 ]
 
-SIGNED, NON_NEGATIVE = "dynamic", "udynamic"
+SIGNED, NON_NEGATIVE = "dynamic", "udynamic_sq"
+"""Codes of 8-bit state: signed entries round to the nearest "dynamic" entry; non-negative
+ones (second moments, Adagrad's sum) take the squared table with stochastic rounding
+(optim/fused.py; docs/OPTIMIZER_STATE.md)."""
 
 
 def _check(cls: str, **values: tuple[float, bool]) -> None:
@@ -55,6 +61,13 @@ def _sgd_defaults(cls: str, lr: float, momentum: float, dampening: float, weight
     return {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay, "nesterov": nesterov}
 
 
+def clamp_moment(m: torch.Tensor, sqrt_v: torch.Tensor, bound: float) -> torch.Tensor:
+    """m with |m| capped at bound * sqrt(v) (`moment_bound`: exact Adam never exceeds it),
+    as optim/_native.c writes it: an element within the bound keeps its own bits."""
+    b = sqrt_v * bound
+    return torch.where(m.abs() > b, torch.where(m < 0, -b, b), m)
+
+
 def _with_weight_decay(p: torch.Tensor, grad: torch.Tensor, weight_decay: float) -> torch.Tensor:
     """grad + weight_decay * p (L2 regularisation, as torch.optim does it)."""
     return grad if weight_decay == 0 else grad + p * weight_decay
@@ -66,8 +79,8 @@ class Adam8bit(Optimizer8bit):
     Args:
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay: as torch.optim.Adam (1e-3, (0.9, 0.999), 1e-8, 0).
-        blocksize: elements per quantization block of the moments (default 256).
-        min_8bit_size: parameters with fewer elements keep fp32 moments (default 4096).
+        options: `blocksize` (256), `min_8bit_size` (4096), `optim_bits` (8), `maximize`
+            (False), as every q8 optimizer (`Optimizer8bit`).
 
     Example:
         >>> opt = q8.optim.Adam8bit(model.parameters(), lr=1e-3)
@@ -84,26 +97,25 @@ class Adam8bit(Optimizer8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"exp_avg": SIGNED, "exp_avg_sq": NON_NEGATIVE}
 
     def update(self, p, grad, state, group, step):
         # The exact operation order of optim/_native.c (the fused path must match it bit for bit).
-        beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2 = adam_hyper(group, step, self.decoupled)
+        beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2, bound = adam_hyper(group, step, self.decoupled)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         g = grad if l2 == 0 else grad + p * l2
         m.mul_(beta1).add_(g * c1)
         v.mul_(beta2).add_(g * g * c2)
+        s = sqrt_rn(v)
         if decay != 1:
             p.mul_(decay)
-        p.sub_(m / (sqrt_rn(v) / bc2_sqrt + eps) * step_size)
+        p.sub_(clamp_moment(m, s, bound) / (s / bc2_sqrt + eps) * step_size)
 
 
 class AdamW8bit(Adam8bit):
@@ -124,11 +136,9 @@ class AdamW8bit(Adam8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, **options)
 
 
 def _momentum_step(p, d, state, group, step):
@@ -159,12 +169,10 @@ class SGD8bit(Optimizer8bit):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         defaults = _sgd_defaults(type(self).__name__, lr, momentum, dampening, weight_decay, nesterov)
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"momentum_buffer": SIGNED} if group["momentum"] != 0 else {}
@@ -184,15 +192,13 @@ class Lion8bit(Optimizer8bit):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(cls, lr=(lr, lr >= 0), weight_decay=(weight_decay, weight_decay >= 0))
         _check_betas(cls, betas)
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"exp_avg": SIGNED}
@@ -223,9 +229,7 @@ class RMSprop8bit(Optimizer8bit):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         centered: bool = False,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(
@@ -244,7 +248,7 @@ class RMSprop8bit(Optimizer8bit):
             "momentum": momentum,
             "centered": centered,
         }
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         codes = {"square_avg": NON_NEGATIVE}
@@ -285,9 +289,7 @@ class Adagrad8bit(Optimizer8bit):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(
@@ -305,7 +307,7 @@ class Adagrad8bit(Optimizer8bit):
             "initial_accumulator_value": initial_accumulator_value,
             "eps": eps,
         }
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"sum": NON_NEGATIVE}
@@ -340,12 +342,10 @@ class LAMB8bit(Optimizer8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     state_codes = Adam8bit.state_codes  # the same two moments
 
@@ -353,6 +353,7 @@ class LAMB8bit(Optimizer8bit):
         beta1, beta2 = group["betas"]
         m = state["exp_avg"].mul_(beta1).add_(grad * (1 - beta1))
         v = state["exp_avg_sq"].mul_(beta2).add_(grad * grad * (1 - beta2))
+        m = clamp_moment(m, v.sqrt(), moment_bound((beta1, beta2), step))
         r = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt_().add_(group["eps"]))
         r = _with_weight_decay(p, r, group["weight_decay"])
         trust = _trust_ratio(*self.norms(p, r))
@@ -376,15 +377,13 @@ class LARS8bit(Optimizer8bit):
         nesterov: bool = False,
         trust_coefficient: float = 1e-3,
         eps: float = 1e-8,
-        *,
-        blocksize: int = 256,
-        min_8bit_size: int = 4096,
+        **options: Any,
     ):
         cls = type(self).__name__
         _check(cls, trust_coefficient=(trust_coefficient, trust_coefficient > 0), eps=(eps, eps >= 0))
         defaults = _sgd_defaults(cls, lr, momentum, dampening, weight_decay, nesterov)
         defaults |= {"trust_coefficient": trust_coefficient, "eps": eps}
-        super().__init__(params, defaults, blocksize=blocksize, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, **options)
 
     state_codes = SGD8bit.state_codes  # the same momentum buffer
 

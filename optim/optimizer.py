@@ -2,19 +2,22 @@
 (8-bit `q8.QTensor` or fp32), the step loop, and the state dict; subclasses only declare
 their state entries and write their update rule once, in fp32 torch ops.
 
-State of one parameter: {"step": int, <name>: QTensor | fp32 Tensor, ...}. An entry is
-8-bit (codes + fp32 absmax, `blocksize` elements per block) when the parameter has at
-least two dimensions and `min_8bit_size` elements (its global shape, if sharded) and
+State of one parameter: {"step": int, "seed": int, <name>: QTensor | fp32 Tensor, ...}. An
+entry is 8-bit (codes + fp32 absmax, `blocksize` elements per block) when the parameter has
+at least two dimensions and `min_8bit_size` elements (its global shape, if sharded) and
 neither its group (`optim_bits=32`) nor the parameter (`override_32bit`) asks for 32 bits.
-Signed entries use the "dynamic" code, non-negative ones "udynamic". 8-bit state is in the
-codec's row layout, a row being one slice along dim 0: no block crosses a row, so the same
-bytes result whether the parameter is whole or split into rows over any number of ranks
-(docs/OPTIMIZER_STATE.md). 1-D parameters keep fp32 state: no block layout of a vector
-survives every split.
+Signed entries use the "dynamic" code (nearest rounding), non-negative ones "udynamic_sq"
+(stochastic rounding keyed by "seed", the parameter's index in the optimizer, the step and
+the element's global index; docs/OPTIMIZER_STATE.md). A loaded entry in another table (older q8
+or bitsandbytes state: "udynamic") keeps it until the next step re-encodes it. 8-bit state
+is in the codec's row layout, a row being one slice along dim 0: no block crosses a row, so
+the same bytes result whether the parameter is whole or split into rows over any number of
+ranks (docs/OPTIMIZER_STATE.md). 1-D parameters keep fp32 state: no block layout of a
+vector survives every split.
 
 state_dict() layout (plain tensors and Python scalars; DTensors placed like a sharded
 parameter, optim/sharded.py):
-    {"state": {index: {"step": int,
+    {"state": {index: {"step": int, "seed": int,
                        <name>: uint8 codes or fp32 tensor, shaped like the parameter,
                        "<name>.absmax": fp32 (rows, K), K = ceil(row length / blocksize),
                        "<name>.code": str, "<name>.blocksize": int}},
@@ -39,6 +42,39 @@ from .norms import exact_norms
 from .sharded import all_finite, is_sharded, like, local, local_rows, shard_group
 
 _OVERRIDE_ATTR = "_q8_optim_bits"
+LOADABLE_CODES = {"udynamic_sq": ("udynamic", "dynamic")}
+"""Other tables a saved non-negative entry may be in (older q8 and bitsandbytes state): it
+is decoded with its own table until the next step re-encodes it in the optimizer's."""
+
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "amsgrad": ((False,), "AMSGrad has no 8-bit form in q8: use torch.optim.Adam/AdamW(amsgrad=True)"),
+    "is_paged": (
+        (False,),
+        "q8 does not page optimizer state (8-bit state is already ~4x smaller); offload it with "
+        "FSDP2's CPUOffloadPolicy if it does not fit",
+    ),
+    "percentile_clipping": ((100,), "clip gradients with torch.nn.utils.clip_grad_norm_ before step()"),
+    "max_unorm": ((0, 0.0), "clip gradients with torch.nn.utils.clip_grad_norm_ before step()"),
+    "block_wise": ((True,), "q8's 8-bit state is always blockwise: choose the block size with blocksize="),
+    "args": ((None,), "pass optim_bits= and min_8bit_size= directly; q8.optim.override_32bit(param) per parameter"),
+    "skip_zeros": ((False,), "not implemented in q8: drop it"),
+    "foreach": ((None, False), "q8 chooses its kernels itself (fused C on CPU, Triton on CUDA): drop it"),
+    "fused": ((None, False), "q8 chooses its kernels itself (fused C on CPU, Triton on CUDA): drop it"),
+    "capturable": ((False,), "q8's step cannot be captured in a CUDA graph: drop it"),
+    "differentiable": ((False,), "q8's step is not differentiable: drop it"),
+}
+"""Constructor arguments of bitsandbytes and torch.optim that q8 does not implement: the
+values that ask for nothing (accepted and ignored), and what to use instead."""
+
+
+def refuse_unsupported(cls: str, kwargs: dict[str, Any]) -> None:
+    """TypeError for a keyword argument no q8 optimizer takes, saying what to use instead."""
+    for key, value in kwargs.items():
+        if key not in UNSUPPORTED:
+            raise TypeError(f"{cls}.__init__() got an unexpected keyword argument {key!r}")
+        harmless, instead = UNSUPPORTED[key]
+        if not any(value is v or (type(value) is type(v) and value == v) for v in harmless):
+            raise TypeError(f"{cls}: {key}={value!r} is not supported: {instead}")
 
 
 def override_32bit(param: torch.Tensor) -> torch.Tensor:
@@ -74,22 +110,46 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups, as for torch.optim.
-        defaults: hyperparameters; every group may also set `optim_bits` (8 or 32).
+        defaults: the subclass's hyperparameters.
         blocksize: elements per quantization block of 8-bit state (power of two, 64..4096).
         min_8bit_size: parameters with fewer elements keep fp32 state.
+        optim_bits: 8 (default) or 32: fp32 state for every parameter (bitsandbytes'
+            argument; per group too, and `override_32bit` per parameter).
+        maximize: maximize the objective instead of minimizing it (torch.optim's argument;
+            per group too).
+
+    Every subclass takes these keyword arguments. Arguments of bitsandbytes and torch.optim
+    that q8 does not implement (`is_paged`, `amsgrad`, ...) raise a TypeError saying what
+    to use instead (`UNSUPPORTED`); their "off" values are accepted and ignored.
     """
 
     native_kind: ClassVar[str | None] = None
     torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, blocksize: int = 256, min_8bit_size: int = 4096):
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        blocksize: int = 256,
+        min_8bit_size: int = 4096,
+        optim_bits: int = 8,
+        maximize: bool = False,
+        **unsupported: Any,
+    ):
+        name = type(self).__name__
+        refuse_unsupported(name, unsupported)
         quantize(torch.zeros(1), "dynamic", blocksize)  # validates blocksize with the codec's own message
         if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+            raise ValueError(f"{name}: min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"{name}: optim_bits must be 8 or 32, got {optim_bits!r}")
+        if not isinstance(maximize, bool):
+            raise TypeError(f"{name}: maximize must be a bool, got {maximize!r}")
         self.blocksize = blocksize
         self.min_8bit_size = min_8bit_size
         self._shard_group = None  # the process group of the sharded parameter being updated, for `norms`
-        super().__init__(params, {**defaults, "optim_bits": 8})
+        super().__init__(params, {**defaults, "optim_bits": optim_bits, "maximize": maximize})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, plus: a sharded (DTensor) parameter must be placed `(Shard(0),)` on a
@@ -104,7 +164,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def state_codes(self, group: dict) -> dict[str, str]:
         """State entries of a parameter in `group`: name -> code ("dynamic" for signed
-        values, "udynamic" for non-negative ones)."""
+        values, "udynamic_sq" for non-negative ones)."""
         raise NotImplementedError
 
     def init_value(self, name: str, group: dict) -> float:
@@ -134,19 +194,26 @@ class Optimizer8bit(torch.optim.Optimizer):
         return bits == 8 and p.dim() >= 2 and math.prod(p.shape) >= self.min_8bit_size
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state: dict[str, Any] = {"step": 0}
+        seed = next(i for i, q in enumerate(self._indexed_params()) if q is p)
+        state: dict[str, Any] = {"step": 0, "seed": seed}
         eight = self.is_8bit(p, group)
         for name, code in self.state_codes(group).items():
             value = torch.full(local(p).shape, self.init_value(name, group), dtype=torch.float32, device=p.device)
             state[name] = quantize(value, code, self.blocksize, row_length=row_length(p)) if eight else value
         return state
 
+    # torch.compiler.disable, importing torch._dynamo (150 MB) on first use rather than at
+    # import (q8convert's memory bound); torch.optim's zero_grad uses the same decorator.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step over every parameter with a gradient.
 
         A parameter whose gradient holds NaN or inf is skipped (parameter, state and step
         count untouched) with a RuntimeWarning, so one bad batch never poisons the state.
+        Inside a `torch.compile`d function the step runs eagerly (a graph break): its
+        compiled C and Triton kernels are already fused, and their bytes must not depend on
+        a compiler.
         """
         loss = None
         if closure is not None:
@@ -170,9 +237,12 @@ class Optimizer8bit(torch.optim.Optimizer):
                         stacklevel=2,
                     )
                     continue
+                if group["maximize"]:
+                    grad = -grad
                 state["step"] += 1
                 self._shard_group = shard_group(p)
-                fused_update(self, local(p), local(grad), state, group)
+                offset = sharded.first_element(p) if is_sharded(p) else 0
+                fused_update(self, local(p), local(grad), state, group, offset)
         self._shard_group = None
         return loss
 
@@ -192,20 +262,29 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _indexed_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The state as plain tensors and Python scalars (see the module docstring): it
-        loads with `torch.load(weights_only=True)` and records each entry's code and
-        blocksize. 8-bit entries are shared, not copied."""
-        params = self._indexed_params()
-        index = {id(p): i for i, p in enumerate(params)}
+    def _packed_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups as torch.optim packs them: hyperparameters, parameter indices."""
         groups, start = [], 0
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = list(range(start, start + len(group["params"])))
             start += len(group["params"])
             groups.append(packed)
+        return groups
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain tensors and Python scalars (see the module docstring): it
+        loads with `torch.load(weights_only=True)` and records each entry's code and
+        blocksize. 8-bit entries are shared, not copied.
+
+        The last parameter group is a mark without parameters naming this class
+        (`state_mark`): torch.optim's `load_state_dict` (and bitsandbytes') refuses a
+        state dict whose number of groups differs from its own, so q8's state never loads
+        silently as fp32 state into them (uint8 codes would become floats). q8 optimizers
+        use it to refuse another optimizer's state."""
+        index = {id(p): i for i, p in enumerate(self._indexed_params())}
         state = {index[id(p)]: pack_state(s, p) for p, s in self.state.items() if s}
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": [*self._packed_groups(), state_mark(type(self).__name__)]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class (exact), from the matching torch.optim
@@ -217,7 +296,9 @@ class Optimizer8bit(torch.optim.Optimizer):
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
+        saved_groups, origin = split_state_mark(state_dict["param_groups"])
+        if origin is not None and origin != name:
+            raise ValueError(f"{name}.load_state_dict: this is the state of a q8 {origin}, not of a {name}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"{name}.load_state_dict: {len(saved_groups)} parameter groups saved, optimizer has "
@@ -230,9 +311,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                     f"{name}.load_state_dict: group {g} has {len(saved['params'])} parameters saved, "
                     f"optimizer has {len(group['params'])}"
                 )
-            for flag in ("amsgrad", "maximize"):
-                if saved.get(flag):
-                    raise ValueError(f"{name}.load_state_dict: group {g} was saved with {flag}=True, not supported")
+            if saved.get("amsgrad"):
+                raise ValueError(f"{name}.load_state_dict: group {g} was saved with amsgrad=True, not supported")
             new_group = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             new_groups.append(new_group)
             owner.update((i, (p, new_group)) for i, p in zip(saved["params"], group["params"], strict=True))
@@ -242,13 +322,13 @@ class Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{name}.load_state_dict: state for unknown parameter index {index!r}")
             p, group = owner[index]
             where = f"{name}.load_state_dict: parameter {index} (shape {tuple(p.shape)})"
-            new_state[p] = self._unpack_state(saved, p, group, where)
+            new_state[p] = self._unpack_state(saved, p, group, where, seed=index)
         for group, new_group in zip(self.param_groups, new_groups, strict=True):
             group.update(new_group)
         self.state.clear()
         self.state.update(new_state)
 
-    def _unpack_state(self, saved: dict, p: torch.Tensor, group: dict, where: str) -> dict:
+    def _unpack_state(self, saved: dict, p: torch.Tensor, group: dict, where: str, seed: int) -> dict:
         if not isinstance(saved, dict):
             raise ValueError(f"{where}: state must be a dict, got {type(saved).__name__}")
         if "__bnb_optimizer_quant_state__" in saved:  # bitsandbytes >= 0.45 nests its 8-bit entries
@@ -257,18 +337,27 @@ class Optimizer8bit(torch.optim.Optimizer):
         step = int(step.item()) if isinstance(step, torch.Tensor) else step
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"{where}: 'step' must be a non-negative int, got {step!r}")
-        state: dict[str, Any] = {"step": step}
+        seed = saved.get("seed", seed)  # absent from torch.optim and bitsandbytes state: the index
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ValueError(f"{where}: 'seed' must be an int in [0, 2**32), got {seed!r}")
+        state: dict[str, Any] = {"step": step, "seed": seed}
+        entries = self.state_codes(group)
+        if unexpected := sorted(map(str, saved.keys() - _known_keys(entries))):
+            raise ValueError(
+                f"{where}: {unexpected[0]!r} is not an entry of {type(self).__name__}'s state "
+                f"({', '.join(entries) or 'none'}): the state of another optimizer?"
+            )
         eight = self.is_8bit(p, group)
-        for i, (key, code) in enumerate(self.state_codes(group).items()):
+        for i, (key, code) in enumerate(entries.items()):
             bnb_key = f"state{i + 1}"
             if key in saved:
                 value = unpack_entry(saved, key, p, f"{where}, entry {key!r}")
             elif bnb_key in saved:
-                value = unpack_bnb_entry(saved, i + 1, p, code, f"{where}, bitsandbytes entry {bnb_key!r}")
+                value = unpack_bnb_entry(saved, i + 1, p, f"{where}, bitsandbytes entry {bnb_key!r}")
             else:
                 raise ValueError(f"{where}: missing state entry {key!r}")
             if isinstance(value, QTensor):
-                if value.code.name != code:
+                if value.code.name not in (code, *LOADABLE_CODES.get(code, ())):
                     raise ValueError(f"{where}, entry {key!r}: code {value.code.name!r}, this optimizer uses {code!r}")
                 if not eight:  # e.g. a 1-D parameter's 8-bit state from an earlier q8: decoded, exactly
                     value = value.dequantize(torch.float32)
@@ -285,10 +374,10 @@ class Optimizer8bit(torch.optim.Optimizer):
         the parameter's dtype, tensor step counts), ready for its `load_state_dict`."""
         if self.torch_class is None:
             raise NotImplementedError(f"{type(self).__name__} has no torch.optim counterpart")
-        sd = self.state_dict()
+        packed_groups = self._packed_groups()
         torch_keys = self.torch_class([torch.nn.Parameter(torch.zeros(1))]).defaults
         state = {}
-        for group, saved_group in zip(self.param_groups, sd["param_groups"], strict=True):
+        for group, saved_group in zip(self.param_groups, packed_groups, strict=True):
             for p, index in zip(group["params"], saved_group["params"], strict=True):
                 if not self.state.get(p):
                     continue
@@ -300,8 +389,39 @@ class Optimizer8bit(torch.optim.Optimizer):
                     entry[key] = like(value, p) if is_sharded(p) else value
                 state[index] = entry
         ours = set(self.defaults) - set(torch_keys)  # q8-only options such as optim_bits
-        groups = [{k: v for k, v in g.items() if k not in ours} for g in sd["param_groups"]]
+        groups = [{k: v for k, v in g.items() if k not in ours} for g in packed_groups]
         return {"state": state, "param_groups": groups}
+
+
+def _known_keys(entries: dict[str, str]) -> set[str]:
+    """Keys a loadable state of one parameter may hold: the step and seed; per entry its q8 form
+    (codes or fp32, absmax, code, blocksize; shard_rows of an earlier FSDP2 layout, refused
+    with its own message) or bitsandbytes' (state, absmax, qmap by position)."""
+    keys = {"step", "seed", "__bnb_optimizer_quant_state__"}
+    for i, key in enumerate(entries, 1):
+        keys |= {key, f"{key}.absmax", f"{key}.code", f"{key}.blocksize", f"{key}.shard_rows"}
+        keys |= {f"state{i}", f"absmax{i}", f"qmap{i}"}
+    return keys
+
+
+STATE_MARK = "q8_optimizer"
+"""Key of the parameter group without parameters that ends a q8 optimizer's state dict."""
+
+
+def state_mark(cls: str) -> dict[str, Any]:
+    """The last parameter group of a q8 optimizer's state dict (see `Optimizer8bit.state_dict`)."""
+    note = (
+        f"q8 8-bit optimizer state (uint8 codes + fp32 absmax per block): load it into q8.optim.{cls}; "
+        f"{cls}.to_torch_state_dict() gives the state torch.optim loads"
+    )
+    return {"params": [], STATE_MARK: cls, "q8_note": note}
+
+
+def split_state_mark(groups: list) -> tuple[list, str | None]:
+    """(the parameter groups without the mark, the q8 class it names or None)."""
+    if groups and isinstance(groups[-1], dict) and isinstance(groups[-1].get(STATE_MARK), str):
+        return list(groups[:-1]), groups[-1][STATE_MARK]
+    return list(groups), None
 
 
 def pack_state(state: dict, p: torch.Tensor) -> dict:
@@ -389,10 +509,11 @@ def unpack_entry(saved: dict, key: str, p: torch.Tensor, where: str) -> QTensor 
         raise ValueError(f"{where}: {err}") from None
 
 
-def unpack_bnb_entry(saved: dict, i: int, p: torch.Tensor, code: str, where: str) -> QTensor | torch.Tensor:
+def unpack_bnb_entry(saved: dict, i: int, p: torch.Tensor, where: str) -> QTensor | torch.Tensor:
     """State entry `i` (1 or 2) of a bitsandbytes optimizer: `state{i}` is fp32 (small
-    parameters) or uint8 codes with `absmax{i}` and table `qmap{i}`. bitsandbytes does not
-    record its blocksize; it is inferred from the number of absmax values (256 preferred)."""
+    parameters) or uint8 codes with `absmax{i}` and table `qmap{i}` (its signed or unsigned
+    dynamic map, q8's "dynamic" and "udynamic"). bitsandbytes does not record its blocksize;
+    it is inferred from the number of absmax values (256 preferred)."""
     value = saved[f"state{i}"]
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where}: expected a tensor, got {type(value).__name__}")
@@ -403,9 +524,10 @@ def unpack_bnb_entry(saved: dict, i: int, p: torch.Tensor, code: str, where: str
     qmap, absmax = saved.get(f"qmap{i}"), saved.get(f"absmax{i}")
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
         raise ValueError(f"{where}: absmax{i} must be a 1-D float32 tensor")
-    table = get_code(code)
-    if not isinstance(qmap, torch.Tensor) or not torch.equal(qmap.detach().cpu().float(), table.values):
-        raise ValueError(f"{where}: qmap{i} is not the {code!r} table; only bitsandbytes' dynamic maps load losslessly")
+    qmap = qmap.detach().cpu().float() if isinstance(qmap, torch.Tensor) else None
+    table = next((t for t in map(get_code, ("dynamic", "udynamic")) if torch.equal(qmap, t.values)), None)
+    if qmap is None or table is None:
+        raise ValueError(f"{where}: qmap{i} is not a dynamic table; only bitsandbytes' dynamic maps load losslessly")
     n, nblocks = p.numel(), absmax.numel()
     candidates = [b for b in (256, 64, 128, 512, 1024, 2048, 4096) if -(-n // b) == nblocks]
     if not candidates:

@@ -14,6 +14,7 @@ parameter joins the optimizer.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,16 @@ from .fused import all_finite_local
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["all_finite", "check_supported", "is_sharded", "like", "local", "local_rows", "shard_group"]
+__all__ = [
+    "all_finite",
+    "check_supported",
+    "first_element",
+    "is_sharded",
+    "like",
+    "local",
+    "local_rows",
+    "shard_group",
+]
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -80,12 +90,24 @@ def like(x: torch.Tensor, p: DTensor, shape: tuple[int, ...] | None = None) -> D
     return DTensor.from_local(x, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
-def local_rows(x: torch.Tensor, p: DTensor) -> torch.Tensor:
-    """This rank's rows of `x`: the local shard of a DTensor, or the rows of the full
-    tensor `x` that `p`'s shard holds (Shard(0) on a 1-D mesh, cut as torch.chunk cuts)."""
-    if is_sharded(x):
-        return x.to_local()
+def _row_range(p: DTensor) -> tuple[int, int]:
+    """(first row, rows) of this rank's shard of `p` (Shard(0) on a 1-D mesh, cut as
+    torch.chunk cuts)."""
     rows, size = p.shape[0], p.device_mesh.size()
     per = -(-rows // size)
     first = min(p.device_mesh.get_local_rank() * per, rows)
-    return x.narrow(0, first, min(per, rows - first))
+    return first, min(per, rows - first)
+
+
+def local_rows(x: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """This rank's rows of `x`: the local shard of a DTensor, or the rows of the full
+    tensor `x` that `p`'s shard holds."""
+    if is_sharded(x):
+        return x.to_local()
+    return x.narrow(0, *_row_range(p))
+
+
+def first_element(p: DTensor) -> int:
+    """Flat index, in the whole parameter, of this rank's first element: stochastic
+    rounding is keyed by global indices, so any sharding gives the same bytes."""
+    return _row_range(p)[0] * math.prod(p.shape[1:])

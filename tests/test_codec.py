@@ -3,15 +3,17 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import q8
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from q8.codec import AUTO_CODES, get_code
+from q8.codec import AUTO_CODES, get_code, mix32, quantize_stochastic, rounding_key
+from q8.codec.blockwise import _encode_stochastic_torch
 
 DATA = Path(__file__).parent / "data"
-NAMES = ("dynamic", "udynamic", "linear", "ulinear")
+NAMES = ("dynamic", "udynamic", "udynamic_sq", "linear", "ulinear")
 
 
 def brute_force_codes(x: torch.Tensor, code: q8.Code, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,6 +363,90 @@ def test_qtensor_validates_its_parts():
         q8.QTensor(qt.codes.float(), qt.absmax, qt.code, 64, qt.shape, qt.dtype)
     assert qt.nbytes == 300 + 4 * 5
     assert "QTensor(shape=(300,)" in repr(qt)
+
+
+# --- stochastic rounding (optimizer state) --------------------------------------------------
+
+
+def lowbias32(x: int) -> int:
+    """The hash of the spec, written out on Python ints."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_squared_dynamic_table_is_udynamic_squared():
+    sq, u = get_code("udynamic_sq"), get_code("udynamic")
+    assert torch.equal(sq.values, (u.values.double() ** 2).float()) and sq.zero_index == 0
+    assert 1e-13 < sq.values[1] < 1.1e-13  # the smallest positive entry: (3.25e-7)^2
+
+
+def test_stochastic_rounding_follows_the_spec():
+    """quantize_stochastic (compiled CPU path) against the rule of docs/CODEC.md evaluated
+    element by element in numpy float32 with the hash on Python ints, and the torch-ops
+    path (what CUDA tensors take) against it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(700, generator=g) ** 6
+    x[::50] = 0.0
+    x[7] = 1e-20  # below the first positive entry: never rounds to 0.0
+    code, blocksize, key, offset = get_code("udynamic_sq"), 256, rounding_key(12, 34), 2**32 - 300
+    qt = quantize_stochastic(x, code, blocksize, key, offset)
+    values = code.values.numpy()
+    for i, xi in enumerate(x.numpy()):
+        absmax = np.float32(np.abs(x.numpy()[i // blocksize * blocksize :][:blocksize]).max())
+        q = np.float32(xi) / absmax
+        f = int(np.searchsorted(values, q, side="right")) - 1
+        if f < 255:
+            frac = np.float32(q - values[f]) / np.float32(values[f + 1] - values[f])
+            index = offset + i
+            u = lowbias32(lowbias32((index & 0xFFFFFFFF) ^ key) ^ (index >> 32))
+            f += bool(np.float32(u >> 8) * np.float32(2.0**-24) < frac)
+        if f == 0 and xi > 0:
+            f = 1
+        assert qt.codes[i] == f, i
+    assert int(mix32(torch.tensor([123456789]))[0]) == mix32(123456789) == lowbias32(123456789)
+    codes, absmax, bad = _encode_stochastic_torch(x, code, blocksize, x.numel(), key, offset)  # CUDA's ops
+    assert bad == -1 and torch.equal(codes, qt.codes) and torch.equal(absmax, qt.absmax)
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_positive_values_positive():
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(0)) ** 8  # eight decades
+    decoded = [quantize_stochastic(x, "udynamic_sq", 256, rounding_key(seed, 1)).dequantize() for seed in range(300)]
+    mean = torch.stack(decoded).mean(0)
+    nearest = q8.quantize(x, "udynamic_sq", 256).dequantize()
+    assert ((mean - x).abs() / x).median() < 0.005 < ((nearest - x).abs() / x).median()
+    assert all(bool((d > 0).all()) for d in decoded)
+
+
+def test_stochastic_rounding_keys_on_the_global_index():
+    """A shard encoded with its offset gets the bytes of the same elements in the whole
+    tensor (blocks aligned), whatever the sharding; another key or step gives other bytes."""
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(1)) ** 4
+    key = rounding_key(5, 7)
+    whole = quantize_stochastic(x, "udynamic_sq", 256, key)
+    for start in (0, 1024, 3072):
+        part = quantize_stochastic(x[start : start + 1024], "udynamic_sq", 256, key, offset=start)
+        assert torch.equal(part.codes, whole.codes[start : start + 1024])
+    again = quantize_stochastic(x, "udynamic_sq", 256, key)
+    assert torch.equal(again.codes, whole.codes)
+    for other in (rounding_key(5, 8), rounding_key(6, 7)):
+        assert not torch.equal(quantize_stochastic(x, "udynamic_sq", 256, other).codes, whole.codes)
+
+
+def test_stochastic_rounding_in_the_row_layout():
+    """Rows of 100 with blocks of 64 (rows cut blocks): each row rounds as that row alone
+    numbered from its global start, on the compiled path and in torch ops alike."""
+    x = torch.rand(6, 100, generator=torch.Generator().manual_seed(2)) ** 4
+    key = rounding_key(1, 2)
+    qt = quantize_stochastic(x, "udynamic_sq", 64, key, offset=1000, row_length=100)
+    assert qt.row_length == 100 and qt.absmax.numel() == 12
+    rows = [quantize_stochastic(r, "udynamic_sq", 64, key, offset=1000 + 100 * i) for i, r in enumerate(x)]
+    assert torch.equal(qt.codes, torch.cat([r.codes for r in rows]))
+    assert torch.equal(qt.absmax, torch.cat([r.absmax for r in rows]))
+    codes, absmax, _ = _encode_stochastic_torch(x.reshape(-1), get_code("udynamic_sq"), 64, 100, key, 1000)
+    assert torch.equal(codes, qt.codes) and torch.equal(absmax, qt.absmax)
 
 
 # -- the row layout (docs/CODEC.md "Block layout") ---------------------------------------------

@@ -94,7 +94,7 @@ def gpt2(tmp_path_factory):
 def gpt2_converted(gpt2, tmp_path_factory):
     folder = gpt2[0]
     out = tmp_path_factory.mktemp("gpt2-out")
-    assert run(folder, "-o", out / "ckpt.q8", "--quiet") == EXIT_OK
+    assert run(folder, "-o", out / "ckpt.q8", "--quantize-weights", "--quiet") == EXIT_OK
     assert run("decode", out / "ckpt.q8", "-o", out / "restored", "--quiet") == EXIT_OK
     return out / "ckpt.q8", out / "restored"
 
@@ -308,7 +308,7 @@ def test_dry_run_and_sharded_output(gpt2, tmp_path, capsys):
     assert run(folder / "model.safetensors", "-o", tmp_path / "m.q8", "--dry-run") == EXIT_OK
     assert "dry run: nothing written" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
-    assert run(folder, "--dry-run", "--json") == EXIT_OK
+    assert run(folder, "--dry-run", "--json", "--quantize-weights") == EXIT_OK
     report = json.loads(capsys.readouterr().out)
     assert report["output"] is None and report["totals"]["ratio"] > 3.9  # estimated from the 8-bit sizes
     assert not folder.with_name(folder.name + ".q8").exists()
@@ -472,7 +472,7 @@ def test_decode_q8_files_written_by_the_api(tmp_path, capsys):
     assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.safetensors", "-q") == EXIT_OK
     back = st_load(tmp_path / "flat.safetensors")
     assert q8.quant_error(w, back["w"]).rel_l2 < 0.02 and torch.equal(back["b"], torch.zeros(4))
-    assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.txt") == EXIT_OUTPUT
+    assert run("decode", tmp_path / "flat.q8", "-o", tmp_path / "flat.txt") == EXIT_USAGE
     assert "*.safetensors" in capsys.readouterr().err
     state = {"step": 3, "state": {0: {"exp_avg": q8.quantize(w, "dynamic")}}, "groups": [{"lr": 0.1}]}
     q8.save(state, tmp_path / "nested.q8")

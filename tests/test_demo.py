@@ -1,6 +1,7 @@
 """`make demo` runs end to end and every section shows what it claims."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,12 +12,20 @@ def test_demo_runs_every_section():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     sections = [line for line in out.splitlines() if line.startswith("== ")]
-    assert len(sections) == 8, sections
+    assert len(sections) == 9, sections
     assert "Traceback" not in out and "skipped" not in out
-    assert out.count("identical to the uninterrupted run: True") == 3, out
+    assert out.count("identical to the uninterrupted run: True") == 4, out
+    assert "restored: config.json, generation_config.json, model.safetensors, optimizer.pt" in out  # the round trip
+    assert "refuses it: loaded state dict has a different number of parameter groups" in out
+    assert "load_model kept it: True" in out and "as safetensors does" in out
+    steps = re.search(r"largest step of any weight: torch ([\d.]+) lr, q8 ([\d.]+) lr .* ([\d.]+) lr at step 8", out)
+    assert steps and float(steps[2]) <= float(steps[3]), out
     assert ": OK" in out  # q8convert verify
     assert "--model-error auto (default)" in out and "--target-error 0.02" in out  # q8convert: the trade-off
     assert "drew each tensor's bits per element" in out  # q8convert's trade-off
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
     assert "q8 never unpickles" in out and "the pickle's code ran: False" in out
     assert "one flipped bit: FormatError" in out and "removed it: []" in out
+    assert "the file holds the state of the call: True" in out
+    assert float(re.search(r"peak memory ([0-9.]+)x the tensors", out).group(1)) <= 1.15
+    assert "optimizer.q8 identical to the synchronous run's: True" in out

@@ -364,7 +364,8 @@ def test_non_tensor_values_are_plain_data_never_a_pickle(tmp_path):
         tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     payload = torch.frombuffer(bytearray(pickle.dumps(Evil(marker))), dtype=torch.uint8)
     names = [f"{i}:{k}" for i, k in enumerate(["w", "step", "name", "extra.t", "extra.l"])]
-    q8.save_file({**tensors, **{n: payload for n in names if n not in tensors}}, data_file)  # old layout, no tree
+    old_layout = {n: payload.clone() for n in names if n not in tensors}  # no tree
+    q8.save_file({**tensors, **old_layout}, data_file)
     with pytest.raises(CheckpointException, match="FormatError") as e:
         dcp.load(zeros_like_state(state), storage_reader=Q8StorageReader(tmp_path), no_dist=True)
     assert str(data_file) in str(e.value)

@@ -4,12 +4,14 @@ A tiny GPT-2 built from a config trains on text generated here (bytes as tokens)
 (seeded data order, no dropout), so a resumed run must match the uninterrupted one bit for bit.
 """
 
+import json
 import logging
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import q8
@@ -23,6 +25,7 @@ from q8.integrations.hf import (  # noqa: E402
     load_optimizer_state,
     q8_optimizer_cls_and_kwargs,
 )
+from q8.tools.convert import TRAINING_WEIGHTS  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 STEPS, SAVE_EVERY, BATCH, SEQ = 20, 10, 4, 32
@@ -131,6 +134,25 @@ def test_every_optimizer_name(tmp_path):
         q8_optimizer_cls_and_kwargs("sgd8bit", training_args(tmp_path, optim_args="betas=0.9"), model)
     with pytest.raises(ValueError, match="unknown q8 optimizer 'adamw32bit'"):
         q8_optimizer_cls_and_kwargs("adamw32bit", training_args(tmp_path), model)
+
+
+def test_q8_optim_is_checked_at_construction_and_logged(tmp_path, caplog):
+    for q8_optim, optim_args, message in [
+        ("adamw9bit", None, "unknown q8_optim 'adamw9bit'"),
+        ("adamw8bit", "nonsense=1", "optim_args: 'nonsense=1'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Q8Trainer(make_model(), training_args(tmp_path, optim_args=optim_args), q8_optim=q8_optim)
+    args = training_args(tmp_path, optim_args="optim_bits=8,blocksize=128,maximize=false")
+    trainer = Q8Trainer(make_model(), args, train_dataset=ByteText(), q8_optim="adamw8bit")
+    with caplog.at_level(logging.INFO, logger="q8"):
+        opt = trainer.create_optimizer()
+    assert opt.blocksize == 128
+    trainer.model(**ByteText()[0:BATCH]).loss.backward()
+    opt.step()  # now every parameter has its state
+    # 4 layers x 4 matrices in 8 bits; embeddings (32-bit state), norms and biases in fp32
+    expected = f"optimizer: q8 AdamW8bit, 8-bit state for 16 of 52 parameters, {opt.state_nbytes() / 1e6:.1f} MB"
+    assert expected in caplog.text
 
 
 OPTIMIZERS = {"adamw_torch": {}, "adamw8bit": {"q8_optim": "adamw8bit"}}
@@ -262,7 +284,7 @@ def test_resume_with_another_optimizer_raises(full_run, tmp_path):
 def test_quantized_fp32_state(fp32_run, tmp_path, caplog):
     """quantize_optimizer_state=True: ~4x smaller fp32 state, a logged one-time error, and a working resume."""
     _, out, _ = fp32_run
-    with caplog.at_level(logging.WARNING, logger="q8.integrations.hf"):
+    with caplog.at_level(logging.WARNING, logger="q8"):
         train(tmp_path, quantize_optimizer_state=True)
     assert "max relative L2 error" in caplog.text
     lossless = os.path.getsize(out / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE)
@@ -351,7 +373,7 @@ def test_model_weights_in_q8(tmp_path):
 
 
 def test_model_weights_in_q8_8bit(fp32_run, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="q8.integrations.hf"):
+    with caplog.at_level(logging.WARNING, logger="q8"):
         train(tmp_path, model_weights="q8-8bit")  # trains exactly as fp32_run: only the files differ
     assert "model weights stored as 8-bit codes" in caplog.text
     checkpoint = tmp_path / f"checkpoint-{SAVE_EVERY}"
@@ -368,3 +390,166 @@ def test_model_weights_in_q8_8bit(fp32_run, tmp_path, caplog):
     bad.transformer.wpe = torch.nn.Embedding(SEQ + 1, bad.config.n_embd)
     with pytest.raises(ValueError, match=r"model\.q8: model weights do not match"):
         q8.integrations.hf.load_model_weights(bad, str(checkpoint / "model.q8"))
+
+
+# -- round trips through q8convert -------------------------------------------------------
+
+
+def q8convert(*argv) -> int:
+    from q8.tools.convert import main
+
+    return main([str(a) for a in argv])
+
+
+def same_tree(a, b) -> bool:
+    """Equal nested state (tensors bit for bit, same dtypes)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_tree, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_q8trainer_checkpoint_through_q8convert_resumes_in_a_plain_trainer(run_of, name, tmp_path):
+    """Q8Trainer checkpoint -> q8convert -> decode -> a plain transformers.Trainer resumes it and ends
+    where the uninterrupted Q8Trainer run did, bit for bit: the weights of a training checkpoint stay
+    exact, optimizer.q8 is carried over as is, and decode gives the optimizer's own state_dict()."""
+    trainer, out, _ = run_of(name)
+    checkpoint = out / f"checkpoint-{SAVE_EVERY}"
+    assert q8convert(checkpoint, "-o", tmp_path / "c.q8", "-q") == 0
+    assert (tmp_path / "c.q8" / OPTIMIZER_FILE).read_bytes() == (checkpoint / OPTIMIZER_FILE).read_bytes()
+    with q8.safe_open(tmp_path / "c.q8" / "model.q8") as f:
+        assert {f.info(k)["encoding"] for k in f} <= {"raw", "planes"}
+    assert q8convert("decode", tmp_path / "c.q8", "-o", tmp_path / "restored", "-q") == 0
+    restored = tmp_path / "restored"
+    assert "optimizer.safetensors" not in os.listdir(restored)
+    for carried in ("scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
+        assert (restored / carried).read_bytes() == (checkpoint / carried).read_bytes(), carried
+    optimizer = torch.load(restored / "optimizer.pt", weights_only=True)  # the Trainer's way to read it
+    assert optimizer["param_groups"][-1].get("q8_optimizer") == ("AdamW8bit" if name == "adamw8bit" else None)
+
+    model, args = make_model(), training_args(tmp_path / "plain")
+    kwargs = {}
+    if name != "adamw_torch":  # the q8 optimizer, through the plain Trainer's own argument
+        kwargs["optimizer_cls_and_kwargs"] = q8_optimizer_cls_and_kwargs(name, args, model)
+    resumed = train(tmp_path / "plain", trainer_cls=Trainer, resume=restored, model=model, args=args, **kwargs)
+    assert loss_at(resumed, STEPS) == loss_at(trainer, STEPS)
+    for (key, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+@pytest.fixture(scope="module")
+def plain_q8_run(tmp_path_factory):
+    """A plain Trainer with AdamW8bit through optimizer_cls_and_kwargs: 8-bit state in optimizer.pt."""
+    out = tmp_path_factory.mktemp("plain-q8")
+    model, args = make_model(), training_args(out)
+    cls_and_kwargs = q8_optimizer_cls_and_kwargs("adamw8bit", args, model)
+    return train(out, trainer_cls=Trainer, model=model, args=args, optimizer_cls_and_kwargs=cls_and_kwargs), out
+
+
+def test_q8_state_in_a_plain_trainer_checkpoint_is_kept_as_is(plain_q8_run, tmp_path, capsys):
+    """A plain Trainer's optimizer.pt holding a q8 optimizer's state dict: q8convert recognizes it and
+    stores every tensor exactly (codes never quantized again, the 32-bit embedding moments neither), and
+    decode gives back the same optimizer.pt and weights; the report says what it did."""
+    checkpoint = plain_q8_run[1] / f"checkpoint-{SAVE_EVERY}"
+    capsys.readouterr()
+    assert q8convert(checkpoint, "-o", tmp_path / "c.q8", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    by_file = {f["source"]: f["tensors"] for f in report["files"]}
+    assert {t["reason"] for t in by_file["model.safetensors"]} == {TRAINING_WEIGHTS}
+    optimizer = by_file["optimizer.pt"]
+    assert {t["reason"] for t in optimizer} == {"q8 AdamW8bit state"}
+    assert {t["encoding"] for t in optimizer if t["dtype"] == "uint8"} == {"8-bit as is"}
+    assert {t["encoding"] for t in optimizer if t["dtype"] != "uint8"} == {"exact"}
+    assert q8convert("decode", tmp_path / "c.q8", "-o", tmp_path / "restored", "-q") == 0
+    original = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert same_tree(torch.load(tmp_path / "restored" / "optimizer.pt", weights_only=True), original)
+    a = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    assert same_tree(safetensors.torch.load_file(tmp_path / "restored" / "model.safetensors"), a)
+    assert q8convert(checkpoint, "-o", tmp_path / "w.q8", "--quantize-weights", "-q") == 0  # one flag away
+    with q8.safe_open(tmp_path / "w.q8" / "model.q8") as f:
+        assert f.info("transformer.h.0.mlp.c_fc.weight")["encoding"] == "blockwise"
+
+
+class CheckpointsSeenOnSave(transformers.TrainerCallback):
+    """At each save, which checkpoint folders exist, and whether each visible one is complete."""
+
+    def __init__(self, out) -> None:
+        self.out, self.seen = out, []
+
+    def on_save(self, args, state, control, **kwargs):
+        visible = sorted(p for p in os.listdir(self.out) if p.startswith("checkpoint-"))
+        complete = all(
+            {"optimizer.q8", "trainer_state.json", "model.q8"} <= set(os.listdir(self.out / p)) for p in visible
+        )
+        self.seen.append((state.global_step, visible, complete))
+
+
+def test_async_checkpoints_are_the_synchronous_ones_written_later(tmp_path, monkeypatch):
+    """async_save=True: the checkpoint call returns before model.q8 and optimizer.q8 are written (their
+    writer is slowed down here), only complete checkpoints are ever visible, rotation keeps the last
+    one, and the files equal those of a synchronous run; a resume from them is exact."""
+    write = q8.save_model
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.5)
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(q8, "save_model", slow_write)
+    seen = CheckpointsSeenOnSave(tmp_path / "async")
+    trainer = train(
+        tmp_path / "async",
+        args=training_args(tmp_path / "async", save_total_limit=1),
+        q8_optim="adamw8bit",
+        model_weights="q8",
+        async_save=True,
+        callbacks=[seen],
+    )
+    assert seen.seen == [(10, [], True), (20, ["checkpoint-10"], True)]  # checkpoint-20 still being written
+    assert sorted(os.listdir(tmp_path / "async")) == [f"checkpoint-{STEPS}"]  # rotated once complete, no debris
+
+    monkeypatch.setattr(q8, "save_model", write)
+    sync = train(tmp_path / "sync", q8_optim="adamw8bit", model_weights="q8")
+    for name in ("optimizer.q8", "model.q8"):
+        a = q8.load(tmp_path / "async" / f"checkpoint-{STEPS}" / name)
+        b = q8.load(tmp_path / "sync" / f"checkpoint-{STEPS}" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    for name in ("scheduler.pt", "rng_state.pth"):
+        assert (tmp_path / "async" / f"checkpoint-{STEPS}" / name).read_bytes() == (
+            tmp_path / "sync" / f"checkpoint-{STEPS}" / name
+        ).read_bytes()
+    assert loss_at(trainer, STEPS) == loss_at(sync, STEPS)
+    resumed = train(
+        tmp_path / "resumed", resume=tmp_path / "sync" / f"checkpoint-{SAVE_EVERY}", q8_optim="adamw8bit",
+        model_weights="q8", async_save=True,
+    )  # fmt: skip
+    assert loss_at(resumed, STEPS) == loss_at(sync, STEPS)
+
+
+def test_async_checkpoint_with_the_trainers_safetensors(tmp_path):
+    train(tmp_path, q8_optim="adamw8bit", async_save=True)
+    checkpoint = tmp_path / f"checkpoint-{SAVE_EVERY}"
+    assert {"model.safetensors", "config.json", "optimizer.q8", "scheduler.pt", "trainer_state.json"} <= set(
+        os.listdir(checkpoint)
+    )
+    model = GPT2LMHeadModel.from_pretrained(str(checkpoint))
+    assert model.transformer.wte.weight is model.lm_head.weight  # tied weights stored once, as the Trainer does
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+def test_a_failed_async_checkpoint_raises_and_leaves_no_folder(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(q8, "save_model", fail)
+    with pytest.raises(RuntimeError, match=r"asynchronous save of .*checkpoint-10 failed: disk full"):
+        train(tmp_path, q8_optim="adamw8bit", model_weights="q8", async_save=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_async_save_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="async_save=True needs a single process without push_to_hub"):
+        Q8Trainer(make_model(), training_args(tmp_path, push_to_hub=True, hub_model_id="x/y"), async_save=True)

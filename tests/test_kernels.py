@@ -323,12 +323,13 @@ def test_compiled_adam_ptx_is_exact(p_dtype):
 
     signature = {"p_ptr": f"*{p_dtype}", "g_ptr": f"*{p_dtype}"}
     for s in "mv":
-        signature.update({f"{s}_codes_ptr": "*u8", f"{s}_absmax_ptr": "*fp32", f"{s}_values_ptr": "*fp32",
-                          f"{s}_tree_ptr": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
+        signature.update({f"{s}_codes_ptr": "*u8", f"{s}_absmax_ptr": "*fp32", f"{s}_table_ptr": "*fp32",
+                          f"{s}_values_ptr": "*fp32", f"{s}_tree_ptr": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
     signature.update({"bad_ptr": "*i64", "row_length": "i32", "per_row": "i32", "nblocks": "i32"})
     signature.update(
-        dict.fromkeys(["beta1", "c1", "beta2", "c2", "eps", "step_size", "bc2_sqrt", "decay", "l2"], "fp32")
+        dict.fromkeys(["beta1", "c1", "beta2", "c2", "eps", "step_size", "bc2_sqrt", "decay", "l2", "bound"], "fp32")
     )
+    signature.update({"key": "i64", "offset": "i64"})  # a key >= 2**31 arrives as i64
     ptx = kernel_ptx(kernel_optim._adam_kernel, signature, {"BLOCKSIZE": 256, "ROWS": kernel_codec.TILE // 256})
     assert_exact_ptx(ptx)
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx

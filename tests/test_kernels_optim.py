@@ -11,6 +11,7 @@ import os
 import pytest
 import q8
 import torch
+from q8.codec import rounding_key
 from q8.kernels import adam_update
 from q8.optim.fused import adam_hyper
 
@@ -61,22 +62,44 @@ def test_adam_steps_match_the_cpu_optimizer(cls, rows, blocksize, dtype):
     opt = cls([p_ref], lr=1e-2, blocksize=blocksize, min_8bit_size=0, **decay)
     p = p0.to(DEVICE)
     m = q8.quantize(torch.zeros(shape, device=DEVICE), "dynamic", blocksize, row_length=shape[1])
-    v = q8.quantize(torch.zeros(shape, device=DEVICE), "udynamic", blocksize, row_length=shape[1])
+    v = q8.quantize(torch.zeros(shape, device=DEVICE), "udynamic_sq", blocksize, row_length=shape[1])
     assert m.row_length == (shape[1] if rows > 1 else n)
     for step in range(1, 5):
         grad = gradient(n, step, dtype).view(shape)
         p_ref.grad = grad.clone()
         opt.step()
         hyper = adam_hyper(opt.param_groups[0], step, decoupled=cls is q8.optim.AdamW8bit)
-        assert adam_update(p, grad.to(DEVICE), m, v, hyper) == -1
+        key = rounding_key(opt.state[p_ref]["seed"], step)
+        assert adam_update(p, grad.to(DEVICE), m, v, hyper, key) == -1
         assert_same_state(p, m, v, p_ref, opt)
+
+
+def test_a_moment_loaded_in_another_table_is_re_encoded_as_on_the_cpu():
+    """A second moment in bitsandbytes' / an earlier q8's table: decoded with it, re-encoded
+    in udynamic_sq by stochastic rounding (global indices from `offset`), as the C kernel does."""
+    from q8.codec import get_code
+    from q8.optim.fused import _native_adam
+
+    n, g = 4 * 64 + 5, torch.Generator().manual_seed(3)
+    p0, grad = torch.randn(n, generator=g), gradient(n, 3, torch.float32)
+    m0 = q8.quantize(torch.randn(n, generator=g), "dynamic", 64)
+    v0 = q8.quantize(torch.rand(n, generator=g) ** 6, "udynamic", 64)
+    hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-2, "weight_decay": 0.1, "eps": 1e-8}, 3, decoupled=True)
+    codes, key, offset = (get_code("dynamic"), get_code("udynamic_sq")), rounding_key(7, 3), 3 * 2**31
+    ref = [p0.clone(), *(q8.QTensor(t.codes.clone(), t.absmax.clone(), t.code, 64, t.shape, t.dtype) for t in (m0, v0))]
+    assert _native_adam(ref[0], grad, ref[1], ref[2], hyper, *codes, key, offset) == -1
+    p, m, v = p0.to(DEVICE), m0.to(DEVICE), v0.to(DEVICE)
+    assert adam_update(p, grad.to(DEVICE), m, v, hyper, key=key, offset=offset, codes=codes) == -1
+    assert torch.equal(bits(p), bits(ref[0]))
+    for mine, theirs in ((m, ref[1]), (v, ref[2])):
+        assert torch.equal(mine.codes.cpu(), theirs.codes) and torch.equal(bits(mine.absmax), bits(theirs.absmax))
 
 
 def test_overflow_reports_the_first_bad_block():
     n, blocksize = 8 * 64, 64
     p = torch.zeros(4, 128, device=DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", blocksize)
-    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", blocksize)
+    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic_sq", blocksize)
     grad = torch.ones(4, 128, device=DEVICE)
     grad.view(-1)[[7 * 64, 3 * 64 + 5]] = 1e30  # g * g overflows fp32 in blocks 3 and 7
     hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}, 1, decoupled=True)
@@ -92,7 +115,7 @@ def test_argument_errors():
     p = torch.zeros(n, device=DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", 64)
     v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", 64)
-    hyper = [0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 1.0, 1.0, 0.0]
+    hyper = [0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 1.0, 1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="grad must be contiguous with 256 elements"):
         adam_update(p, torch.zeros(n + 1, device=DEVICE), m, v, hyper)
     with pytest.raises(ValueError, match="p must be contiguous"):
@@ -100,9 +123,9 @@ def test_argument_errors():
     small_v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", 128)
     with pytest.raises(ValueError, match="v has 256 elements in blocks of 128"):
         adam_update(p, torch.zeros(n, device=DEVICE), m, small_v, hyper)
-    with pytest.raises(ValueError, match="hyper must hold 9 values"):
-        adam_update(p, torch.zeros(n, device=DEVICE), m, v, hyper[:8])
-    rows_v = q8.quantize(torch.zeros(8, 32, device=DEVICE), "udynamic", 64, row_length=32)
+    with pytest.raises(ValueError, match="hyper must hold 10 values"):
+        adam_update(p, torch.zeros(n, device=DEVICE), m, v, hyper[:9])
+    rows_v = q8.quantize(torch.zeros(8, 32, device=DEVICE), "udynamic_sq", 64, row_length=32)
     with pytest.raises(ValueError, match=r"v has 256 elements in blocks of 64 \(rows of 32\)"):
         adam_update(p, torch.zeros(n, device=DEVICE), m, rows_v, hyper)
     assert (m.codes == m.code.zero_index).all() and (m.absmax == 0).all()  # nothing was written

@@ -2,13 +2,14 @@
 errors."""
 
 import os
+import threading
 import zlib
 
 import msgpack
 import pytest
 import q8
 import torch
-from q8.formats import FORMAT_VERSION, MAGIC
+from q8.formats import FORMAT_VERSION, MAGIC, background
 from q8.formats.container import FOOTER
 from q8.optim import AdamW8bit, LAMB8bit, Lion8bit, SGD8bit
 
@@ -120,15 +121,16 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(TypeError, match="JSON"):
         q8.save_optimizer(opt, path)
     assert path.read_bytes() == before
-    with pytest.raises(TypeError, match=r"q8\.optim optimizer"):
-        q8.save_optimizer(torch.optim.AdamW(model.parameters()), path)
+    with pytest.raises(TypeError, match=r"expects a torch\.optim\.Optimizer"):
+        q8.save_optimizer(model, path)
 
 
 def test_state_of_the_previous_release_loads():
     """State saved before the row layout (tests/data/make_previous_release_state.py: flat
-    codes, 1-D parameters in 8 bits), from its state_dict (torch.save) and from its
-    save_optimizer file: rows of whole blocks keep their bytes, rows that cut blocks are
-    decoded and re-encoded in rows (one more rounding), 1-D state is decoded; training goes on."""
+    codes, 1-D parameters in 8 bits, second moments in "udynamic"), from its state_dict
+    (torch.save) and from its save_optimizer file: rows of whole blocks keep their bytes and
+    table, rows that cut blocks are decoded and re-encoded in rows (one more rounding, in
+    this optimizer's tables), 1-D state is decoded; training goes on."""
     from data.make_previous_release_state import HERE, OPTIONS
 
     saved = torch.load(HERE / "previous_release_adamw8bit.pt", weights_only=True)
@@ -154,10 +156,12 @@ def test_state_of_the_previous_release_loads():
             flat = q8.QTensor(entry[key], entry[f"{key}.absmax"], q8.codec.get_code(code), 64, p.shape, torch.float32)
             if p.dim() == 1:  # vectors keep fp32 state now: the 8-bit values, decoded
                 assert torch.equal(got, flat.dequantize())
-            elif p.shape[1] % 64 == 0:  # rows of whole blocks: the very bytes
+            elif p.shape[1] % 64 == 0:  # rows of whole blocks: the very bytes, in their own table
+                assert got.code == flat.code
                 assert torch.equal(got.codes, flat.codes) and torch.equal(got.absmax, flat.absmax)
-            else:
-                want = q8.quantize(flat.dequantize(), code, 64, row_length=p.shape[1])
+            else:  # re-encoded in rows, in this optimizer's table
+                ours = from_dict.state_codes(from_dict.param_groups[0])[key]
+                want = q8.quantize(flat.dequantize(), ours, 64, row_length=p.shape[1])
                 assert got.row_length == p.shape[1] and torch.equal(got.codes, want.codes)
                 assert torch.equal(got.absmax, want.absmax)
     assert [p.shape for i, p in enumerate(params) if p.dim() == 1 and "exp_avg.absmax" in old[i]] == [(130,)]
@@ -202,3 +206,105 @@ def test_tampered_files_raise_errors_naming_file_and_tensor(tmp_path, edit, erro
     with pytest.raises(error, match=match) as e:
         q8.load_optimizer(AdamW8bit(model.parameters()), path)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=1024), lambda ps: torch.optim.AdamW(ps, lr=1e-2)],
+    ids=["AdamW8bit", "torch AdamW"],
+)  # fmt: skip
+def test_async_save_optimizer_keeps_the_state_of_the_call(tmp_path, make):
+    """The file holds the state (8-bit codes and absmax, or a torch optimizer's tensors; steps,
+    groups) as it was when async_save_optimizer returned, whatever the optimizer does next."""
+    model, batches = model_and_data()
+    opt = make(model.parameters())
+    run(model, opt, batches[:3])
+    q8.save_optimizer(opt, tmp_path / "sync.q8")
+    gate = threading.Event()
+    blocker = background.save_in_background(os.devnull, lambda _: gate.wait())
+    future = q8.async_save_optimizer(opt, tmp_path / "async.q8")
+    run(model, opt, batches[3:])  # steps update codes and absmax in place
+    opt.param_groups[0]["lr"] = 0.5
+    gate.set()
+    blocker.result()
+    assert future.result(timeout=60) is None
+    expected, got = make(model.parameters()), make(model.parameters())
+    q8.load_optimizer(expected, tmp_path / "sync.q8")
+    q8.load_optimizer(got, tmp_path / "async.q8")
+    assert got.param_groups[0]["lr"] == 1e-2
+    assert_equal_lists(state_bytes(got), state_bytes(expected))
+
+
+TORCH_OPTIMIZERS = {
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps),
+}
+
+
+@pytest.mark.parametrize("make", TORCH_OPTIMIZERS.values(), ids=TORCH_OPTIMIZERS.keys())
+def test_any_torch_optimizer_round_trips_exactly(make, tmp_path):
+    """save_optimizer takes any torch.optim optimizer: its state dict, losslessly, class recorded."""
+    model, batches = model_and_data()
+    opt = make(model.parameters())
+    run(model, opt, batches[:3])
+    path = tmp_path / "opt.q8"
+    q8.save_optimizer(opt, path)
+    again = make(model.parameters())
+    q8.load_optimizer(again, path)
+    assert_equal_lists(state_bytes(opt), state_bytes(again))
+    assert again.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    other = torch.optim.RMSprop(model.parameters())
+    with pytest.raises(ValueError, match=r"opt\.q8: state of a torch\.optim\..*, cannot load it into torch\.optim"):
+        q8.load_optimizer(other, path)
+    with pytest.raises(ValueError, match=r"opt\.q8: state of a torch.optim.*cannot load it into q8\.optim"):
+        q8.load_optimizer(AdamW8bit(model.parameters()), path)
+    with pytest.raises(FileNotFoundError, match=r"missing\.q8"):
+        q8.load_optimizer(again, tmp_path / "missing.q8")
+
+
+def test_quantized_torch_state_and_8bit_state_into_torch(tmp_path, caplog):
+    model, batches = model_and_data()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run(model, opt, batches[:3])
+    lossless, quantized = tmp_path / "lossless.q8", tmp_path / "quantized.q8"
+    q8.save_optimizer(opt, lossless)
+    with caplog.at_level("WARNING", logger="q8"):
+        q8.save_optimizer(opt, quantized, quantize=True)
+    assert "max relative L2 error" in caplog.text
+    assert os.path.getsize(lossless) / os.path.getsize(quantized) > 2  # the 1-D and small state stays exact
+    with q8.safe_open(quantized) as f:
+        assert 0 < float(f.metadata()["quantized_rel_l2_max"]) < 0.05
+        assert f.info("state.0.exp_avg")["encoding"] == "blockwise"
+    again = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    q8.load_optimizer(again, quantized)
+    m, approx = opt.state[model[0].weight]["exp_avg"], again.state[model[0].weight]["exp_avg"]
+    assert approx.dtype == torch.float32 and 0 < q8.quant_error(m, approx).rel_l2 < 0.05
+
+    eight = AdamW8bit(model.parameters())
+    run(model, eight, batches[:1])
+    q8.save_optimizer(eight, tmp_path / "eight.q8")
+    with pytest.raises(ValueError, match=r"eight\.q8: holds a q8 optimizer's 8-bit state"):
+        q8.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path / "eight.q8")
+    q8.save(eight.state_dict(), tmp_path / "state_dict.q8")  # 8-bit state as a plain state dict
+    with pytest.raises(ValueError, match=r"state_dict\.q8: holds 8-bit optimizer state"):
+        q8.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path / "state_dict.q8")
+
+
+def test_state_dict_of_a_file_without_its_optimizer(tmp_path):
+    """load_optimizer_state_dict gives exactly the optimizer's state_dict() (what q8convert
+    decode writes to optimizer.pt): 8-bit entries as codes + absmax, the class mark, tuples."""
+    model, batches = model_and_data()
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    run(model, opt, batches[:2])
+    q8.save_optimizer(opt, tmp_path / "opt.q8")
+    got, expected = q8.optim.load_optimizer_state_dict(tmp_path / "opt.q8"), opt.state_dict()
+    assert got["param_groups"] == expected["param_groups"] and got["param_groups"][-1]["q8_optimizer"] == "AdamW8bit"
+    assert got["state"].keys() == expected["state"].keys()
+    for i, entries in expected["state"].items():
+        assert got["state"][i].keys() == entries.keys()
+        for key, value in entries.items():
+            other = got["state"][i][key]
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value, (i, key)
+    again = AdamW8bit(model.parameters(), lr=1e-2)
+    again.load_state_dict(got)
+    assert_equal_lists(state_bytes(opt), state_bytes(again))

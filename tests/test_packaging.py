@@ -65,6 +65,7 @@ def test_wheel_contains_only_the_q8_package(wheel):
     assert tops == {"q8", f"q8-{q8.__version__}.dist-info"}, tops
     assert any(re.fullmatch(r"q8/codec/_native[^/]*\.so", name) for name in names), names
     assert "q8/__init__.py" in names and "q8/codec/blockwise.py" in names
+    assert "q8/py.typed" in names and "q8/__main__.py" in names  # typed; `python -m q8` runs q8convert
     assert not [name for name in names if "/tests/" in name or name.startswith("q8/setup")], names
 
 
@@ -99,6 +100,7 @@ for name in {GENERIC_NAMES!r}:
 print("ok", q8.__version__)
 """
     assert run(python, "-c", script, cwd=cwd).strip() == f"ok {q8.__version__}"
+    assert run(python, "-m", "q8", "--version", cwd=cwd).strip() == f"q8convert {q8.__version__}"
     # The developer's q8 (as this process found it) is still the one their environment imports.
     developer = run(sys.executable, "-c", "import q8; print(q8.__file__)", cwd=cwd, env=dict(os.environ))
     assert developer.strip() == q8.__file__

@@ -12,6 +12,7 @@ end: a conversion that fails leaves no partial output (and any previous DST unto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,10 +30,8 @@ from typing import Any
 import q8
 import torch
 from q8.formats.atomic import make_temp_dir, temp_name
-from tqdm import tqdm
-
-from . import search
-from .checkpoints import (
+from q8.formats.checkpoints import (
+    TORCH_OPTIMIZER_FILE,
     TORCH_SUFFIXES,
     InputError,
     SafetensorsFile,
@@ -42,10 +41,14 @@ from .checkpoints import (
     is_flat_state_dict,
     load_torch_file,
     safetensors_name,
+    shard_refs,
     write_safetensors,
 )
+
+from . import search
 from .plot import PlotUnavailable, plot_tradeoff
 from .policy import MAX_SHARE, Decision, Policy
+from .progress import LineProgress, fmt_bytes, progress
 from .state import from_container, to_container
 
 __all__ = [
@@ -62,7 +65,9 @@ __all__ = [
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shell's convention
 KIND, SOURCE = "q8convert.kind", "q8convert.source"  # metadata: "weights" or "object"; the original file name
+OPTIMIZER_KEYS = {q8.optim.persist.METADATA_KEY, q8.optim.persist.CLASS_KEY}  # metadata of q8.save_optimizer files
 INDEX_SUFFIX = ".index.json"
+TRAINING_WEIGHTS = "training checkpoint, for an exact resume (--quantize-weights)"
 
 EXAMPLES = """\
 examples:
@@ -83,6 +88,10 @@ exit codes: 0 ok; 1 a q8 file is corrupt (verify, decode, info); 2 bad arguments
 
 class OutputError(Exception):
     """The output cannot be written (it exists, or the disk refused)."""
+
+
+class UsageError(Exception):
+    """The arguments do not fit the input (e.g. an output suffix for another kind of file)."""
 
 
 class Terminated(BaseException):
@@ -106,8 +115,7 @@ def staged(dst: Path, folder: bool, overwrite: bool) -> Iterator[Path]:
     index = Path(f"{dst}{INDEX_SUFFIX}")
     if (dst.exists() or index.exists()) and not overwrite:
         raise OutputError(f"{dst if dst.exists() else index}: already exists (pass --overwrite to replace it)")
-    if not dst.parent.is_dir():
-        raise OutputError(f"{dst.parent}: no such folder")
+    dst.parent.mkdir(parents=True, exist_ok=True)  # as `mkdir -p`: a missing parent folder is made
     token = secrets.token_hex(4)
     tmp, lock = make_temp_dir(dst, token)  # also removes what killed runs left for dst
     old = temp_name(dst, "old", token)
@@ -181,7 +189,7 @@ class ShardedWriter:
 
 
 def _convert_weights(
-    refs: list[TensorRef], out: Path | None, metadata: dict, policy: Policy, args, bar: tqdm
+    refs: list[TensorRef], out: Path | None, metadata: dict, policy: Policy, args, bar: LineProgress
 ) -> list[Decision]:
     """Stream tensors through the policy into `out` (None: dry run); first, with a model
     error, the model's scale from a sample of each tensor it covers."""
@@ -226,7 +234,7 @@ def _record_stored_bytes(path: Path, decisions: list[Decision]) -> None:
             d.stored_bytes = f.info(d.name)["stored_bytes"] if d.name in names else 0
 
 
-def _convert_object(src: Path, obj: Any, out: Path | None, policy: Policy, bar: tqdm) -> list[Decision]:
+def _convert_object(src: Path, obj: Any, out: Path | None, policy: Policy, bar: LineProgress) -> list[Decision]:
     """A nested checkpoint (optimizer state ...) through the policy into `out` via `q8.save`."""
     converted, decisions = to_container(obj, policy, str(src))
     if out:
@@ -253,11 +261,11 @@ def _convert_file(src: Path, out: Path | None, policy: Policy, args, bar_args: d
     if src.suffix in TORCH_SUFFIXES:
         obj = load_torch_file(src)
         if not is_flat_state_dict(obj):
-            with tqdm(total=src.stat().st_size, desc=src.name, **bar_args) as bar:
+            with progress(src.stat().st_size, src.name, **bar_args) as bar:
                 return [(src.name, _convert_object(src, obj, out, policy, bar))]
         del obj
     refs = file_refs(src)
-    with tqdm(total=sum(r.nbytes for r in refs), desc=src.name, **bar_args) as bar:
+    with progress(sum(r.nbytes for r in refs), src.name, **bar_args) as bar:
         meta = _weights_metadata(src, src.name)
         return [(src.name, _convert_weights(refs, out, meta, policy, args, bar))]
 
@@ -268,19 +276,25 @@ def _convert_folder(src: Path, out: Path | None, policy: Policy, args, bar_args:
     ckpt = find_checkpoint(src)
     results = []
     if ckpt.weights:
-        refs = file_refs(src / ckpt.weights)
-        meta = _weights_metadata(src / ckpt.weights, ckpt.weights)
-        with tqdm(total=sum(r.nbytes for r in refs), desc="weights", **bar_args) as bar:
-            results.append((ckpt.weights, _convert_weights(refs, out and out / "model.q8", meta, policy, args, bar)))
+        first = ckpt.weights[0]
+        refs = file_refs(src / first) if len(ckpt.weights) == 1 or first.endswith(INDEX_SUFFIX) else None
+        refs = refs if refs is not None else shard_refs(src, ckpt.weights)
+        meta = _weights_metadata(src / first, first)
+        out_weights = out and out / ckpt.weights_name
+        weights_policy = policy
+        if ckpt.is_training and not args.quantize_weights and not policy.lossless:
+            weights_policy = dataclasses.replace(policy, lossless=True, lossless_reason=TRAINING_WEIGHTS)
+        with progress(sum(r.nbytes for r in refs), "weights", **bar_args) as bar:
+            results.append((first, _convert_weights(refs, out_weights, meta, weights_policy, args, bar)))
     if ckpt.optimizer:
         path = src / ckpt.optimizer
-        with tqdm(total=path.stat().st_size, desc="optimizer", **bar_args) as bar:
+        with progress(path.stat().st_size, "optimizer", **bar_args) as bar:
             obj = load_torch_file(path)
             results.append((ckpt.optimizer, _convert_object(path, obj, out and out / "optimizer.q8", policy, bar)))
     if out:
-        for name in ckpt.copies:
+        for name in ckpt.q8_files + ckpt.copies:
             (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, out / name)
-    return results, ckpt.copies
+    return results, ckpt.q8_files + ckpt.copies
 
 
 def cmd_convert(args) -> int:
@@ -300,7 +314,7 @@ def cmd_convert(args) -> int:
         target_error=args.target_error,
         model_error=model_error,
     )
-    bar_args = {"unit": "B", "unit_scale": True, "disable": args.quiet or args.json or None, "leave": False}
+    bar_args = {"quiet": args.quiet or args.json}
     if args.dry_run:
         results, copies = _run_convert(src, None, policy, args, bar_args)
     else:
@@ -325,14 +339,6 @@ def _default_output(src: Path) -> Path:
 
 
 # -- report ------------------------------------------------------------------------------
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def _model_rel_l2(decisions: list[Decision]) -> float | None:
@@ -386,7 +392,7 @@ def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> Non
         err = f"{max(d.rel_l2 for d in ds):.2e}" if any(d.rel_l2 for d in ds) else "0"
         ratio = f"{n_raw / n_stored:.2f}x" if n_stored else "-"
         why = f"{what}: {reason}" if what else ""
-        rows.append((name, why, len(ds), _fmt_bytes(n_raw), _fmt_bytes(n_stored), ratio, err))
+        rows.append((name, why, len(ds), fmt_bytes(n_raw), fmt_bytes(n_stored), ratio, err))
     print(_table(rows, ("source", "what: why", "tensors", "input", "stored", "ratio", "max rel L2")))
     for name, ds in results:
         if (model := _model_rel_l2(ds)) is not None:
@@ -418,28 +424,114 @@ def _q8_files(folder: Path) -> tuple[list[Path], set[str]]:
     return indexes + [p for p in sorted(folder.glob("*.q8")) if p.name not in shards], shards
 
 
-def _decode_one(src: Path, dst_folder: Path, dst_name: str | None) -> str:
-    """Decode one q8 checkpoint into `dst_folder`; returns the file name written.
+def _check_q8(path: Path) -> None:
+    """InputError unless `path` starts like a q8 file (or is an index json): a file of
+    another kind is a bad input, not a corrupt q8 file."""
+    if path.name.endswith(INDEX_SUFFIX):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(q8.formats.MAGIC))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+    if head != q8.formats.MAGIC:
+        raise InputError(f"{path}: not a q8 file (convert it first: q8convert {path} -o OUTPUT)")
 
-    Weights become safetensors, nested objects (optimizer state) a torch.save file. A q8
-    file that q8convert did not write is taken as weights unless `dst_name` says .pt.
+
+def _decode_one(src: Path, dst_folder: Path, dst_name: str | None, args) -> list[str]:
+    """Decode one q8 checkpoint into `dst_folder`; returns the file names written.
+
+    Weights become safetensors (sharded with --max-shard-size, cast with --dtype);
+    optimizer state (q8.save_optimizer's files, as Q8Trainer's optimizer.q8) an
+    optimizer.pt holding the optimizer's own `state_dict()`; other nested objects (what
+    q8convert made of an optimizer.pt) the torch.save file they came from. A q8 file of
+    another origin is taken as weights unless `dst_name` says .pt.
     """
+    _check_q8(src)
     with q8.safe_open(src) as f:
         meta = f.metadata()
-        source = meta.get(SOURCE, src.name.removesuffix(INDEX_SUFFIX))
-        kind = meta.get(KIND) or ("object" if Path(dst_name or "").suffix in TORCH_SUFFIXES else "weights")
-        if kind == "weights":
-            name = dst_name or safetensors_name(source)
-            if not name.endswith(".safetensors"):
-                raise OutputError(f"{src}: holds weights, which decode to safetensors: name the output *.safetensors")
-            entries = [(k, f.info(k)["dtype"], tuple(f.info(k)["shape"])) for k in f.keys()]
-            user_meta = {k: v for k, v in meta.items() if not k.startswith("q8convert.")}
-            user_meta.setdefault("format", "pt")  # Hugging Face refuses safetensors without it
-            write_safetensors(dst_folder / name, entries, (f.get_tensor(k) for k, _, _ in entries), user_meta)
-            return name
-    name = dst_name or source
-    torch.save(from_container(q8.load(src)), dst_folder / name)
-    return name
+    source = meta.get(SOURCE, src.name.removesuffix(INDEX_SUFFIX))
+    if OPTIMIZER_KEYS & meta.keys():
+        kind, name = "optimizer", dst_name or TORCH_OPTIMIZER_FILE
+    elif meta.get(KIND) == "object" or (not meta.get(KIND) and Path(dst_name or "").suffix in TORCH_SUFFIXES):
+        kind, name = "object", dst_name or source
+    else:
+        return _decode_weights(src, dst_folder, dst_name or safetensors_name(source), meta, args)
+    if Path(name).suffix not in TORCH_SUFFIXES:
+        raise UsageError(f"{src}: holds optimizer state or a nested object, which decodes to torch.save: name the "
+                         f"output *.pt")  # fmt: skip
+    if kind == "optimizer":
+        state = q8.optim.load_optimizer_state_dict(src)
+    else:
+        state = from_container(q8.load(src))
+    torch.save(state, dst_folder / name)
+    return [name]
+
+
+def _decode_weights(src: Path, dst_folder: Path, name: str, meta: dict[str, str], args) -> list[str]:
+    """Weights into safetensors (one file, or shards + index json with --max-shard-size),
+    read and written one tensor at a time. Tensors that were 8-bit codes are recorded in the
+    metadata (`q8.decoded_from`, `q8.max_rel_l2`): the file is not the original."""
+    if not name.endswith(".safetensors"):
+        raise UsageError(f"{src}: holds weights, which decode to safetensors: name the output *.safetensors")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    with q8.safe_open(src) as f:
+        infos = {k: f.info(k) for k in f.keys()}
+        entries = [
+            (k, dtype if dtype and i["dtype"].is_floating_point else i["dtype"], tuple(i["shape"]))
+            for k, i in infos.items()
+        ]
+        user_meta = {k: v for k, v in meta.items() if not k.startswith("q8convert.")}
+        user_meta.setdefault("format", "pt")  # Hugging Face refuses safetensors without it
+        user_meta |= _lossy_metadata(infos, meta)
+        shards = _safetensors_shards(entries, args.max_shard_size)
+        n = len(shards)
+        stem = name.removesuffix(".safetensors")
+        names = [name] if n == 1 else [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in entries)
+        with progress(total, src.name, quiet=args.quiet) as bar:
+            for shard_name, shard in zip(names, shards, strict=True):
+                tensors = (_decoded(f, k, dt, bar) for k, dt, _ in shard)
+                write_safetensors(dst_folder / shard_name, shard, tensors, user_meta)
+    if len(shards) == 1:
+        return names
+    weight_map = {k: shard_name for shard_name, shard in zip(names, shards, strict=True) for k, _, _ in shard}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst_folder / f"{name}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
+    return [*names, f"{name}{INDEX_SUFFIX}"]
+
+
+def _decoded(f, name: str, dtype: torch.dtype, bar) -> torch.Tensor:
+    t = f.get_tensor(name)
+    bar.update(t.numel() * dtype.itemsize)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _safetensors_shards(entries: list[tuple], limit: int | None) -> list[list[tuple]]:
+    """Entries in consecutive shards of at most `limit` bytes (a larger tensor alone)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        n = math.prod(entry[2]) * entry[1].itemsize
+        if limit and shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards
+
+
+def _lossy_metadata(infos: dict[str, dict], meta: dict[str, str]) -> dict[str, str]:
+    """What a decoded file records when some of its tensors were 8-bit codes: how many,
+    and the largest relative L2 error they were stored with (as far as it was recorded)."""
+    lossy = [k for k, i in infos.items() if i["encoding"] == "blockwise"]
+    if not lossy:
+        return {}
+    choices = json.loads(meta.get("q8convert.choices", "{}"))
+    errors = [float(e) for k in lossy if (e := {**choices.get(k, {}), **infos[k]["extra"]}.get("rel_l2"))]
+    if len(errors) < len(lossy) and "quantized_rel_l2_max" in meta:  # save_model records the largest only
+        errors.append(float(meta["quantized_rel_l2_max"]))
+    recorded = f"{max(errors):.3e}" if errors else "not recorded"
+    return {"q8.decoded_from": f"8-bit codes ({len(lossy)} of {len(infos)} tensors)", "q8.max_rel_l2": recorded}
 
 
 def cmd_decode(args) -> int:
@@ -452,16 +544,16 @@ def cmd_decode(args) -> int:
             files, shards = _q8_files(src)
             if not files:
                 raise InputError(f"{src}: no .q8 files in this folder")
-            for p in tqdm(files, desc="decode", disable=args.quiet or None, leave=False):
-                written.append(_decode_one(p, tmp, None))
-            for p in sorted(src.iterdir()):
-                if p not in files and p.name not in shards:
+            for p in files:
+                written += _decode_one(p, tmp, None, args)
+            for p in sorted(src.iterdir()):  # what decoding wrote wins (Q8Trainer's placeholder optimizer.pt)
+                if p not in files and p.name not in shards and p.name not in written:
                     (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
                     written.append(p.name)
         else:
-            written.append(_decode_one(src, tmp, dst.name))
+            written += _decode_one(src, tmp, dst.name, args)
     if not args.quiet:
-        print(f"wrote {dst}" + (f": {', '.join(written)}" if src.is_dir() else ""))
+        print(f"wrote {dst}" + (f": {', '.join(written)}" if src.is_dir() or len(written) > 1 else ""))
     return EXIT_OK
 
 
@@ -498,6 +590,8 @@ def cmd_info(args) -> int:
     files = _q8_files(path)[0] if path.is_dir() else [path]
     if not all(p.exists() for p in files) or not files:
         raise InputError(f"{path}: no such q8 file")
+    for p in files:
+        _check_q8(p)
     per_file = {str(p): _info_rows(p) for p in files}
     raw = sum(r["raw_bytes"] for rows in per_file.values() for r in rows)
     stored = sum(r["stored_bytes"] for rows in per_file.values() for r in rows)
@@ -529,7 +623,7 @@ def cmd_info(args) -> int:
         header = ("tensor", "shape", "dtype", "encoding", "stored bytes", "ratio", "bits", "rel L2", "why")
         print(_table(table, header))
     print(
-        f"total: {len(files)} file(s), {_fmt_bytes(raw)} -> {_fmt_bytes(stored)} ({raw / stored:.2f}x)"
+        f"total: {len(files)} file(s), {fmt_bytes(raw)} -> {fmt_bytes(stored)} ({raw / stored:.2f}x)"
         if stored
         else "total: empty"
     )
@@ -650,11 +744,18 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         help="keep a tensor exact if the error of the encoding chosen would exceed X (a hard limit; "
         "the target is a soft one)",
     )
+    convert.add_argument(
+        "--quantize-weights",
+        action="store_true",
+        help="in a Trainer checkpoint, quantize the model weights too (by default they stay exact there, so that "
+        "a resume is exact; a model folder's weights are quantized)",
+    )
     convert.add_argument("--max-shard-size", type=_size, metavar="SIZE", help="split the weights, e.g. 5GB")
     convert.add_argument("--dry-run", action="store_true", help="decide and measure everything, write nothing")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
     convert.add_argument("--json", action="store_true", help="print the report as JSON")
-    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no report")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress, no report")
+    convert.add_argument("--version", action="version", version=f"q8convert {q8.__version__}")
     convert.set_defaults(func=cmd_convert)
 
     decode = argparse.ArgumentParser(
@@ -665,8 +766,14 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     )
     decode.add_argument("src", help="a .q8 file, a *.q8.index.json, or a folder written by q8convert")
     decode.add_argument("-o", "--output", required=True, help="destination file (.safetensors, .pt) or folder")
+    decode.add_argument(
+        "--max-shard-size", type=_size, metavar="SIZE", help="split decoded weights into safetensors shards, e.g. 5GB"
+    )
+    decode.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="float weights in this dtype (default: as saved)"
+    )
     decode.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    decode.add_argument("-q", "--quiet", action="store_true")
+    decode.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     decode.set_defaults(func=cmd_decode)
 
     info = argparse.ArgumentParser(
@@ -719,11 +826,15 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         print(f"q8convert: error: {e}", file=sys.stderr)
         return EXIT_OUTPUT
+    except UsageError as e:
+        print(f"q8convert: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
+        path = e.filename or getattr(args, "output", None)  # a write error (disk full) names no file
+        where = f"{path}: " if path else ""
         print(f"q8convert: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_OUTPUT
     except KeyboardInterrupt:

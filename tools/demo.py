@@ -128,7 +128,67 @@ def section_formats(tensors: dict[str, torch.Tensor]) -> None:
             size = path.stat().st_size
             rows.append((label, f"{size:,}", f"{raw / size:.2f}x", f"{exact}/{len(tensors)}", f"{worst:.2e}"))
     print(_table(rows, ("file", "bytes", "vs raw", "tensors bit-exact", "worst rel L2")))
-    print(f"raw tensors: {raw:,} bytes; both files verified and reloaded\n")
+    print(f"raw tensors: {raw:,} bytes; both files verified and reloaded")
+    with tempfile.TemporaryDirectory() as d:
+        q8.save_file(tensors, Path(d) / "m.q8")
+        with q8.safe_open(Path(d) / "m.q8", framework="pt", device="cpu") as f:  # safetensors' signature
+            rows = f.get_slice("model.embed.weight")[100:132]  # reads about those rows only
+        tied = torch.nn.Sequential(torch.nn.Embedding(512, 128), torch.nn.Linear(128, 512, bias=False))
+        tied[1].weight = tied[0].weight
+        try:
+            q8.save_file(tied.state_dict(), Path(d) / "tied.q8")
+        except ValueError as e:
+            print(f"save_file of tied weights refuses, as safetensors does: {str(e)[:60]}...")
+        q8.save_model(tied, Path(d) / "tied.q8")
+        again = torch.nn.Sequential(torch.nn.Embedding(512, 128), torch.nn.Linear(128, 512, bias=False))
+        again[1].weight = again[0].weight
+        q8.load_model(again, Path(d) / "tied.q8")
+        stored = len(q8.load_file(Path(d) / "tied.q8"))
+        print(f"get_slice('model.embed.weight')[100:132] -> {tuple(rows.shape)}; q8.save_model stored the tie once "
+              f"({stored} tensor), load_model kept it: {again[1].weight is again[0].weight}\n")  # fmt: skip
+
+
+def section_checkpoint_io() -> None:
+    print("== Checkpoint I/O off the training path: q8.async_save_file, and loads at the memory of the data ==")
+    import time
+
+    state = {f"layer{i}.weight": torch.randn(1024, 1024) * 0.02 for i in range(16)}  # 64 MiB of fp32
+    expected = {k: x.clone() for k, x in state.items()}
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for label, save in [
+            ("torch.save", lambda i: torch.save(state, Path(d) / "t.pt")),
+            ("q8.save_file", lambda i: q8.save_file(state, Path(d) / "b.q8")),
+            ("q8.async_save_file", lambda i: q8.async_save_file(state, Path(d) / f"a{i}.q8")),
+        ]:
+            stalls = []
+            for i in range(3):
+                t0 = time.perf_counter()
+                future = save(i)
+                stalls.append(time.perf_counter() - t0)
+                if future is not None:
+                    future.result()
+            rows.append((label, f"{sorted(stalls)[1] * 1e3:.0f} ms"))
+        print(_table(rows, ("save of 64 MiB", "caller blocked (median of 3)")))
+        future = q8.async_save_file(state, Path(d) / "m.q8")
+        for x in state.values():
+            x.add_(1.0)  # the next optimizer step, while the file is written
+        future.result()
+        loaded = q8.load_file(Path(d) / "m.q8")
+        same = all(torch.equal(loaded[k], x) for k, x in expected.items())
+        print(f"tensors updated in place right after the call; the file holds the state of the call: {same}")
+        code = (
+            "import q8\nq8.load_file(r'{0}')\n"  # warm: threads and allocator arenas
+            "open('/proc/self/clear_refs', 'w').write('5')\n"
+            "hwm = lambda: next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "before = hwm(); out = q8.load_file(r'{0}')\n"
+            "print((hwm() - before) / sum(x.nbytes for x in out.values()))"
+        ).format(Path(d) / "m.q8")
+        if Path("/proc/self/clear_refs").exists():
+            env = {**os.environ, "PYTHONSAFEPATH": "1"}
+            ratio = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout)
+            print(f"q8.load_file in a fresh process: peak memory {ratio:.2f}x the tensors it returns "
+                  "(decoded range by range straight into them)\n")  # fmt: skip
 
 
 def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
@@ -358,24 +418,32 @@ def section_optim() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
     batches = [torch.randn(64, 256) for _ in range(8)]
 
+    largest = {}  # optimizer -> largest single-step move of any weight, in learning rates
+
     def train(net, opt, steps):
         for x in steps:
             loss = (net(x) - x.roll(1, dims=1)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
+            before = [p.detach().clone() for p in net.parameters()]
             opt.step()
+            moved = max((p - b).abs().max().item() for p, b in zip(net.parameters(), before, strict=True))
+            largest[opt] = max(largest.get(opt, 0.0), moved / opt.param_groups[0]["lr"])
         return loss.item()
 
     ref_model = copy.deepcopy(model)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3)
     opt = q8.optim.AdamW8bit(model.parameters(), lr=1e-3)
     ref_loss, loss = train(ref_model, ref, batches), train(model, opt, batches)
+    bound = q8.optim.fused.moment_bound((0.9, 0.999), 8) * (1 - 0.999**8) ** 0.5 / (1 - 0.9**8)
     torch_bytes = sum(t.nbytes for s in ref.state.values() for t in s.values() if t.dim())
     rows = [
         ("torch.optim.AdamW", f"{torch_bytes:,}", "1.00x", f"{ref_loss:.4f}"),
         ("q8.optim.AdamW8bit", f"{opt.state_nbytes():,}", f"{torch_bytes / opt.state_nbytes():.2f}x", f"{loss:.4f}"),
     ]
     print(_table(rows, ("optimizer", "state bytes", "smaller", "loss after 8 steps")))
+    print(f"largest step of any weight: torch {largest[ref]:.2f} lr, q8 {largest[opt]:.2f} lr (8-bit Adam is held to "
+          f"exact Adam's own bound, {bound:.2f} lr at step 8: docs/OPTIMIZER_STATE.md)")  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "opt.q8"
         q8.save_optimizer(opt, path)
@@ -388,14 +456,20 @@ def section_optim() -> None:
     train(resumed, resumed_opt, more)
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters(), strict=True))
     print(f"q8.save_optimizer -> {size:,} bytes; q8.load_optimizer into a fresh optimizer, 4 more steps: "
-          f"parameters identical to the uninterrupted run: {same}\n")  # fmt: skip
+          f"parameters identical to the uninterrupted run: {same}")  # fmt: skip
+    try:  # uint8 codes read as floats would be garbage: torch refuses q8's state dict (its extra mark group)
+        torch.optim.AdamW(model.parameters()).load_state_dict(opt.state_dict())
+    except ValueError as e:
+        print(f"torch.optim.AdamW.load_state_dict(AdamW8bit's state_dict()) refuses it: {e}; "
+              "opt.to_torch_state_dict() is the export it takes\n")  # fmt: skip
 
 
 def section_hf_trainer() -> None:
     print("== Hugging Face Trainer: Q8Trainer(q8_optim='adamw8bit') vs Trainer with torch AdamW ==")
     try:
         import transformers
-        from q8.integrations.hf import Q8Trainer
+        from q8.integrations.hf import Q8Trainer, q8_optimizer_cls_and_kwargs
+        from q8.tools.convert import main as q8convert
         from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainingArguments
     except ImportError as e:
         print(f"skipped: {e} (pip install transformers accelerate)\n")
@@ -406,11 +480,14 @@ def section_hf_trainer() -> None:
     ids = torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": x, "labels": x} for x in ids]
 
-    def run(trainer_cls, folder, resume=None, **kwargs):
+    def run(trainer_cls, folder, resume=None, q8_optimizer=None, **kwargs):
         torch.manual_seed(0)
         args = TrainingArguments(folder, max_steps=8, save_steps=4, per_device_train_batch_size=4, report_to="none",
                                  use_cpu=True, disable_tqdm=True, seed=0, optim="adamw_torch")  # fmt: skip
-        trainer = trainer_cls(GPT2LMHeadModel(config), args, train_dataset=data, **kwargs)
+        model = GPT2LMHeadModel(config)
+        if q8_optimizer:  # a plain Trainer with a q8 optimizer, through its own argument
+            kwargs["optimizer_cls_and_kwargs"] = q8_optimizer_cls_and_kwargs(q8_optimizer, args, model)
+        trainer = trainer_cls(model, args, train_dataset=data, **kwargs)
         trainer.remove_callback(PrinterCallback)  # no metrics dicts in the demo's output
         trainer.train(resume_from_checkpoint=resume)
         return trainer
@@ -427,10 +504,23 @@ def section_hf_trainer() -> None:
         resumed = run(Q8Trainer, f"{d}/resumed", resume=str(q8_ckpt), q8_optim="adamw8bit")
         same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True))
         print(f"resumed from checkpoint-4, 4 more steps: weights identical to the uninterrupted run: {same}")
+        run(Q8Trainer, f"{d}/async", q8_optim="adamw8bit", async_save=True)
+        a, b = q8.load(f"{d}/async/checkpoint-8/optimizer.q8"), q8.load(f"{d}/q8/checkpoint-8/optimizer.q8")
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+        print(f"Q8Trainer(async_save=True): checkpoints written in the background, renamed into place when "
+              f"complete; optimizer.q8 identical to the synchronous run's: {same}")  # fmt: skip
         try:
             run(Trainer, f"{d}/wrong", resume=str(q8_ckpt))
         except RuntimeError as e:
-            print(f"a plain Trainer resuming it fails loudly (optimizer.pt is a placeholder): {str(e)[:96]}...\n")
+            print(f"a plain Trainer resuming it fails loudly (optimizer.pt is a placeholder): {str(e)[:96]}...")
+        q8convert([str(q8_ckpt), "-o", f"{d}/ckpt.q8", "-q"])  # weights exact (a training checkpoint)
+        q8convert(["decode", f"{d}/ckpt.q8", "-o", f"{d}/restored", "-q"])  # optimizer.pt: AdamW8bit's state_dict()
+        print(f"$ q8convert checkpoint-4 -o ckpt.q8; q8convert decode ckpt.q8 -o restored\n"
+              f"  restored: {', '.join(sorted(os.listdir(f'{d}/restored')))}")  # fmt: skip
+        plain = run(Trainer, f"{d}/plain-resumed", resume=f"{d}/restored", q8_optimizer="adamw8bit")
+        same = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), plain.model.parameters(), strict=True))
+        print("a plain Trainer (AdamW8bit via optimizer_cls_and_kwargs) resumes the decoded folder, 4 more steps: "
+              f"weights identical to the uninterrupted run: {same}\n")  # fmt: skip
 
 
 def main() -> None:
@@ -440,6 +530,7 @@ def main() -> None:
     section_codec(tensors)
     section_gpu_kernels(tensors)
     section_formats(tensors)
+    section_checkpoint_io()
     section_q8convert(tensors)
     section_distributed(tensors)
     section_security(tensors)

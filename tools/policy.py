@@ -75,8 +75,9 @@ class Decision:
     raw_bytes: int
     code: str | None = None
     blocksize: int | None = None
-    rel_l2: float = 0.0
+    rel_l2: float = 0.0  # of what was stored: 0 for an exact tensor
     max_abs: float = 0.0
+    refused_rel_l2: float | None = None  # kept exact by --max-error: the error quantizing would have caused
     stored_bytes: int | None = None  # what the file holds for it (after compression, once written)
     target_error: float | None = None  # the tensor's target: --target-error, or its share of --model-error
     model_error: float | None = None  # the model error (auto: as measured) whose share the target is
@@ -88,6 +89,8 @@ class Decision:
         out = {"q8convert": self.reason}
         if self.encoding == "quantized":
             out |= {"rel_l2": f"{self.rel_l2:.3e}", "max_abs": f"{self.max_abs:.3e}"}
+        if self.refused_rel_l2 is not None:
+            out["refused_rel_l2"] = f"{self.refused_rel_l2:.3e}"
         if self.tried:
             out |= {"target_error": f"{self.target_error:g}", "options_tried": str(self.tried)}
         if self.model_error is not None:
@@ -136,6 +139,8 @@ class Policy:
     target_error: float | None = None
     model_error: float | str | None = "auto"
     """The weights' error all together, or "auto": the one the fixed encoding gives them."""
+    lossless_reason: str = "--lossless"
+    """Why `lossless` keeps every tensor exact, for the report."""
     share_scale: float | None = None
     model_target: float | None = None
     """Set by `for_model`: a tensor's share is `share_scale` * rms ** -SHARE_EXPONENT, and
@@ -202,18 +207,17 @@ class Policy:
             if d.model_error is not None:
                 label = f"its share of --model-error {self.model_label}"
             if _exact_is_smaller(x, found.cost):  # exact storage is an option too, of error 0
-                d.reason = (
-                    f"exact: smaller than any 8-bit option within {label}"
-                    if found.met
-                    else f"{label} out of reach, exact is smaller (best 8-bit: {err.rel_l2:.2e})"
-                )
+                if found.met:
+                    d.reason = f"exact: smaller than any 8-bit option within {label}"
+                else:
+                    d.reason, d.refused_rel_l2 = f"{label} out of reach, exact is smaller", err.rel_l2
                 return x, d
             prefix = f"Adam {key}: " if moment else ""
             why = f"{prefix}smallest within {label}" if found.met else f"{prefix}{label} out of reach: lowest error"
-        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
-        if self.max_error is not None and d.rel_l2 > self.max_error:
-            d.reason = f"error {d.rel_l2:.2e} > --max-error {self.max_error:g}"
+        if self.max_error is not None and err.rel_l2 > self.max_error:  # stored exact: its error is 0
+            d.reason, d.refused_rel_l2 = f"8-bit error > --max-error {self.max_error:g}", err.rel_l2
             return x, d
+        d.rel_l2, d.max_abs = err.rel_l2, err.max_abs
         d.encoding, d.code, d.blocksize = "quantized", best.code.name, best.blocksize
         d.reason = why
         if d.tried:
@@ -250,7 +254,7 @@ class Policy:
         if not dtype.is_floating_point:
             return f"{str(dtype).removeprefix('torch.')} (not float)"
         if self.lossless:
-            return "--lossless"
+            return self.lossless_reason
         if pattern := next((p for p in self.keep if fnmatch.fnmatchcase(name, p)), None):
             return f"--keep {pattern}"
         if dtype not in QUANTIZABLE:

@@ -1,11 +1,14 @@
 """Nested checkpoints (optimizer.pt and other torch.save'd objects) into the container and back.
 
 Every tensor leaf goes through the `Policy` under its dotted path ("state.0.exp_avg").
-bitsandbytes 8-bit state (uint8 `state1`/`state2` with `absmax1`/`absmax2` and a `qmap`)
-already is blockwise 8-bit: it is stored as is, as a QTensor with the matching q8 code
-(the dynamic tables equal bitsandbytes' bit for bit) and the blocksize inferred from the
-number of absmax values. Decoding gives back bitsandbytes' layout with identical codes,
-and fp32 tensors for everything q8convert quantized, which torch's optimizers load.
+The `state_dict()` of a q8 optimizer (a plain Trainer's optimizer.pt when the optimizer was
+a q8 one) is stored as it is, every tensor exact: its 8-bit codes are never quantized
+again, nor its fp32 entries (embeddings, norms). bitsandbytes 8-bit state (uint8
+`state1`/`state2` with `absmax1`/`absmax2` and a `qmap`) already is blockwise 8-bit: it is
+stored as is, as a QTensor with the matching q8 code (the dynamic tables equal
+bitsandbytes' bit for bit) and the blocksize inferred from the number of absmax values.
+Decoding gives back bitsandbytes' layout with identical codes, the q8 state dict as it
+was, and fp32 tensors for everything q8convert quantized, which torch's optimizers load.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import q8
 import torch
 from q8.codec import get_code
 from q8.codec.blockwise import BLOCKSIZES
+from q8.formats.checkpoints import InputError
 
 from . import search
-from .checkpoints import InputError
 from .policy import Decision, Policy
 
-__all__ = ["BNB_TABLES", "from_container", "infer_blocksize", "to_container"]
+__all__ = ["BNB_TABLES", "from_container", "infer_blocksize", "q8_optimizer_class", "to_container"]
 
 BNB_TABLES = ("dynamic", "udynamic")
 """The q8 tables a bitsandbytes `qmap` may equal (its create_dynamic_map, signed and not)."""
@@ -71,25 +74,38 @@ def _leaves(x: Any, path: str = "", key: str = "") -> Iterator[tuple[str, str, t
         yield from _leaves(v, f"{path}.{k}" if path else str(k), str(k) if isinstance(x, dict) else "")
 
 
+def q8_optimizer_class(obj: Any) -> str | None:
+    """The q8 optimizer whose `state_dict()` `obj` is (its mark group names it), or None.
+    Its 8-bit codes, their absmax and its fp32 entries are stored as they are."""
+    if isinstance(obj, dict) and isinstance(obj.get("param_groups"), list) and isinstance(obj.get("state"), dict):
+        return q8.optim.optimizer.split_state_mark(obj["param_groups"])[1]
+    return None
+
+
 def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decision]]:
     """`obj` with each tensor replaced by what the policy stores for it; and the decisions.
 
     `where` names the source file in errors. A model error covers the object's tensors
     as one model (`Policy.for_model`; not Adam moments, not bitsandbytes state).
     """
-    policy = policy.for_model(
-        (x.numel(), search.sample(x))
-        for path, key, x in _leaves(obj)
-        if key not in _BNB_8BIT_KEYS and policy.covers(path, x.dtype, tuple(x.shape), key)
-    )
+    q8_class = q8_optimizer_class(obj)
+    if not q8_class:  # a q8 optimizer's state is stored as it is: nothing to share out
+        policy = policy.for_model(
+            (x.numel(), search.sample(x))
+            for path, key, x in _leaves(obj)
+            if key not in _BNB_8BIT_KEYS and policy.covers(path, x.dtype, tuple(x.shape), key)
+        )
     decisions: list[Decision] = []
     held: set[q8.Code] = set()  # the code tables the file will hold
 
     def walk(x: Any, path: str, key: str) -> Any:
         if isinstance(x, torch.Tensor):
-            if key in _BNB_8BIT_KEYS:  # bitsandbytes 32-bit state: exact, so decoding cannot take it for 8-bit
+            if q8_class or key in _BNB_8BIT_KEYS:  # state that decoding must give back bit for bit
+                eight = q8_class and x.dtype == torch.uint8
                 d = Decision(path, tuple(x.shape), str(x.dtype).removeprefix("torch."), "exact", "", x.nbytes)
-                d.reason, stored = "bitsandbytes 32-bit state", x
+                d.encoding = "8-bit as is" if eight else "exact"
+                d.reason = f"q8 {q8_class} state" if q8_class else "bitsandbytes 32-bit state"
+                stored = x
             else:
                 stored, d = policy.apply(path, x, key, held)
             if d.stored_bytes is None:  # the target search measured it compressed already

@@ -1,6 +1,15 @@
-"""The checkpoints users already have, read one tensor at a time: safetensors (single or
-sharded), PyTorch `.pt`/`.bin` (weights_only pickles only) and Hugging Face model and
-Trainer folders; and safetensors written back out the same way.
+"""The checkpoints users already have: what each file of a checkpoint folder is, and their
+tensors read one at a time. The one place that knows these layouts: q8convert
+(`q8.tools`) and Q8Trainer (`q8.integrations.hf`) both take the file names from here.
+
+- Hugging Face model folder: weights (`WEIGHTS_FILES`: model.safetensors, sharded with an
+  index json or numbered shards without one, pytorch_model.bin, PEFT's
+  adapter_model.safetensors), config, tokenizer and generation files.
+- Trainer checkpoint: the same plus `optimizer.pt` (`TORCH_OPTIMIZER_FILE`), scheduler.pt,
+  rng_state*.pth, trainer_state.json, training_args.bin.
+- Q8Trainer checkpoint: `optimizer.q8` (`Q8_OPTIMIZER_FILE`) with a placeholder
+  optimizer.pt that only makes a plain Trainer fail loudly; the weights as the Trainer
+  writes them, or `model.q8` (`Q8_MODEL_FILE`).
 
 safetensors files are parsed here and read with plain `readinto` rather than mmap: a
 memory map keeps every page it has touched resident, so reading a 10 GB shard through
@@ -13,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,14 +32,21 @@ from typing import Any
 import torch
 
 __all__ = [
+    "Q8_MODEL_FILE",
+    "Q8_OPTIMIZER_FILE",
     "SAFETENSORS_DTYPES",
+    "SCHEDULER_FILE",
+    "TORCH_OPTIMIZER_FILE",
+    "WEIGHTS_FILES",
     "Checkpoint",
     "InputError",
     "SafetensorsFile",
     "TensorRef",
     "find_checkpoint",
     "load_torch_file",
+    "safetensors_dtype",
     "safetensors_name",
+    "shard_refs",
     "write_safetensors",
 ]
 
@@ -51,6 +68,13 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _SAFETENSORS_NAMES = {d: n for n, d in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str | None:
+    """safetensors' name of `dtype` ("F32", "BF16", ...), None for dtypes it cannot hold."""
+    return _SAFETENSORS_NAMES.get(dtype)
+
+
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 WEIGHTS_FILES = (
@@ -58,9 +82,21 @@ WEIGHTS_FILES = (
     "model.safetensors",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
 )
-"""Hugging Face weights file names, in the order a folder's weights are looked for."""
-OPTIMIZER_FILE = "optimizer.pt"
+"""Hugging Face weights file names (PEFT's adapters last), in the order a folder's weights
+are looked for; then numbered shards without an index (`SHARD`)."""
+SHARD = re.compile(r"(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<suffix>safetensors|bin)")
+"""`model-00001-of-00003.safetensors`: the shards of one weights file."""
+TORCH_OPTIMIZER_FILE = "optimizer.pt"
+"""The Trainer's optimizer state (torch.save of `optimizer.state_dict()`)."""
+SCHEDULER_FILE = "scheduler.pt"
+"""The Trainer's learning-rate scheduler state."""
+Q8_OPTIMIZER_FILE = "optimizer.q8"
+"""Q8Trainer's optimizer state (`q8.save_optimizer`); its optimizer.pt is a placeholder."""
+Q8_MODEL_FILE = "model.q8"
+"""Q8Trainer's (model_weights="q8") and q8convert's weights of a model folder."""
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -240,39 +276,86 @@ def file_refs(path: Path) -> list[TensorRef]:
 
 @dataclass
 class Checkpoint:
-    """What a Hugging Face model or Trainer checkpoint folder holds, by role.
+    """What a Hugging Face model, Trainer or Q8Trainer checkpoint folder holds, by role.
 
     Attributes:
-        weights: the weights file (or index) that is converted, relative to the folder.
-        optimizer: "optimizer.pt" if present.
-        copies: every other file and folder (not the weights' shards), carried over unchanged.
+        weights: the files holding the weights, relative to the folder (an index json, one
+            file, or numbered shards), converted as one set; empty if none.
+        optimizer: "optimizer.pt" if it holds optimizer state (not Q8Trainer's placeholder).
+        q8_files: files already in q8 (optimizer.q8, model.q8), carried over as they are.
+        copies: every other file and folder, carried over unchanged.
     """
 
-    weights: str | None
+    weights: list[str]
     optimizer: str | None
+    q8_files: list[str]
     copies: list[str]
+
+    @property
+    def is_training(self) -> bool:
+        """A Trainer or Q8Trainer checkpoint (optimizer state), not just a model."""
+        return self.optimizer is not None or Q8_OPTIMIZER_FILE in self.q8_files
+
+    @property
+    def weights_name(self) -> str | None:
+        """The name the weights take in q8 (`model.q8`, `adapter_model.q8`)."""
+        if not self.weights:
+            return None
+        first = self.weights[0]
+        if m := SHARD.fullmatch(first):
+            return f"{m.group('stem')}.q8"
+        return safetensors_name(first).removesuffix(".safetensors") + ".q8"
 
 
 def find_checkpoint(root: Path) -> Checkpoint:
-    """Sort a folder's files into weights, optimizer state and files carried over."""
+    """Sort a folder's files into weights, optimizer state, q8 files and files carried over."""
     root = Path(root)
     names = sorted(p.name for p in root.iterdir())
-    weights = next((w for w in WEIGHTS_FILES if w in names), None)
-    parts = []
-    if weights is not None:
-        parts = [weights]
-        if weights.endswith(".index.json"):
+    weights = []
+    if index := next((w for w in WEIGHTS_FILES if w in names), None):
+        weights = [index]
+        if index.endswith(".index.json"):
             try:
-                parts += sorted(set(json.loads((root / weights).read_text())["weight_map"].values()))
+                weights += sorted(set(json.loads((root / index).read_text())["weight_map"].values()))
             except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-                raise InputError(f"{root / weights}: not a sharded checkpoint index: {e}") from e
-    optimizer = OPTIMIZER_FILE if OPTIMIZER_FILE in names else None
-    if weights is None and optimizer is None:
+                raise InputError(f"{root / index}: not a sharded checkpoint index: {e}") from e
+    else:
+        weights = _numbered_shards(root, names)
+    q8_files = [n for n in (Q8_OPTIMIZER_FILE, Q8_MODEL_FILE) if n in names]
+    optimizer = TORCH_OPTIMIZER_FILE if TORCH_OPTIMIZER_FILE in names and Q8_OPTIMIZER_FILE not in names else None
+    if not weights and optimizer is None and not q8_files:
         raise InputError(
-            f"{root}: no checkpoint found in this folder (looked for {', '.join(WEIGHTS_FILES)}, {OPTIMIZER_FILE})"
+            f"{root}: no checkpoint found in this folder (looked for {', '.join(WEIGHTS_FILES)}, numbered shards, "
+            f"{TORCH_OPTIMIZER_FILE}, {Q8_OPTIMIZER_FILE}, {Q8_MODEL_FILE})"
         )
-    copies = [n for n in names if n not in parts and n != optimizer]
-    return Checkpoint(weights, optimizer, copies)
+    copies = [n for n in names if n not in weights and n != optimizer and n not in q8_files]
+    return Checkpoint(weights, optimizer, q8_files, copies)
+
+
+def _numbered_shards(root: Path, names: list[str]) -> list[str]:
+    """A complete set of numbered shards (`model-00001-of-00002.safetensors`, ...) without
+    an index json; a set with a shard missing is an error, naming it."""
+    found = [m for n in names if (m := SHARD.fullmatch(n))]
+    if not found:
+        return []
+    stem, n, suffix = found[0].group("stem"), found[0].group("n"), found[0].group("suffix")
+    expected = [f"{stem}-{i:05d}-of-{n}.{suffix}" for i in range(1, int(n) + 1)]
+    if missing := [name for name in expected if name not in names]:
+        raise InputError(f"{root / missing[0]}: shard missing (the folder has {found[0].string} and no index json)")
+    return expected
+
+
+def shard_refs(root: Path, shards: list[str]) -> list[TensorRef]:
+    """The tensors of numbered shards without an index, shard by shard; a name in two shards is an error."""
+    refs: list[TensorRef] = []
+    seen: dict[str, str] = {}
+    for shard in shards:
+        for ref in file_refs(root / shard):
+            if ref.name in seen:
+                raise InputError(f"{root / shard}: tensor {ref.name!r} is also in {seen[ref.name]}")
+            seen[ref.name] = shard
+            refs.append(ref)
+    return refs
 
 
 def safetensors_name(source: str) -> str:

@@ -1,0 +1,310 @@
+"""Checkpoint I/O off the training path: async save stall, load time and memory, optimizer files.
+
+Three studies, same run, same data:
+
+1. Save stall: how long a save blocks the caller, on a ~1 GB fp32 state dict shaped like a
+   260M-parameter decoder (benchmarks/formats.py). `q8.async_save_file` returns after the
+   snapshot (first call: fresh buffers; then: buffers reused from the pool) against the
+   blocking `torch.save`, `safetensors.torch.save_file` and `q8.save_file`, and against
+   `torch.distributed.checkpoint.async_save` (one process). Each save's background part is
+   waited for before the next one starts; "done" is the time until the file is complete.
+2. Load: time and peak extra memory, each load in a fresh process (VmHWM after writing 5
+   to /proc/self/clear_refs, minus the resident size before the load), until one byte of
+   every page of every tensor was read: `q8.load_file` (lossless and 8-bit files),
+   `safetensors.torch.load_file` (lazy map), `torch.load(weights_only=True)`, and ZipNN
+   0.5.4 (its per-tensor blobs read from one file and decompressed on the same threads). The
+   lossless decode throughput compares q8's load (read + checksum + decode) with ZipNN's
+   (read + decompress, no checksum) and with ZipNN's decompression alone.
+3. Optimizer file round trip: AdamW8bit state of a GPT-2-shaped model after a few steps,
+   `q8.save_optimizer` / `q8.load_optimizer` against `torch.save(opt.state_dict())` /
+   `opt.load_state_dict(torch.load(...))`, and the stall of `q8.async_save_optimizer`.
+   q8's saves fsync the file (atomic, durable); `torch.save` + fsync is shown too.
+
+Times are medians of REPEATS; the machine's load average is printed with them (compare
+within one run). Run:
+    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/checkpoint_io.py [--scale 1.0] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import q8
+import safetensors.torch
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from formats import REPEATS, fsynced, median_s, state_dict, touch
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# -- 1. save stall -------------------------------------------------------------------------
+
+
+def stall_and_done(start: Callable[[], Callable[[], object]]) -> tuple[float, float]:
+    """(seconds until `start()` returns, seconds until the wait it returns is over)."""
+    t0 = time.perf_counter()
+    wait = start()
+    t1 = time.perf_counter()
+    wait()
+    return t1 - t0, time.perf_counter() - t0
+
+
+def blocking(save: Callable[[], object]) -> Callable[[], Callable[[], None]]:
+    def start():
+        save()
+        return lambda: None
+
+    return start
+
+
+def save_stalls(sd: dict[str, torch.Tensor], folder: Path) -> list[tuple[str, float, float]]:
+    import torch.distributed.checkpoint as dcp
+
+    q8.formats.release_buffers()
+    first = stall_and_done(lambda: q8.async_save_file(sd, folder / "a.q8").result)
+    contenders = {
+        "torch.save": blocking(lambda: torch.save(sd, folder / "t.pt")),
+        "torch.save + fsync": blocking(lambda: fsynced(torch.save, sd, folder / "t.pt")),
+        "safetensors.save_file": blocking(lambda: safetensors.torch.save_file(sd, folder / "s.safetensors")),
+        "q8.save_file (blocking)": blocking(lambda: q8.save_file(sd, folder / "b.q8")),
+        "dcp.async_save": lambda: dcp.async_save(sd, checkpoint_id=str(folder / "dcp")).result,
+        "q8.async_save_file": lambda: q8.async_save_file(sd, folder / "a.q8").result,
+    }
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that no process group is initialized
+        for name, start in contenders.items():
+            runs = [stall_and_done(start) for _ in range(REPEATS)]
+            rows.append((name, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)))
+    rows.insert(-1, ("q8.async_save_file, first call", *first))
+    return rows
+
+
+# -- 2. loads in fresh processes -------------------------------------------------------------
+
+
+def zipnn(threads: int):
+    from zipnn import ZipNN
+
+    return lambda dtype: ZipNN(input_format="byte", bytearray_dtype={torch.float32: "float32"}[dtype], threads=threads)
+
+
+def zipnn_save(sd: dict[str, torch.Tensor], path: Path) -> None:
+    make = zipnn(torch.get_num_threads())
+    with open(path, "wb") as f:
+        for x in sd.values():
+            blob = make(x.dtype).compress(bytearray(x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()))
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+
+
+def zipnn_load(path: Path, like: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """The tensors, and the seconds spent in ZipNN's decompression alone."""
+    make = zipnn(torch.get_num_threads())
+    out, decompress = {}, 0.0
+    with open(path, "rb") as f:
+        for name, (dtype, shape) in like.items():
+            blob = f.read(int.from_bytes(f.read(8), "little"))
+            t0 = time.perf_counter()
+            raw = make(dtype).decompress(blob)
+            decompress += time.perf_counter() - t0
+            out[name] = torch.frombuffer(raw, dtype=dtype).view(shape)
+    return out, decompress
+
+
+def child_load(kind: str, path: str, layout: str) -> None:
+    """In a fresh process: load, touch every page; print seconds and the peak memory it added."""
+    like = {name: (getattr(torch, dtype), tuple(shape)) for name, (dtype, shape) in json.loads(layout).items()}
+    loaders = {
+        "q8": q8.load_file,
+        "safetensors": safetensors.torch.load_file,
+        "torch.load": lambda p: torch.load(p, weights_only=True),
+        "zipnn": lambda p: zipnn_load(Path(p), like),
+    }
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    t0 = time.perf_counter()
+    out = loaders[kind](path)
+    out, decompress = out if kind == "zipnn" else (out, None)
+    touch(out)
+    seconds = time.perf_counter() - t0
+    extra = _status("VmHWM") - before
+    data = sum(x.numel() * x.element_size() for x in out.values())
+    print(json.dumps({"seconds": seconds, "extra": extra, "data": data, "decompress": decompress}))
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def fresh_load(kind: str, path: Path, sd: dict[str, torch.Tensor]) -> dict:
+    layout = json.dumps({k: (str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in sd.items()})
+    runs = []
+    for _ in range(REPEATS):
+        command = [sys.executable, __file__, "--child", kind, str(path), layout]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"loading {path} with {kind} failed:\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    pick = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    return {**pick, "extra": max(r["extra"] for r in runs)}  # median time, worst memory
+
+
+def loads(sd: dict[str, torch.Tensor], folder: Path) -> list[tuple[str, int, dict]]:
+    files = {
+        "q8 lossless": ("q8", folder / "l.q8", lambda p: q8.save_file(sd, p)),
+        "q8 8-bit": ("q8", folder / "q.q8", lambda p: q8.save_file(sd, p, quantize=True)),
+        "safetensors": ("safetensors", folder / "s.safetensors", lambda p: safetensors.torch.save_file(sd, p)),
+        "torch.load": ("torch.load", folder / "t.pt", lambda p: torch.save(sd, p)),
+        "ZipNN": ("zipnn", folder / "z.zipnn", lambda p: zipnn_save(sd, p)),
+    }
+    rows = []
+    for name, (kind, path, save) in files.items():
+        save(path)
+        rows.append((name, path.stat().st_size, fresh_load(kind, path, sd)))
+        path.unlink()
+    return rows
+
+
+# -- 3. optimizer files ----------------------------------------------------------------------
+
+
+def optimizer_round_trip(folder: Path) -> list[tuple[str, float, float]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=8192, n_positions=256, n_embd=512, n_layer=8, n_head=8)
+    model = GPT2LMHeadModel(config)
+    opt = q8.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 64))
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tensors = sum(len(s) - 1 for s in opt.state.values())
+    print(f"\nAdamW8bit state: {tensors} tensors, {opt.state_nbytes() / 1e6:.1f} MB (GPT-2 n_embd 512, 8 layers)")
+    pt, qf = folder / "opt.pt", folder / "opt.q8"
+    torch.save(opt.state_dict(), pt)
+    q8.save_optimizer(opt, qf)
+
+    def torch_load():
+        opt.load_state_dict(torch.load(pt, weights_only=True))
+
+    stall = statistics.median(
+        stall_and_done(lambda: q8.async_save_optimizer(opt, folder / "a.q8").result)[0] for _ in range(REPEATS)
+    )
+    rows = [
+        ("torch.save / torch.load + load_state_dict", median_s(lambda: torch.save(opt.state_dict(), pt)), 0.0),
+        ("torch.save + fsync", median_s(lambda: fsynced(torch.save, opt.state_dict(), pt)), 0.0),
+        ("q8.save_optimizer / q8.load_optimizer", median_s(lambda: q8.save_optimizer(opt, qf)), 0.0),
+        ("q8.async_save_optimizer (stall)", stall, 0.0),
+    ]
+    t_load, q_load = median_s(torch_load), median_s(lambda: q8.load_optimizer(opt, qf))
+    rows[0], rows[2] = (rows[0][0], rows[0][1], t_load), (rows[2][0], rows[2][1], q_load)
+    sizes = {"optimizer.pt": pt.stat().st_size, "optimizer.q8": qf.stat().st_size}
+    print("files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the ~1 GB fp32 state dict")
+    parser.add_argument("--plot", type=Path, help="write the figures as a PNG here")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "LAYOUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_load(*args.child)
+    print(f"q8 {q8.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, {REPEATS} repeats")
+    sd = state_dict(torch.float32, args.scale)
+    raw = sum(x.numel() * x.element_size() for x in sd.values())
+    with tempfile.TemporaryDirectory(dir=os.environ.get("Q8_BENCH_DIR")) as d:
+        folder = Path(d)
+        print(f"\n1. save stall, {len(sd)} fp32 tensors, {raw / 1e9:.3f} GB (load average {load_average()})")
+        stalls = save_stalls(sd, folder)
+        q8.formats.release_buffers()
+        print(f"{'contender':34} {'stall s':>8} {'done s':>8}")
+        for name, stall, done in stalls:
+            print(f"{name:34} {stall:>8.3f} {done:>8.3f}")
+        t_save = dict((n, s) for n, s, _ in stalls)
+        steady = t_save["q8.async_save_file"]
+        print(f"q8 async stall / torch.save: {steady / t_save['torch.save']:.2f} (target <= 0.5)")
+        print(f"q8 async stall / dcp.async_save stall: {steady / t_save['dcp.async_save']:.2f}")
+
+        print(f"\n2. load in a fresh process (load average {load_average()})")
+        rows = loads(sd, folder)
+        print(f"{'contender':14} {'file MB':>9} {'load s':>7} {'MB/s':>7} {'extra memory':>13} {'/ data':>7}")
+        for name, size, r in rows:
+            print(
+                f"{name:14} {size / 1e6:>9.1f} {r['seconds']:>7.3f} {raw / r['seconds'] / 1e6:>7.0f} "
+                f"{r['extra'] / 1e6:>10.1f} MB {r['extra'] / r['data']:>6.2f}x"
+            )
+        by = {name: r for name, _, r in rows}
+        zip_decode = by["ZipNN"]["decompress"]
+        print(
+            f"lossless throughput: q8 load {raw / by['q8 lossless']['seconds'] / 1e6:.0f} MB/s, ZipNN read + "
+            f"decompress {raw / by['ZipNN']['seconds'] / 1e6:.0f} MB/s, ZipNN decompress alone "
+            f"{raw / zip_decode / 1e6:.0f} MB/s (target: q8 >= ZipNN)"
+        )
+        print(f"q8 lossless peak extra memory: {by['q8 lossless']['extra'] / raw:.3f}x the data (target <= 1.15)")
+
+        print(f"\n3. optimizer file (load average {load_average()})")
+        opt_rows = optimizer_round_trip(folder)
+        print(f"{'contender':44} {'save s':>8} {'load s':>8}")
+        for name, save, load in opt_rows:
+            print(f"{name:44} {save:>8.3f} {load:>8.3f}" if load else f"{name:44} {save:>8.3f}")
+        print(
+            f"q8 / torch: save {opt_rows[2][1] / opt_rows[0][1]:.2f}, load {opt_rows[2][2] / opt_rows[0][2]:.2f} "
+            "(targets <= 1.0)"
+        )
+    if args.plot:
+        plot(stalls, rows, raw, args.plot)
+
+
+def plot(stalls: list, rows: list, raw: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    names = [n for n, _, _ in stalls]
+    axes[0].barh(names, [s for _, s, _ in stalls], color=["#4c72b0" if "q8" in n else "#999999" for n in names])
+    axes[0].set_xlabel("seconds the caller is blocked (save stall)")
+    axes[0].invert_yaxis()
+    names = [n for n, _, _ in rows]
+    colors = ["#4c72b0" if "q8" in n else "#999999" for n in names]
+    axes[1].barh(names, [r["seconds"] for _, _, r in rows], color=colors)
+    axes[1].set_xlabel("load seconds (fresh process, every page read)")
+    axes[1].invert_yaxis()
+    axes[2].barh(names, [r["extra"] / raw for _, _, r in rows], color=colors)
+    axes[2].axvline(1.15, color="#c44e52", linestyle="--", label="target 1.15x")
+    axes[2].set_xlabel("peak extra memory of the load / data")
+    axes[2].invert_yaxis()
+    axes[2].legend(loc="lower right")
+    fig.suptitle(f"Checkpoint I/O, {raw / 1e9:.2f} GB fp32 state dict, {torch.get_num_threads()} CPU threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
