@@ -13,8 +13,8 @@ import pytest
 import q8
 import torch
 from q8.codec.blockwise import BLOCKSIZES
-from q8.tools import search
 from q8.formats.checkpoints import SafetensorsFile
+from q8.tools import search
 from q8.tools.convert import EXIT_OK, EXIT_USAGE, main
 from q8.tools.policy import MAX_SHARE, SHARE_EXPONENT, Policy
 from safetensors.torch import save_file as st_save
