@@ -4,9 +4,11 @@ Builds a synthetic sharded safetensors checkpoint (fp32, LLM-like shapes: 4096x4
 4096x1024 matrices with N(0, 0.02) entries, 1-D norms) and runs, each as a subprocess
 whose peak RSS is read with os.wait4:
 
-  - q8convert's default (the per-tensor search for --target-error 0.009), the same without
-    a target (--code auto: every tensor at blocksize 2048, the lower-error table; the default
-    before targets) and q8convert --lossless;
+  - q8convert's default (--model-error auto: a first pass over a sample of every tensor,
+    then the per-tensor search for each one's share), the search for one per-tensor target
+    (--target-error 0.009, no first pass), the same without a target (--code auto: every
+    tensor at blocksize 2048, the lower-error table; the default before targets) and
+    q8convert --lossless;
   - anchors on the same bytes: safetensors load_file + save_file shard by shard, and
     zstd (level 1, the python zstandard binding, streaming) of the shard files.
 
@@ -123,7 +125,11 @@ def main() -> None:
         index = str(src / "model.safetensors.index.json")
         out, q8_out = root / "out", root / "model.q8"
         methods = {
-            "q8convert (default: --target-error 0.009)": ([Q8CONVERT, index, "-o", str(q8_out), "-q"], q8_out),
+            "q8convert (default: --model-error auto)": ([Q8CONVERT, index, "-o", str(q8_out), "-q"], q8_out),
+            "q8convert --target-error 0.009": (
+                [Q8CONVERT, index, "-o", str(q8_out), "--target-error", "0.009", "-q"],
+                q8_out,
+            ),
             "q8convert --code auto (bs 2048, no target)": (
                 [Q8CONVERT, index, "-o", str(q8_out), "--code", "auto", "-q"],
                 q8_out,

@@ -1,12 +1,15 @@
 """q8convert quality: size against error on small language models trained here.
 
 Builds a tiny GPT-2 and a tiny BERT from transformers configs, trains each a few hundred
-steps on generated text (a Zipf-distributed Markov chain over the vocabulary; nothing is
-downloaded), saves its weights as safetensors and converts them with:
+steps on generated text (topics whose words follow each other as a Markov chain; nothing
+is downloaded) until both have learned their task and moved well away from their
+initialisation, saves the weights as safetensors and converts them with:
 
   - q8convert's old default (`--code auto`: one blocksize, 2048, the lower-error table)
     and the same at every blocksize (the old rate-distortion curve);
-  - q8convert's new default (`--target-error 0.009`) and a sweep of targets;
+  - q8convert's new default (`--model-error auto`: the old default's error of the weights
+    all together, shared out between the tensors by their scale), sweeps of model errors
+    (`--model-error E`) and of per-tensor targets (`--target-error E`);
   - bitsandbytes' blockwise codes (`bitsandbytes.functional.quantize_blockwise` on CPU,
     its dynamic table, fp32 absmax; size = codes + absmax as its state dicts hold them)
     at every blocksize.
@@ -17,7 +20,7 @@ error, and the cosine between the original and the decoded model's last hidden s
 (mean over the tokens of a held-out batch). Prints the tables and, with --plot, draws the
 curves (ratio against relative L2 and against 1 - cosine).
 
-Run: PYTHONSAFEPATH=1 .venv/bin/python benchmarks/convert_quality.py [--steps 300] [--plot docs/convert_quality.png]
+Run: PYTHONSAFEPATH=1 .venv/bin/python benchmarks/convert_quality.py [--steps 400] [--plot docs/convert_quality.png]
 """
 
 from __future__ import annotations
@@ -37,24 +40,33 @@ from q8.tools.convert import main as q8convert
 from safetensors.torch import load_file, save_file
 
 VOCAB, SEQ, BATCH = 2048, 64, 16
-TARGETS = (0.004, 0.006, 0.008, 0.009, 0.01, 0.012, 0.015, 0.02, 0.03)
+TOPICS, TOPIC_WORDS = 128, 16
+MASK = VOCAB
+"""BERT's [MASK] token: one more than the text's vocabulary."""
+TARGETS = (0.005, 0.0065, 0.008, 0.01, 0.012, 0.015, 0.02, 0.03)
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-NEW_DEFAULT = 0.009
 
 
 def corpus(n: int, seed: int) -> torch.Tensor:
-    """n sequences of generated 'text': a Markov chain whose tokens follow one of 8 likely
-    successors (80%) or a Zipf-distributed random token (20%)."""
+    """n sequences of generated 'text' on `TOPICS` topics: a sequence keeps one topic, whose
+    vocabulary is `TOPIC_WORDS` of the `VOCAB` tokens (a token belongs to a few topics or
+    to none, as a rare word), and is a Markov chain over it: each word is followed by one of
+    its 8 likely successors (80%) or by a Zipf-distributed word of the topic (20%). The
+    context tells the topic (what a masked-token model learns first), the previous token
+    the successors (what a next-token model learns first)."""
     g = torch.Generator().manual_seed(seed)
-    zipf = 1 / torch.arange(1, VOCAB + 1, dtype=torch.float)
-    successors = torch.randint(0, VOCAB, (VOCAB, 8), generator=torch.Generator().manual_seed(0))
+    tables = torch.Generator().manual_seed(0)
+    words = torch.stack([torch.randperm(VOCAB, generator=tables)[:TOPIC_WORDS] for _ in range(TOPICS)])
+    successors = torch.randint(0, TOPIC_WORDS, (TOPICS, TOPIC_WORDS, 8), generator=tables)
+    zipf = 1 / torch.arange(1, TOPIC_WORDS + 1, dtype=torch.float)
+    topic = torch.randint(0, TOPICS, (n,), generator=g)
+    local = torch.multinomial(zipf, n, replacement=True, generator=g)
     out = torch.empty(n, SEQ, dtype=torch.long)
-    token = torch.multinomial(zipf, n, replacement=True, generator=g)
     for t in range(SEQ):
-        out[:, t] = token
-        follow = successors[token, torch.randint(0, 8, (n,), generator=g)]
+        out[:, t] = words[topic, local]
+        follow = successors[topic, local, torch.randint(0, 8, (n,), generator=g)]
         jump = torch.multinomial(zipf, n, replacement=True, generator=g)
-        token = torch.where(torch.rand(n, generator=g) < 0.8, follow, jump)
+        local = torch.where(torch.rand(n, generator=g) < 0.8, follow, jump)
     return out
 
 
@@ -63,33 +75,38 @@ def build(kind: str) -> torch.nn.Module:
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=256, n_layer=2, n_head=4)
         return transformers.GPT2LMHeadModel(cfg)
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
+        vocab_size=VOCAB + 1, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
         max_position_embeddings=SEQ,
     )  # fmt: skip
     return transformers.BertForMaskedLM(cfg)
 
 
 def train(kind: str, steps: int) -> torch.nn.Module:
-    """The model after `steps` AdamW steps (lr 1e-3) of next-token (GPT-2) or masked-token
-    (BERT, 15% masked) prediction."""
+    """The model after `steps` AdamW steps (lr 1e-3, warmed up over 30 steps, then down
+    linearly to 1e-4) of next-token (GPT-2) or masked-token (BERT, 15% masked) prediction."""
     torch.manual_seed(0)
     model = build(kind)
     data = corpus(steps * BATCH, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 30, max(0.1, 1 - s / steps)))
     model.train()
     g = torch.Generator().manual_seed(2)
+    losses = []
     for step in range(steps):
         x = data[step * BATCH : (step + 1) * BATCH]
         if kind == "gpt2":
             loss = model(input_ids=x, labels=x).loss
         else:
             mask = torch.rand(x.shape, generator=g) < 0.15
-            loss = model(input_ids=torch.where(mask, 0, x), labels=torch.where(mask, x, -100)).loss
+            loss = model(input_ids=torch.where(mask, MASK, x), labels=torch.where(mask, x, -100)).loss
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad()
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     print(f"{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {steps} steps, "
-          f"final loss {loss.item():.3f}", flush=True)  # fmt: skip
+          f"loss {first:.2f} -> {last:.2f} (means of the first and last 20 steps)", flush=True)  # fmt: skip
     return model.eval()
 
 
@@ -156,7 +173,7 @@ def untied(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def trained(kind: str, steps: int, cache: str | None) -> torch.nn.Module:
     """`train(kind, steps)`, or its weights from the cache folder of an earlier run."""
-    path = Path(cache, f"{kind}-{steps}.safetensors") if cache else None
+    path = Path(cache, f"{kind}-{steps}-topics.safetensors") if cache else None
     if path and path.exists():
         model = build(kind)
         model.load_state_dict(load_file(path), strict=False)  # tied heads follow their embedding
@@ -177,6 +194,7 @@ def measure(kind: str, steps: int, folder: Path, cache: str | None) -> dict[str,
     probe = corpus(8, seed=3)
     curves: dict[str, list[tuple[str, dict]]] = {"old default": [], "new default": [], "bitsandbytes": []}
     curves["q8convert --blocksize B (old)"] = []
+    curves["q8convert --model-error E"] = []
     curves["q8convert --target-error E"] = []
 
     def q8_point(argv: list[str]) -> dict:
@@ -184,11 +202,12 @@ def measure(kind: str, steps: int, folder: Path, cache: str | None) -> dict[str,
         return {**evaluate(kind, model, weights, decoded, size, raw, probe), "seconds": seconds}
 
     curves["old default"].append(("--code auto (bs 2048)", q8_point(["--code", "auto"])))
-    curves["new default"].append((f"--target-error {NEW_DEFAULT:g}", q8_point([])))
+    curves["new default"].append(("--model-error auto", q8_point([])))
     for b in BLOCKSIZES:
         curves["q8convert --blocksize B (old)"].append((f"B={b}", q8_point(["--code", "auto", "--blocksize", str(b)])))
-    for e in TARGETS:
-        curves["q8convert --target-error E"].append((f"E={e:g}", q8_point(["--target-error", str(e)])))
+    for flag in ("--model-error", "--target-error"):
+        for e in TARGETS:
+            curves[f"q8convert {flag} E"].append((f"E={e:g}", q8_point([flag, str(e)])))
     try:
         for b in BLOCKSIZES:
             decoded, size = bnb_blockwise(weights, b)
@@ -220,7 +239,12 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 2, figsize=(11, 4.2 * len(results)), squeeze=False)
-    styles = {"q8convert --target-error E": "o-", "q8convert --blocksize B (old)": "s--", "bitsandbytes": "^:"}
+    styles = {
+        "q8convert --model-error E": "D-",
+        "q8convert --target-error E": "o-",
+        "q8convert --blocksize B (old)": "s--",
+        "bitsandbytes": "^:",
+    }
     for row, (kind, curves) in zip(axes, results.items(), strict=True):
         for ax, (metric, label) in zip(
             row, [("rel_l2", "weights relative L2"), ("cosine", "1 - hidden-state cosine")], strict=True
@@ -245,7 +269,7 @@ def plot(results: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="training steps per model (default 300)")
+    ap.add_argument("--steps", type=int, default=400, help="training steps per model (default 400)")
     ap.add_argument("--models", default="gpt2,bert")
     ap.add_argument("--plot", metavar="PNG", help="draw the curves into this file (needs matplotlib)")
     ap.add_argument("--cache", metavar="DIR", help="keep the trained models here and reuse them on the next run")

@@ -387,6 +387,10 @@ def summarize(results: dict, task: str, families: list[str], seeds: list[int]) -
                 rows.append((f"{family} {variant}", "failed:", next(e for e in errors if e), "", "", "", "", ""))
                 continue
             finals = [results[task, family, variant, s]["final"] for s in seeds]
+            if diverged := sum(not math.isfinite(f) for f in finals):
+                name, why = f"{family} {variant}", f"{diverged} of {len(seeds)} seeds"
+                rows.append((name, "diverged:", why, "", "", "", "NO", ""))
+                continue
             mean = statistics.fmean(finals)
             std = statistics.stdev(finals) if len(seeds) > 1 else 0.0
             max_step = max(results[task, family, variant, s]["max_step"] for s in seeds)

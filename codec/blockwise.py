@@ -172,6 +172,16 @@ def _backend(device: torch.device):
     raise NotImplementedError(f"q8 has no codec backend for device {device}")
 
 
+def _checked_layout(x: torch.Tensor, blocksize: int, row_length: int | None) -> int:
+    """Check a tensor to quantize and its layout; its canonical row length."""
+    _check_input(x)
+    _check_blocksize(blocksize)
+    numel = x.numel()
+    if row_length is not None:
+        check_row_length(numel, row_length)
+    return canonical_row_length(numel, blocksize, numel if row_length is None else row_length)
+
+
 def quantize(
     x: torch.Tensor, code: str | Code = "dynamic", blocksize: int = 2048, *, row_length: int | None = None
 ) -> QTensor:
@@ -199,12 +209,7 @@ def quantize(
         >>> qt = q8.quantize(torch.randn(1000, 300), code="dynamic", blocksize=256)
         >>> x2 = q8.dequantize(qt)
     """
-    _check_input(x)
-    _check_blocksize(blocksize)
-    numel = x.numel()
-    if row_length is not None:
-        check_row_length(numel, row_length)
-    row_length = canonical_row_length(numel, blocksize, numel if row_length is None else row_length)
+    row_length = _checked_layout(x, blocksize, row_length)
     if isinstance(code, str) and code == "auto":
         return quantize_best(x, AUTO_CODES[bool((x < 0).any())], blocksize, row_length=row_length)[0]
     table = get_code(code)
@@ -261,12 +266,7 @@ def quantize_stochastic(
         offset: index of x's first element in the whole tensor it is part of (a shard's
             start), so that the bytes do not depend on how a tensor is sharded.
     """
-    _check_input(x)
-    _check_blocksize(blocksize)
-    numel = x.numel()
-    if row_length is not None:
-        check_row_length(numel, row_length)
-    row_length = canonical_row_length(numel, blocksize, numel if row_length is None else row_length)
+    row_length = _checked_layout(x, blocksize, row_length)
     table, key, flat = get_code(code), key & _U32, _flat_fp32(x)
     if x.device.type == "cpu":
         from . import native

@@ -112,6 +112,9 @@ class TensorRef:
     dtype: torch.dtype
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
+    read: Callable[[int, int], torch.Tensor] | None = None
+    """`read(start, count)`: elements [start, start + count) of the flat tensor, read without
+    the rest (None: slice what `load` gives, as for memory-mapped .pt files)."""
 
     @property
     def nbytes(self) -> int:
@@ -173,8 +176,23 @@ class SafetensorsFile:
                 raise InputError(f"{self.path}: tensor {name!r}: file ends before its data")
         return buf.view(dtype).view(shape)
 
+    def read_elements(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of tensor `name`, flat, reading only their bytes."""
+        dtype, shape, begin, _ = self.entries[name]
+        if not 0 <= start <= start + count <= math.prod(shape):
+            raise ValueError(f"{self.path}: tensor {name!r}: elements [{start}, {start + count}) out of range")
+        buf = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin + start * dtype.itemsize)
+            if f.readinto(buf.numpy()) != buf.numel():
+                raise InputError(f"{self.path}: tensor {name!r}: file ends before its data")
+        return buf.view(dtype)
+
     def refs(self) -> list[TensorRef]:
-        return [TensorRef(k, self.entries[k][0], self.entries[k][1], lambda k=k: self.read(k)) for k in self.keys()]
+        return [
+            TensorRef(k, *self.entries[k][:2], lambda k=k: self.read(k), lambda s, n, k=k: self.read_elements(k, s, n))
+            for k in self.keys()
+        ]
 
 
 def load_torch_file(path: Path) -> Any:

@@ -133,7 +133,8 @@ def test_bert_roundtrip_close_and_4x_smaller(tmp_path):
 
 def test_target_error_is_monotone_on_a_trained_gpt2(gpt2, tmp_path):
     """A larger --target-error never gives a larger file, and every tensor the target
-    reaches stays within it (the model's weights, as in a real conversion)."""
+    reaches stays within it (the model's weights, as in a real conversion); nor does a
+    larger --model-error."""
     src = gpt2[0] / "model.safetensors"
     sizes = []
     for target in (0.005, 0.008, 0.009, 0.012, 0.025):
@@ -143,6 +144,11 @@ def test_target_error_is_monotone_on_a_trained_gpt2(gpt2, tmp_path):
             extras = [f.info(k)["extra"] for k in f.keys() if f.info(k)["encoding"] == "blockwise"]
         met = [float(e["rel_l2"]) for e in extras if "smallest within" in e["q8convert"]]
         assert all(err <= target for err in met) and len(met) >= (len(extras) if target > 0.007 else 0)
+    assert sizes == sorted(sizes, reverse=True), sizes
+    sizes = []
+    for target in (0.005, 0.008, 0.012, 0.025):
+        assert run(src, "-o", tmp_path / "m.q8", "--model-error", target, "--overwrite", "-q") == EXIT_OK
+        sizes.append((tmp_path / "m.q8").stat().st_size)
     assert sizes == sorted(sizes, reverse=True), sizes
 
 

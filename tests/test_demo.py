@@ -24,7 +24,8 @@ def test_demo_runs_every_section():
     steps = re.search(r"largest step of any weight: torch ([\d.]+) lr, q8 ([\d.]+) lr .* ([\d.]+) lr at step 8", out)
     assert steps and float(steps[2]) <= float(steps[3]), out
     assert ": OK" in out  # q8convert verify
-    assert "--target-error 0.02" in out and "drew each tensor's bits per element" in out  # q8convert's trade-off
+    assert "--model-error auto (default)" in out and "--target-error 0.02" in out  # q8convert: the trade-off
+    assert "drew each tensor's bits per element" in out  # q8convert's trade-off
     assert "fails loudly" in out  # a plain Trainer refuses the q8 checkpoint
     assert "q8 never unpickles" in out and "the pickle's code ran: False" in out
     assert "one flipped bit: FormatError" in out and "removed it: []" in out

@@ -45,8 +45,9 @@ from q8.formats.checkpoints import (
     write_safetensors,
 )
 
+from . import search
 from .plot import PlotUnavailable, plot_tradeoff
-from .policy import DEFAULT_TARGET_ERROR, Decision, Policy
+from .policy import MAX_SHARE, Decision, Policy
 from .progress import LineProgress, fmt_bytes, progress
 from .state import from_container, to_container
 
@@ -190,7 +191,9 @@ class ShardedWriter:
 def _convert_weights(
     refs: list[TensorRef], out: Path | None, metadata: dict, policy: Policy, args, bar: LineProgress
 ) -> list[Decision]:
-    """Stream tensors through the policy into `out` (None: dry run)."""
+    """Stream tensors through the policy into `out` (None: dry run); first, with a model
+    error, the model's scale from a sample of each tensor it covers."""
+    policy = policy.for_model((math.prod(r.shape), _sample(r)) for r in refs if policy.covers(r.name, r.dtype, r.shape))
     writer = ShardedWriter(out, metadata, args.max_shard_size) if out else None
     decisions, held = [], set()
     try:
@@ -211,6 +214,15 @@ def _convert_weights(
             writer.writer.abort()
         raise
     return decisions
+
+
+def _sample(ref: TensorRef) -> torch.Tensor:
+    """The search's sample of a tensor (`search.sample`), reading only its slices where the
+    file allows it."""
+    starts = search.sample_starts(math.prod(ref.shape))
+    if starts is None or ref.read is None:
+        return search.sample(ref.load())
+    return torch.cat([ref.read(start, search.SLICE) for start in starts])
 
 
 def _record_stored_bytes(path: Path, decisions: list[Decision]) -> None:
@@ -290,17 +302,17 @@ def cmd_convert(args) -> int:
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
     dst = Path(args.output) if args.output else _default_output(src)
-    target = args.target_error
-    if target is None and args.code is None and args.blocksize is None:
-        target = DEFAULT_TARGET_ERROR  # for weights: Adam moments keep their tables at blocksize 2048
+    model_error = args.model_error
+    if model_error is None and args.target_error is None and args.code is None and args.blocksize is None:
+        model_error = "auto"  # the default: Adam moments keep their tables at blocksize 2048
     policy = Policy(
-        args.lossless,
-        args.blocksize,
-        args.code,
-        tuple(args.keep),
-        args.max_error,
-        target,
-        args.target_error is not None,
+        lossless=args.lossless,
+        blocksize=args.blocksize,
+        code=args.code,
+        keep=tuple(args.keep),
+        max_error=args.max_error,
+        target_error=args.target_error,
+        model_error=model_error,
     )
     bar_args = {"quiet": args.quiet or args.json}
     if args.dry_run:
@@ -329,6 +341,16 @@ def _default_output(src: Path) -> Path:
 # -- report ------------------------------------------------------------------------------
 
 
+def _model_rel_l2(decisions: list[Decision]) -> float | None:
+    """The relative L2 error of the tensors a model error covers, all together (None: no
+    model error): sqrt(sum ||w - w'||^2 / sum ||w||^2), 0 for those stored exact."""
+    covered = [d for d in decisions if d.model_error is not None]
+    reference = sum(d.norm**2 for d in covered)
+    if not covered:
+        return None
+    return math.sqrt(sum((d.rel_l2 * d.norm) ** 2 for d in covered) / reference) if reference else 0.0
+
+
 def _table(rows: list[tuple], header: tuple) -> str:
     cells = [tuple(map(str, header))] + [tuple(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -348,7 +370,10 @@ def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> Non
         doc = {
             "input": str(src),
             "output": None if args.dry_run else str(dst),
-            "files": [{"source": name, "tensors": [vars(d) for d in ds]} for name, ds in results],
+            "files": [
+                {"source": name, "tensors": [vars(d) for d in ds], "model_rel_l2": _model_rel_l2(ds)}
+                for name, ds in results
+            ],
             "copied": copies,
             "totals": {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored if stored else None},
         }
@@ -369,6 +394,12 @@ def _report(results: list, copies: list[str], src: Path, dst: Path, args) -> Non
         why = f"{what}: {reason}" if what else ""
         rows.append((name, why, len(ds), fmt_bytes(n_raw), fmt_bytes(n_stored), ratio, err))
     print(_table(rows, ("source", "what: why", "tensors", "input", "stored", "ratio", "max rel L2")))
+    for name, ds in results:
+        if (model := _model_rel_l2(ds)) is not None:
+            covered = [d for d in ds if d.model_error is not None]
+            given = "auto: " if args.model_error in (None, "auto") else ""
+            print(f"{name}: relative L2 of its {len(covered)} weights together {model:.2e} "
+                  f"(--model-error {given}{covered[0].model_error:.2e})")  # fmt: skip
     if copies:
         print(f"carried over unchanged: {', '.join(copies)}")
     if args.dry_run:
@@ -640,6 +671,15 @@ def _blocksize(text: str) -> int:
     return b
 
 
+def _model_error(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number (e.g. 0.01), got {text!r}") from None
+
+
 def _fraction(text: str) -> float:
     try:
         x = float(text)
@@ -664,26 +704,35 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     convert.add_argument("src", help=".safetensors, *.index.json, .pt/.bin, or a Hugging Face model/Trainer folder")
     convert.add_argument("-o", "--output", help="destination (default: SRC with .q8)")
     convert.add_argument("--lossless", action="store_true", help="keep every tensor exact (lossless compression only)")
-    convert.add_argument(
+    targets = convert.add_mutually_exclusive_group()
+    targets.add_argument(
+        "--model-error",
+        type=_model_error,
+        metavar="E",
+        help="the smallest file whose weights, all together, have a relative L2 error of at most about E: each "
+        "tensor gets a share (relative errors proportional to 1/sqrt(rms): small weights a larger one, at most "
+        f"{MAX_SHARE:g}E) and the smallest encoding within it. 'auto' (the default, unless --target-error, or "
+        "--code or --blocksize alone, is given): E is the error the fixed encoding (--code auto, blocksize 2048) "
+        "gives this model. Adam moments keep their dynamic tables at blocksize 2048",
+    )
+    targets.add_argument(
         "--target-error",
         type=_fraction,
         metavar="E",
-        help="per tensor, the smallest encoding (code table, blocksize, or exact) whose relative L2 error is <= E; "
-        "one no option reaches gets the lowest-error one (or exact, if smaller). Default: "
-        f"{DEFAULT_TARGET_ERROR:g} for weights (Adam moments then keep their dynamic tables at blocksize 2048), "
-        "unless --code or --blocksize is given alone",
+        help="per tensor, the smallest encoding (code table, blocksize, or exact) whose relative L2 error is <= E, "
+        "Adam moments included; one no option reaches gets the lowest-error one (or exact, if smaller)",
     )
     convert.add_argument(
         "--blocksize",
         type=_blocksize,
-        help="elements per block: with a target, the only blocksize tried; alone, every tensor at this blocksize "
-        "with the table of lowest error (the default without a target: 2048)",
+        help="elements per block: with a target or model error, the only blocksize tried; alone, every tensor at "
+        "this blocksize with the table of lowest error (the default without a target: 2048)",
     )
     convert.add_argument(
         "--code",
         choices=("auto", "dynamic", "linear"),
-        help="tables for weights: with a target, the only family tried (linear: 127 levels down to 8); alone, "
-        "that table at one blocksize (auto: the lower-error of dynamic and linear)",
+        help="tables for weights: with a target or model error, the only family tried (linear: 127 levels down to "
+        "8); alone, that table at one blocksize (auto: the lower-error of dynamic and linear)",
     )
     convert.add_argument(
         "--keep", action="append", default=[], metavar="GLOB", help="keep tensors whose name matches exact (repeatable)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -203,7 +204,9 @@ def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
     with tempfile.TemporaryDirectory() as d:
         src, dst, back = Path(d) / "model.safetensors", Path(d) / "model.q8", Path(d) / "restored.safetensors"
         save_file(weights, src, metadata={"format": "pt"})
-        print(f"$ q8convert model.safetensors -o model.q8   ({src.stat().st_size:,} bytes in; default --target-error)")
+        print(
+            f"$ q8convert model.safetensors -o model.q8   ({src.stat().st_size:,} bytes in; default --model-error auto)"
+        )
         q8convert([str(src), "-o", str(dst)])
         print("$ q8convert verify model.q8")
         q8convert(["verify", str(dst)])
@@ -212,19 +215,26 @@ def section_q8convert(tensors: dict[str, torch.Tensor]) -> None:
         restored = load_file(back)
         worst = max(q8.quant_error(x, restored[k]).rel_l2 for k, x in weights.items())
         print(f"restored {len(restored)} tensors with safetensors; worst relative L2 error {worst:.2e}")
-        print("the size/error trade-off: per tensor the smallest encoding within --target-error E")
+        print(
+            "the size/error trade-off: the weights' error all together (--model-error), or per tensor (--target-error)"
+        )
         rows = []
-        settings = [("--code auto (one blocksize, 2048)", ["--code", "auto"])]
-        settings += [(f"--target-error {e:g}", ["--target-error", str(e)]) for e in (0.005, 0.009, 0.02)]
+        settings = [("--code auto (one blocksize, 2048)", ["--code", "auto"]), ("--model-error auto (default)", [])]
+        settings += [(f"--model-error {e:g}", ["--model-error", str(e)]) for e in (0.005, 0.02)]
+        settings += [(f"--target-error {e:g}", ["--target-error", str(e)]) for e in (0.005, 0.02)]
         for label, argv in settings:
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 q8convert([str(src), "-o", str(dst), "--overwrite", "--json", *argv])
             report = json.loads(out.getvalue())["files"][0]["tensors"]
-            worst = max(t["rel_l2"] for t in report)
+            quantized = [t for t in report if t["encoding"] == "quantized"]
+            norm2 = [float(weights[t["name"]].double().square().sum()) for t in quantized]
+            together = math.sqrt(sum(t["rel_l2"] ** 2 * n for t, n in zip(quantized, norm2, strict=True)) / sum(norm2))
             size = dst.stat().st_size
-            rows.append((label, f"{size:,}", f"{src.stat().st_size / size:.2f}x", f"{worst:.2e}"))
-        print(_table(rows, ("q8convert model.safetensors -o model.q8", "bytes", "ratio", "worst rel L2")))
+            worst = max(t["rel_l2"] for t in report)
+            rows.append((label, f"{size:,}", f"{src.stat().st_size / size:.2f}x", f"{together:.2e}", f"{worst:.2e}"))
+        header = ("q8convert model.safetensors -o model.q8", "bytes", "ratio", "weights together", "worst tensor")
+        print(_table(rows, header))
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 q8convert(["info", str(dst), "--plot", str(Path(d) / "tradeoff.png")])

@@ -2,8 +2,8 @@
 
 One point per quantized tensor: stored bits per element against its relative L2 error,
 coloured by layer (the first number in the tensor's name) and labelled with the name;
-the target error the file was converted with, if any, as a dashed line. Needs matplotlib
-(`pip install 'q8[plot]'`).
+the target error the file was converted with (or its model error), if any, as a dashed
+line. Needs matplotlib (`pip install 'q8[plot]'`).
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ def plot_tradeoff(rows: list[dict], path: Path, title: str) -> int:
         if len(points) <= _MAX_LABELS:
             for r, x, y in zip(mine, xs, ys, strict=True):
                 ax.annotate(_short(r["name"]), (x, y), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
-    for target in sorted({float(r["extra"]["target_error"]) for r in points if "target_error" in r["extra"]}):
-        ax.axvline(target, linestyle="--", color="grey", zorder=1)
-        ax.annotate(f"target {target:g}", (target, 1), xycoords=("data", "axes fraction"), fontsize=8,
+    lines = {float(r["extra"]["model_error"]): "model error" for r in points if "model_error" in r["extra"]}
+    lines = lines or {float(r["extra"]["target_error"]): "target" for r in points if "target_error" in r["extra"]}
+    for value, what in sorted(lines.items()):  # a model error's shares differ per tensor: its own line only
+        ax.axvline(value, linestyle="--", color="grey", zorder=1)
+        ax.annotate(f"{what} {value:.3g}", (value, 1), xycoords=("data", "axes fraction"), fontsize=8,
                     xytext=(3, -12), textcoords="offset points", color="grey")  # fmt: skip
     ax.set_xlabel("relative L2 error of the tensor")
     ax.set_ylabel("stored bits per element (fp32: 32)")

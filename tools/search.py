@@ -33,7 +33,7 @@ from q8.codec.blockwise import BLOCKSIZES
 from q8.formats import code_nbytes, stored_nbytes
 from q8.formats.container import blockwise_problem
 
-__all__ = ["Found", "Option", "families", "sample", "search"]
+__all__ = ["Found", "Option", "families", "sample", "sample_starts", "search"]
 
 MIN_LEVELS = 8
 """The coarsest linear table tried: 8 levels each side of zero (16 unsigned)."""
@@ -113,14 +113,22 @@ def _measure(x: torch.Tensor, option: Option, keep: bool = True) -> _Measured:
     return _Measured(option, qt if keep else None, err, stored_nbytes(qt), x.numel())
 
 
+def sample_starts(numel: int) -> list[int] | None:
+    """Where `sample` takes its slices of `SLICE` elements in a flat tensor of `numel`
+    elements (aligned to every blocksize), or None when the sample is the whole tensor."""
+    slices = numel // SLICE
+    if slices < 2 * SAMPLE_SLICES:
+        return None
+    return [(i * slices // SAMPLE_SLICES) * SLICE for i in range(SAMPLE_SLICES)]
+
+
 def sample(x: torch.Tensor) -> torch.Tensor:
     """What the search measures first: `SAMPLE_SLICES` slices of 4096 elements spread over
-    the flat tensor (aligned to every blocksize), or the tensor itself if it is small."""
-    slices = x.numel() // SLICE
-    if slices < 2 * SAMPLE_SLICES:
+    the flat tensor (`sample_starts`), or the tensor itself if it is small."""
+    starts = sample_starts(x.numel())
+    if starts is None:
         return x
     flat = x.detach().reshape(-1)
-    starts = [(i * slices // SAMPLE_SLICES) * SLICE for i in range(SAMPLE_SLICES)]
     return torch.cat([flat[s : s + SLICE] for s in starts])
 
 

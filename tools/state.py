@@ -13,6 +13,7 @@ was, and fp32 tensors for everything q8convert quantized, which torch's optimize
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import q8
@@ -21,6 +22,7 @@ from q8.codec import get_code
 from q8.codec.blockwise import BLOCKSIZES
 from q8.formats.checkpoints import InputError
 
+from . import search
 from .policy import Decision, Policy
 
 __all__ = ["BNB_TABLES", "from_container", "infer_blocksize", "q8_optimizer_class", "to_container"]
@@ -63,6 +65,15 @@ def _is_bnb_8bit(d: dict, key: str) -> bool:
     return key in _BNB_8BIT_KEYS and isinstance(v, torch.Tensor) and v.dtype == torch.uint8
 
 
+def _leaves(x: Any, path: str = "", key: str = "") -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(dotted path, key in its dict, tensor) of every tensor in a nested object."""
+    if isinstance(x, torch.Tensor):
+        yield path, key, x
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list | tuple) else ()
+    for k, v in items:
+        yield from _leaves(v, f"{path}.{k}" if path else str(k), str(k) if isinstance(x, dict) else "")
+
+
 def q8_optimizer_class(obj: Any) -> str | None:
     """The q8 optimizer whose `state_dict()` `obj` is (its mark group names it), or None.
     Its 8-bit codes, their absmax and its fp32 entries are stored as they are."""
@@ -74,10 +85,17 @@ def q8_optimizer_class(obj: Any) -> str | None:
 def to_container(obj: Any, policy: Policy, where: str) -> tuple[Any, list[Decision]]:
     """`obj` with each tensor replaced by what the policy stores for it; and the decisions.
 
-    `where` names the source file in errors.
+    `where` names the source file in errors. A model error covers the object's tensors
+    as one model (`Policy.for_model`; not Adam moments, not bitsandbytes state).
     """
-    decisions: list[Decision] = []
     q8_class = q8_optimizer_class(obj)
+    if not q8_class:  # a q8 optimizer's state is stored as it is: nothing to share out
+        policy = policy.for_model(
+            (x.numel(), search.sample(x))
+            for path, key, x in _leaves(obj)
+            if key not in _BNB_8BIT_KEYS and policy.covers(path, x.dtype, tuple(x.shape), key)
+        )
+    decisions: list[Decision] = []
     held: set[q8.Code] = set()  # the code tables the file will hold
 
     def walk(x: Any, path: str, key: str) -> Any:
