@@ -97,9 +97,10 @@ def test_a_file_truncated_after_opening_is_a_format_error(tmp_path):
 
 
 def test_load_needs_little_more_memory_than_the_data(tmp_path):
-    """Peak resident memory of a fresh process loading 128 MB of fp32: the data plus a few
-    buffers (range decoding), not data + a decoded copy of every plane (the old 2x). A small
-    load first starts the threads and their allocator arenas, a one-time cost."""
+    """Peak resident memory of a fresh process loading 128 MB of fp32: the data, not data + a
+    decoded copy of every plane (the old 2x). A small load first starts the threads and
+    fills the pool of decode buffers, a one-time cost that later loads reuse (without the
+    pool each tensor's buffers churn the allocator: 1.14x)."""
     path, warm = tmp_path / "m.q8", tmp_path / "warm.q8"
     q8.save_file({f"w{i}": torch.randn(2048, 4096) for i in range(4)}, path)
     q8.save_file({"w": torch.randn(4 * stream.MIN_RANGE)}, warm)
@@ -119,7 +120,7 @@ def test_load_needs_little_more_memory_than_the_data(tmp_path):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     extra, data = map(int, result.stdout.split())
-    assert extra <= 1.15 * data, f"{extra / data:.2f}x the data"
+    assert extra <= 1.05 * data, f"{extra / data:.2f}x the data"
 
 
 def test_an_error_is_raised_once_every_parallel_read_has_ended():
