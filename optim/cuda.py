@@ -109,12 +109,17 @@ def cuda_step(opt, work: list) -> None:
         for i, (p, *_) in enumerate(items):
             if is_sharded(p):  # every rank skips the same parameters
                 torch.distributed.all_reduce(ok[i : i + 1], op=torch.distributed.ReduceOp.MIN, group=sharded_group(p))
-        steps, hyper = [], {}
+        steps, per_group = [], {}
         for i, ((p, _, state, group), g) in enumerate(zip(items, grads, strict=True)):
-            names = slot_names(opt, group)
-            codes = opt.state_codes(group)
+            if id(group) not in per_group:  # what depends only on the group, once per step
+                names, codes = slot_names(opt, group), opt.state_codes(group)
+                tables = [None if name is None else get_code(codes[name]) for name in names]
+                h = pad_hyper(opt.hyper(group, 1))  # step-dependent entries: on the device
+                per_group[id(group)] = names, tables, h, _doubles(group)
+            names, tables, h, d = per_group[id(group)]
             entries = [None if name is None else state[name] for name in names]
-            target = local(p).detach()
+            sharded = is_sharded(p)
+            target = (local(p) if sharded else p).detach()
             layout = _layout(entries, target.numel())
             if layout is None:  # 8-bit entries in different layouts: the generic path (synchronizes)
                 generic_step(opt, p, items[i][1], state, group)
@@ -122,30 +127,28 @@ def cuda_step(opt, work: list) -> None:
             if not isinstance(state["step"], torch.Tensor):
                 state["step"] = torch.full((), int(state["step"]), dtype=torch.int64, device=device)
             steps.append((state["step"], i))
-            if id(group) not in hyper:
-                hyper[id(group)] = pad_hyper(opt.hyper(group, 1))  # step-dependent entries: on the device
             work_p = target if target.is_contiguous() else target.contiguous()
             g = g if g.is_contiguous() else g.contiguous()
-            args = (opt.rule, work_p, g, entries, [None if name is None else get_code(codes[name]) for name in names])
+            args = (opt.rule, work_p, g, entries, tables, h, d)
             kwargs = {
                 "ok": ok[i], "step_count": state["step"], "report": report.counts, "seed": state["seed"],
-                "offset": offset_of(p), "param": state["seed"], "negate": group["maximize"], "layout": layout,
+                "offset": offset_of(p) if sharded else 0, "param": state["seed"], "negate": group["maximize"],
+                "layout": layout,
             }  # fmt: skip
-            h, d = hyper[id(group)], _doubles(group)
             if opt.rule in NORM_RULES:  # the trust ratio from exact norms, on the device
                 y = g
                 if opt.rule in kernels.optim.TERMS:
                     y = torch.empty(work_p.shape, dtype=torch.float32, device=device)
-                    kernels.step(*args, h, d, trust=one(device), terms=y, **kwargs)
+                    kernels.step(*args, trust=one(device), terms=y, **kwargs)
                 trust = opt.trust(exact_norms([work_p, y], sharded_group(p)), group)
             else:
                 trust = one(device)
-            kernels.step(*args, h, d, trust=trust, **kwargs)
+            kernels.step(*args, trust=trust, **kwargs)
             if work_p is not target:
                 target.copy_(work_p)
-            for name, entry in zip(names, entries, strict=True):
-                if isinstance(entry, QTensor) and entry.code != get_code(codes[name]):
-                    state[name] = dataclasses.replace(entry, code=get_code(codes[name]))
+            for name, entry, table in zip(names, entries, tables, strict=True):
+                if isinstance(entry, QTensor) and entry.code != table:  # re-encoded in the optimizer's table
+                    state[name] = dataclasses.replace(entry, code=table)
         if steps:
             flags = ok.unbind()
             torch._foreach_add_([count for count, _ in steps], [flags[i] for _, i in steps])
