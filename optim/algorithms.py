@@ -360,7 +360,7 @@ class Adagrad8bit(Optimizer8bit):
 
 
 def _trust_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator where both are positive, else 1 (as a 0-d tensor)."""
+    """numerator / denominator where both are positive, else 1 (elementwise)."""
     ok = (numerator > 0) & (denominator > 0)
     return torch.where(ok, numerator / torch.where(ok, denominator, 1.0), 1.0)
 
@@ -395,7 +395,7 @@ class LAMB8bit(Optimizer8bit):
 
     def trust(self, norms: list[torch.Tensor], group: dict) -> torch.Tensor:
         """The trust ratio from the exact norms of p and of the direction r: ||p|| / ||r||,
-        1 if either is 0 (fp32 0-d)."""
+        1 if either is 0. Elementwise: 0-d norms of one parameter, or 1-D ones of several."""
         return _trust_ratio(*norms)
 
     def update(self, p, grad, state, group, step):
@@ -438,7 +438,8 @@ class LARS8bit(Optimizer8bit):
     hyper = SGD8bit.hyper  # and the same rule, its direction scaled by the trust ratio
 
     def trust(self, norms: list[torch.Tensor], group: dict) -> torch.Tensor:
-        """The trust ratio from the exact norms of p and of the gradient (fp32 0-d)."""
+        """The trust ratio from the exact norms of p and of the gradient. Elementwise: 0-d
+        norms of one parameter, or 1-D ones of several."""
         p_norm, g_norm = norms
         wd = group["weight_decay"]
         ratio = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])

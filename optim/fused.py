@@ -283,8 +283,13 @@ def _set_trust(opt, rule: int, records: array, status: array, ready: list, threa
         if is_sharded(p):
             dist.all_reduce(sum_t[i], op=dist.ReduceOp.SUM, group=sharded_group(p))
     norms = norms_from_sums(max_t, scale_t, sum_t)
+    by_group: dict[int, tuple[dict, list[int]]] = {}
     for i, (*_, group, _, _) in enumerate(ready):
-        records[i * _native.RECORD + 4] = _bits(float(opt.trust(list(norms[i].unbind()), group)))
+        by_group.setdefault(id(group), (group, []))[1].append(i)
+    for group, index in by_group.values():  # the trust rule is elementwise: a group's ratios at once
+        ratios = opt.trust(list(norms[index].unbind(1)), group).to(torch.float32)
+        for i, bits in zip(index, ratios.view(torch.int32).tolist(), strict=True):
+            records[i * _native.RECORD + 4] = bits & 0xFFFFFFFF
 
 
 def generic_step(opt, p, grad, state, group) -> None:
