@@ -40,7 +40,7 @@ class Code:
         >>> code = q8.Code("tiny", torch.linspace(-1, 1, 255).tolist() + [2.0])  # doctest: +SKIP
     """
 
-    __slots__ = ("_hash", "_thresholds", "name", "values", "zero_index")
+    __slots__ = ("_hash", "_thresholds", "_trees", "name", "signed", "values", "zero_index")
 
     def __init__(self, name: str, values: torch.Tensor | list[float]) -> None:
         if not isinstance(name, str) or not name:
@@ -57,13 +57,10 @@ class Code:
         self.name = name
         self.values = table
         self.zero_index = int(torch.nonzero(table == 0)[0, 0])  # the code of an all-zero block
+        self.signed = bool(table[0] < 0)  # whether the table has negative entries
         self._hash = hash((name, tuple(table.tolist())))
         self._thresholds: torch.Tensor | None = None
-
-    @property
-    def signed(self) -> bool:
-        """True if the table has negative entries."""
-        return bool(self.values[0] < 0)
+        self._trees: torch.Tensor | None = None
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -76,7 +73,20 @@ class Code:
             self._thresholds = _thresholds(self.values)
         return self._thresholds
 
+    @property
+    def search_trees(self) -> torch.Tensor:
+        """fp32 [2, 256]: the thresholds (row 0) and values[1..255] (row 1) as search trees
+        (`search_tree`, padded with +inf): descending the first gives the nearest code, the
+        second the entry below q of the stochastic rule (codec/q8_codec.h)."""
+        if self._trees is None:
+            pad = torch.tensor([math.inf])
+            keys = (self.thresholds, self.values[1:])
+            self._trees = torch.stack([torch.cat([search_tree(k), pad]) for k in keys])
+        return self._trees
+
     def __eq__(self, other: object) -> bool:
+        if self is other:  # the usual case (get_code's tables): no comparison of values
+            return True
         return isinstance(other, Code) and self.name == other.name and torch.equal(self.values, other.values)
 
     def __hash__(self) -> int:
@@ -84,6 +94,15 @@ class Code:
 
     def __repr__(self) -> str:
         return f"Code({self.name!r}, [{self.values[0]:.6g} .. {self.values[-1]:.6g}])"
+
+
+def search_tree(keys: torch.Tensor) -> torch.Tensor:
+    """255 sorted keys in breadth-first order of a perfect binary search tree: level k
+    (k = 0..7) holds sorted indices (2j + 1) * 2**(7 - k) - 1, j = 0..2**k - 1. Node i has
+    children 2i + 1 and 2i + 2; after eight steps j -> 2j + (key <= q) from the root, j is
+    the number of keys <= q."""
+    order = torch.cat([(2 * torch.arange(1 << k) + 1) * (1 << (7 - k)) - 1 for k in range(8)])
+    return keys[order]
 
 
 def _thresholds(values: torch.Tensor) -> torch.Tensor:

@@ -167,4 +167,227 @@ static inline void q8_decode_block(const uint8_t *codes, int64_t len, float m, c
     for (int64_t i = 0; i < len; i++) out[i] = table[codes[i]] * m;
 }
 
+
+/* ---- Search trees: the block rule without a 64 KiB look-up table ------------------------------
+ *
+ * A search tree is 255 sorted keys in breadth-first order of a perfect binary search tree
+ * (codec/codes.py::search_tree; level k holds 2^k keys from index 2^k - 1), padded to 256
+ * floats. Descending it from the root, j = 2j + (key <= q) at each of the 8 levels, ends
+ * with j = #{keys <= q}. With the 255 thresholds as keys that is the nearest code (the rule
+ * of docs/CODEC.md, ties to the lower entry); with values[1..255] it is the floor index f of
+ * the stochastic rule, and the path passes both neighbours of q: the last key <= q is
+ * values[f] and the last key > q is values[f + 1] (when f < 255), so no table look-up is
+ * left. The same integer and IEEE operations as the scalar path above: the same codes. */
+
+/* Nearest code of q: the thresholds' tree descended. */
+static inline unsigned q8_tree_count(const float *tree, float q) {
+    unsigned j = 0;
+    for (int k = 0; k < 8; k++) j = 2 * j + (tree[(1u << k) - 1 + j] <= q);
+    return j;
+}
+
+/* The stochastic rule's floor index f (0 if no key <= q) and values[f], values[f + 1] (the
+ * latter only meaningful when f < 255), from the tree of values[1..255]; lo starts at
+ * values[0]. */
+static inline unsigned q8_tree_floor(const float *tree, float value0, float q, float *lo, float *hi) {
+    unsigned j = 0;
+    float l = value0, h = value0;
+    for (int k = 0; k < 8; k++) {
+        const float key = tree[(1u << k) - 1 + j];
+        const int le = key <= q;
+        l = le ? key : l;
+        h = le ? h : key;
+        j = 2 * j + (unsigned)le;
+    }
+    *lo = l;
+    *hi = h;
+    return j;
+}
+
+/* The stochastic rule's draw for global element index `index`: u >> 8 as a fraction of 2^24. */
+static inline float q8_draw(uint32_t key, uint64_t index) {
+    const uint32_t u = q8_mix32(q8_mix32((uint32_t)index ^ key) ^ (uint32_t)(index >> 32));
+    return (float)(u >> 8) * 0x1p-24f;
+}
+
+/* One block's nearest codes through the thresholds' tree (same codes as q8_encode_block). */
+static inline void q8_encode_block_tree(const float *x, int64_t len, float m, const float *tree,
+                                        uint8_t zero_code, uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    for (int64_t i = 0; i < len; i++) codes[i] = (uint8_t)q8_tree_count(tree, x[i] / m);
+}
+
+/* One block's stochastic codes through the tree of values[1..255] (same codes as
+ * q8_encode_block_stochastic). */
+static inline void q8_encode_block_tree_stochastic(const float *x, int64_t len, float m, const float *tree,
+                                                   float value0, uint8_t zero_code, uint32_t key,
+                                                   int64_t index0, uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    for (int64_t i = 0; i < len; i++) {
+        const float q = x[i] / m;
+        float lo, hi;
+        unsigned f = q8_tree_floor(tree, value0, q, &lo, &hi);
+        if (f < 255) f += q8_draw(key, (uint64_t)(index0 + i)) < (q - lo) / (hi - lo);
+        if (f == zero_code && zero_code < 255 && x[i] > 0.0f) f = zero_code + 1u;
+        codes[i] = (uint8_t)f;
+    }
+}
+
+/* ---- AVX-512: 16 elements at a time, the same operations ------------------------------------
+ *
+ * Table look-ups are register permutes (vpermt2ps over 32 entries, blended by the high
+ * index bits), not gathers (slow on current Intel cores). Every float operation is the
+ * scalar path's (division, multiplication, comparison: correctly rounded, no FMA), so the
+ * codes are identical. Used where the CPU has AVX-512F (q8_has_avx512()). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define Q8_HAVE_AVX512 1
+#include <immintrin.h>
+#define Q8_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c")))
+
+static inline int q8_has_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    }
+    return cached;
+}
+
+/* Mask of the first `len` (<= 16) lanes. */
+Q8_AVX512 static inline __mmask16 q8_lanes(int64_t len) {
+    return len >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << len) - 1u);
+}
+
+/* t[idx] for 16 indices in 0..255, t given as 16 registers of 16 entries. */
+Q8_AVX512 static inline __m512 q8_lookup256(__m512i idx, const __m512 *t) {
+    __m512 r[4];
+    for (int k = 0; k < 4; k++) {
+        const __m512 a = _mm512_permutex2var_ps(t[4 * k], idx, t[4 * k + 1]);
+        const __m512 b = _mm512_permutex2var_ps(t[4 * k + 2], idx, t[4 * k + 3]);
+        r[k] = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), a, b);
+    }
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __m512 lo = _mm512_mask_blend_ps(b6, r[0], r[1]), hi = _mm512_mask_blend_ps(b6, r[2], r[3]);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(128)), lo, hi);
+}
+
+/* The key of level k (0..7) at local index j of a search tree (see above). */
+Q8_AVX512 static inline __m512 q8_tree_level(const float *tree, int k, __m512i j) {
+    const float *level = tree + (1 << k) - 1;
+    if (k <= 4) return _mm512_permutexvar_ps(j, _mm512_loadu_ps(level));
+    if (k == 5) return _mm512_permutex2var_ps(_mm512_loadu_ps(level), j, _mm512_loadu_ps(level + 16));
+    __m512 r[4];
+    const int parts = k == 6 ? 2 : 4;
+    for (int h = 0; h < parts; h++)
+        r[h] = _mm512_permutex2var_ps(_mm512_loadu_ps(level + 32 * h), j, _mm512_loadu_ps(level + 32 * h + 16));
+    const __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    if (k == 6) return _mm512_mask_blend_ps(b5, r[0], r[1]);
+    const __mmask16 b6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
+    return _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, r[0], r[1]), _mm512_mask_blend_ps(b5, r[2], r[3]));
+}
+
+/* Decode up to 16 codes: table[code] * m. */
+Q8_AVX512 static inline __m512 q8_decode16(const uint8_t *codes, __mmask16 lanes, const __m512 *t, __m512 m) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, codes));
+    return _mm512_mul_ps(q8_lookup256(idx, t), m);
+}
+
+Q8_AVX512 static inline void q8_load_table(const float *table, __m512 *t) {
+    for (int k = 0; k < 16; k++) t[k] = _mm512_loadu_ps(table + 16 * k);
+}
+
+Q8_AVX512 static inline void q8_decode_block_avx512(const uint8_t *codes, int64_t len, float m, const float *table,
+                                                    float *out) {
+    __m512 t[16];
+    q8_load_table(table, t);
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 lanes = q8_lanes(len - i);
+        _mm512_mask_storeu_ps(out + i, lanes, q8_decode16(codes + i, lanes, t, mv));
+    }
+}
+
+Q8_AVX512 static inline void q8_encode_block_avx512(const float *x, int64_t len, float m, const float *tree,
+                                                    uint8_t zero_code, uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 lanes = q8_lanes(len - i);
+        const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + i), mv);
+        __m512i j = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) {
+            const __mmask16 le = _mm512_cmp_ps_mask(q8_tree_level(tree, k, j), q, _CMP_LE_OQ);
+            j = _mm512_mask_add_epi32(_mm512_add_epi32(j, j), le, _mm512_add_epi32(j, j), _mm512_set1_epi32(1));
+        }
+        _mm_mask_storeu_epi8(codes + i, lanes, _mm512_cvtepi32_epi8(j));
+    }
+}
+
+Q8_AVX512 static inline void q8_encode_block_stochastic_avx512(const float *x, int64_t len, float m,
+                                                               const float *tree, float value0,
+                                                               uint8_t zero_code, uint32_t key, int64_t index0,
+                                                               uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    const __m512 mv = _mm512_set1_ps(m);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_set1_epi32(zero_code);
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 lanes = q8_lanes(len - i);
+        const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
+        const __m512 q = _mm512_div_ps(xv, mv);
+        __m512i j = _mm512_setzero_si512();
+        __m512 lo = _mm512_set1_ps(value0), hi = lo;
+        for (int k = 0; k < 8; k++) {
+            const __m512 keyv = q8_tree_level(tree, k, j);
+            const __mmask16 le = _mm512_cmp_ps_mask(keyv, q, _CMP_LE_OQ);
+            lo = _mm512_mask_mov_ps(lo, le, keyv);
+            hi = _mm512_mask_mov_ps(hi, (__mmask16)~le, keyv);
+            j = _mm512_mask_add_epi32(_mm512_add_epi32(j, j), le, _mm512_add_epi32(j, j), one);
+        }
+        /* u = mix32(mix32(low32(index) ^ key) ^ high32(index)), index = index0 + i + lane */
+        const uint64_t base = (uint64_t)(index0 + i);
+        const __m512i low = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), iota);
+        const __mmask16 carry = _mm512_cmplt_epu32_mask(low, _mm512_set1_epi32((int)(uint32_t)base));
+        const __m512i high = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(base >> 32)), carry,
+                                                   _mm512_set1_epi32((int)(uint32_t)(base >> 32)), one);
+        __m512i u = _mm512_xor_si512(low, _mm512_set1_epi32((int)key));
+        for (int r = 0; r < 2; r++) {
+            u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 16));
+            u = _mm512_mullo_epi32(u, _mm512_set1_epi32(0x7feb352d));
+            u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 15));
+            u = _mm512_mullo_epi32(u, _mm512_set1_epi32((int)0x846ca68bu));
+            u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 16));
+            if (r == 0) u = _mm512_xor_si512(u, high);
+        }
+        const __m512 draw = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 8)), _mm512_set1_ps(0x1p-24f));
+        const __m512 frac = _mm512_div_ps(_mm512_sub_ps(q, lo), _mm512_sub_ps(hi, lo));
+        const __mmask16 below_top = _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32(255));
+        const __mmask16 up = _mm512_mask_cmp_ps_mask(below_top, draw, frac, _CMP_LT_OQ);
+        j = _mm512_mask_add_epi32(j, up, j, one);
+        if (zero_code < 255) {
+            const __mmask16 positive = _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GT_OQ);
+            const __mmask16 at_zero = _mm512_mask_cmpeq_epi32_mask(positive, j, zero);
+            j = _mm512_mask_add_epi32(j, at_zero, j, one);
+        }
+        _mm_mask_storeu_epi8(codes + i, lanes, _mm512_cvtepi32_epi8(j));
+    }
+}
+#else
+#define Q8_HAVE_AVX512 0
+static inline int q8_has_avx512(void) { return 0; }
+#endif
+
 #endif /* Q8_CODEC_H */

@@ -1,13 +1,14 @@
 """q8.kernels: Triton GPU kernels of the codec and of fused 8-bit optimizer updates,
 bit-identical to the CPU path (see README.md).
 
-`encode` / `decode` are the CUDA backend of `q8.quantize` / `q8.dequantize`;
-`adam_update` is the fused 8-bit Adam/AdamW step q8.optim runs on CUDA parameters. The
+`encode` / `decode` are the CUDA backend of `q8.quantize` / `q8.dequantize`; `step` is
+the fused step of an optimizer rule (`q8.kernels.optim.RULES`) q8.optim runs on CUDA
+parameters, without host-device synchronization. The
 `@triton.jit` building blocks live in `q8.kernels.quant`, and `device_tables` gives a
 code's tables on a device in the layout those blocks read.
 """
 
 from .blockwise import decode, device_tables, encode
-from .optim import adam_update
+from .optim import step
 
-__all__ = ["adam_update", "decode", "device_tables", "encode"]
+__all__ = ["decode", "device_tables", "encode", "step"]

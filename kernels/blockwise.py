@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..codec.codes import Code
 from ..codec.layout import num_blocks
-from .quant import EXACT, block_absmax, block_offsets, dequantize_tile, quantize_tile, round_to, search_tree, to_float32
+from .quant import EXACT, block_absmax, block_offsets, dequantize_tile, quantize_tile, round_to, to_float32
 
 TILE = 4096
 """Elements per program (a tile of TILE // blocksize blocks, or one larger block)."""
@@ -58,9 +58,9 @@ def device_tables(code: Code, device: torch.device) -> tuple[torch.Tensor, torch
     """(tree, values) of `code` on `device`, copied once per (code, device).
 
     tree: fp32[255], the thresholds in the breadth-first order `code_of` descends
-    (`search_tree`); values: fp32[256], the table itself.
+    (`q8.codec.codes.search_tree`); values: fp32[256], the table itself.
     """
-    return search_tree(code.thresholds).to(device), code.values.to(device)
+    return code.search_trees[0, :255].to(device), code.values.to(device)
 
 
 def _interpreted() -> bool:

@@ -12,25 +12,17 @@ rules, which the encode/decode kernels here and the fused optimizer kernels shar
    without `.ftz` (tests/test_kernels.py checks the PTX of every kernel).
 
 Tables live in device memory, loaded by the helpers: the 256 `values` of a code (fp32) and
-its 255 thresholds as a search tree (`search_tree`); `q8.kernels.device_tables` gives both,
+its 255 thresholds as a search tree (`q8.codec.codes.search_tree`); `q8.kernels.device_tables` gives both,
 copied once per device.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 EXACT = {"enable_fp_fusion": False}
 """Launch options every q8 kernel uses: no multiply-add contraction."""
-
-
-def search_tree(thresholds: torch.Tensor) -> torch.Tensor:
-    """The 255 sorted thresholds in breadth-first order of a perfect binary search tree:
-    level k (k = 0..7) holds sorted indices (2j + 1) * 2**(7 - k) - 1, j = 0..2**k - 1."""
-    order = torch.cat([(2 * torch.arange(1 << k) + 1) * (1 << (7 - k)) - 1 for k in range(8)])
-    return thresholds[order]
 
 
 @triton.jit

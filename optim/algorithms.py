@@ -1,6 +1,9 @@
-"""The q8 optimizers: each declares its state entries and writes its update rule once, in
-fp32 torch ops. How the state is stored (8-bit or fp32) is the base class's business, and so
-are the keyword arguments every optimizer takes (`blocksize`, `min_8bit_size`, `optim_bits`,
+"""The q8 optimizers: each declares its state entries, its per-step binary32 constants
+(`hyper`) and its update rule, in fp32 torch ops (`update`: the reference). The same rule,
+named `rule`, exists as a C inline function (optim/_native.c) and a Triton function
+(q8.kernels.optim), with the same operations in the same order: the three give identical
+bytes. How the state is stored (8-bit or fp32) is the base class's business, and so are the
+keyword arguments every optimizer takes (`blocksize`, `min_8bit_size`, `optim_bits`,
 `maximize`: `Optimizer8bit`).
 
 Hyperparameters and defaults follow the torch.optim counterpart (Adam, AdamW, SGD,
@@ -15,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .fused import adam_hyper, moment_bound, sqrt_rn
+from .fused import adam_hyper, f32, moment_bound, powi, sqrt_rn
 from .optimizer import Optimizer8bit
 
 __all__ = [
@@ -86,7 +89,7 @@ class Adam8bit(Optimizer8bit):
         >>> opt = q8.optim.Adam8bit(model.parameters(), lr=1e-3)
     """
 
-    native_kind = "adam"
+    rule = "adam"
     torch_class = torch.optim.Adam
     decoupled = False
 
@@ -105,9 +108,11 @@ class Adam8bit(Optimizer8bit):
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"exp_avg": SIGNED, "exp_avg_sq": NON_NEGATIVE}
 
+    def hyper(self, group: dict, step: int) -> list[float]:
+        return adam_hyper(group, step, self.decoupled)
+
     def update(self, p, grad, state, group, step):
-        # The exact operation order of optim/_native.c (the fused path must match it bit for bit).
-        beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2, bound = adam_hyper(group, step, self.decoupled)
+        beta1, c1, beta2, c2, eps, step_size, bc2_sqrt, decay, l2, bound = self.hyper(group, step)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         g = grad if l2 == 0 else grad + p * l2
         m.mul_(beta1).add_(g * c1)
@@ -125,7 +130,6 @@ class AdamW8bit(Adam8bit):
         >>> opt = q8.optim.AdamW8bit(model.parameters(), lr=1e-3, weight_decay=1e-2)
     """
 
-    native_kind = "adamw"
     torch_class = torch.optim.AdamW
     decoupled = True
 
@@ -141,17 +145,24 @@ class AdamW8bit(Adam8bit):
         super().__init__(params, lr, betas, eps, weight_decay, **options)
 
 
-def _momentum_step(p, d, state, group, step):
+def _sgd_hyper(group: dict, step: int) -> list[float]:
+    """SGD's and LARS's binary32 constants: wd, momentum, 1 - dampening, lr, first step,
+    Nesterov (optim/_native.c, sgd_rule)."""
+    values = [group["weight_decay"], group["momentum"], 1.0 - group["dampening"], group["lr"]]
+    return [*map(f32, values), float(step == 1), float(group["nesterov"])]
+
+
+def _momentum_step(p, d, state, h):
     """SGD-style momentum shared by SGD8bit and LARS8bit, then p -= lr * direction."""
-    momentum = group["momentum"]
+    _, momentum, undamped, lr, first, nesterov = h
     if momentum != 0:
         buf = state["momentum_buffer"]
-        if step == 1:
+        if first:
             buf.copy_(d)
         else:
-            buf.mul_(momentum).add_(d * (1 - group["dampening"]))
-        d = d + buf * momentum if group["nesterov"] else buf
-    p.sub_(d * group["lr"])
+            buf.mul_(momentum).add_(d * undamped)
+        d = d + buf * momentum if nesterov else buf
+    p.sub_(d * lr)
 
 
 class SGD8bit(Optimizer8bit):
@@ -159,6 +170,7 @@ class SGD8bit(Optimizer8bit):
     momentum 0, dampening 0, weight_decay 0, nesterov False). Without momentum there is
     no state."""
 
+    rule = "sgd"
     torch_class = torch.optim.SGD
 
     def __init__(
@@ -177,14 +189,20 @@ class SGD8bit(Optimizer8bit):
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"momentum_buffer": SIGNED} if group["momentum"] != 0 else {}
 
+    def hyper(self, group: dict, step: int) -> list[float]:
+        return _sgd_hyper(group, step)
+
     def update(self, p, grad, state, group, step):
-        _momentum_step(p, _with_weight_decay(p, grad, group["weight_decay"]), state, group, step)
+        h = self.hyper(group, step)
+        _momentum_step(p, _with_weight_decay(p, grad, h[0]), state, h)
 
 
 class Lion8bit(Optimizer8bit):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") with an
     8-bit momentum: p -= lr * (sign(beta1 m + (1 - beta1) g) + weight_decay p), then
     m = beta2 m + (1 - beta2) g. Defaults lr 1e-4, betas (0.9, 0.99), weight_decay 0."""
+
+    rule = "lion"
 
     def __init__(
         self,
@@ -203,14 +221,18 @@ class Lion8bit(Optimizer8bit):
     def state_codes(self, group: dict) -> dict[str, str]:
         return {"exp_avg": SIGNED}
 
+    def hyper(self, group: dict, step: int) -> list[float]:
+        (beta1, beta2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+        return [f32(v) for v in (beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr, 1.0 - lr * wd if wd != 0 else 1.0)]
+
     def update(self, p, grad, state, group, step):
-        beta1, beta2 = group["betas"]
+        beta1, c1, beta2, c2, lr, decay = self.hyper(group, step)
         m = state["exp_avg"]
-        direction = (m * beta1 + grad * (1 - beta1)).sign_()
-        if group["weight_decay"] != 0:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.sub_(direction * group["lr"])
-        m.mul_(beta2).add_(grad * (1 - beta2))
+        direction = (m * beta1 + grad * c1).sign_()
+        if decay != 1:
+            p.mul_(decay)
+        p.sub_(direction * lr)
+        m.mul_(beta2).add_(grad * c2)
 
 
 class RMSprop8bit(Optimizer8bit):
@@ -218,6 +240,7 @@ class RMSprop8bit(Optimizer8bit):
     0.99, eps 1e-8, weight_decay 0, momentum 0, centered False). Centered: the variance
     estimate square_avg - grad_avg**2 is clamped at 0 (quantization may push it below)."""
 
+    rule = "rmsprop"
     torch_class = torch.optim.RMSprop
 
     def __init__(
@@ -258,20 +281,29 @@ class RMSprop8bit(Optimizer8bit):
             codes["grad_avg"] = SIGNED
         return codes
 
-    def update(self, p, grad, state, group, step):
+    def slots(self, group: dict) -> tuple[str | None, ...]:
+        momentum, centered = group["momentum"] > 0, group["centered"]
+        return ("square_avg", "momentum_buffer" if momentum else None, "grad_avg" if centered else None)
+
+    def hyper(self, group: dict, step: int) -> list[float]:
         alpha = group["alpha"]
-        g = _with_weight_decay(p, grad, group["weight_decay"])
-        square_avg = state["square_avg"].mul_(alpha).add_(g * g * (1 - alpha))
-        if group["centered"]:
-            grad_avg = state["grad_avg"].mul_(alpha).add_(g * (1 - alpha))
-            avg = (square_avg - grad_avg * grad_avg).clamp_(min=0).sqrt_().add_(group["eps"])
+        values = [alpha, 1.0 - alpha, group["eps"], group["weight_decay"], group["lr"], group["momentum"]]
+        return [*map(f32, values), float(group["centered"])]
+
+    def update(self, p, grad, state, group, step):
+        alpha, c, eps, wd, lr, momentum, centered = self.hyper(group, step)
+        g = _with_weight_decay(p, grad, wd)
+        square_avg = state["square_avg"].mul_(alpha).add_(g * g * c)
+        if centered:
+            grad_avg = state["grad_avg"].mul_(alpha).add_(g * c)
+            avg = sqrt_rn((square_avg - grad_avg * grad_avg).clamp_(min=0)).add_(eps)
         else:
-            avg = square_avg.sqrt().add_(group["eps"])
-        if group["momentum"] > 0:
-            buf = state["momentum_buffer"].mul_(group["momentum"]).add_(g / avg)
-            p.sub_(buf * group["lr"])
+            avg = sqrt_rn(square_avg).add_(eps)
+        if momentum > 0:
+            buf = state["momentum_buffer"].mul_(momentum).add_(g / avg)
+            p.sub_(buf * lr)
         else:
-            p.sub_(g / avg * group["lr"])
+            p.sub_(g / avg * lr)
 
 
 class Adagrad8bit(Optimizer8bit):
@@ -279,6 +311,7 @@ class Adagrad8bit(Optimizer8bit):
     torch.optim.Adagrad (lr 1e-2, lr_decay 0, weight_decay 0, initial_accumulator_value 0,
     eps 1e-10)."""
 
+    rule = "adagrad"
     torch_class = torch.optim.Adagrad
 
     def __init__(
@@ -315,15 +348,19 @@ class Adagrad8bit(Optimizer8bit):
     def init_value(self, name: str, group: dict) -> float:
         return group["initial_accumulator_value"]
 
+    def hyper(self, group: dict, step: int) -> list[float]:
+        clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
+        return [f32(group["weight_decay"]), f32(clr), f32(group["eps"])]
+
     def update(self, p, grad, state, group, step):
-        g = _with_weight_decay(p, grad, group["weight_decay"])
-        clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-        std = state["sum"].add_(g * g).sqrt().add_(group["eps"])
+        wd, clr, eps = self.hyper(group, step)
+        g = _with_weight_decay(p, grad, wd)
+        std = sqrt_rn(state["sum"].add_(g * g)).add_(eps)
         p.sub_(g / std * clr)
 
 
 def _trust_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator where both are positive, else 1 (as a 0-d tensor)."""
+    """numerator / denominator where both are positive, else 1 (elementwise)."""
     ok = (numerator > 0) & (denominator > 0)
     return torch.where(ok, numerator / torch.where(ok, denominator, 1.0), 1.0)
 
@@ -347,17 +384,28 @@ class LAMB8bit(Optimizer8bit):
         defaults = _adam_defaults(type(self).__name__, lr, betas, eps, weight_decay)
         super().__init__(params, defaults, **options)
 
+    rule = "lamb"
     state_codes = Adam8bit.state_codes  # the same two moments
 
+    def hyper(self, group: dict, step: int) -> list[float]:
+        (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+        bc1, bc2 = 1.0 - powi(beta1, step), 1.0 - powi(beta2, step)
+        values = [beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, wd, bc1, bc2, moment_bound((beta1, beta2), step)]
+        return [f32(v) for v in (*values, group["lr"])]
+
+    def trust(self, norms: list[torch.Tensor], group: dict) -> torch.Tensor:
+        """The trust ratio from the exact norms of p and of the direction r: ||p|| / ||r||,
+        1 if either is 0. Elementwise: 0-d norms of one parameter, or 1-D ones of several."""
+        return _trust_ratio(*norms)
+
     def update(self, p, grad, state, group, step):
-        beta1, beta2 = group["betas"]
-        m = state["exp_avg"].mul_(beta1).add_(grad * (1 - beta1))
-        v = state["exp_avg_sq"].mul_(beta2).add_(grad * grad * (1 - beta2))
-        m = clamp_moment(m, v.sqrt(), moment_bound((beta1, beta2), step))
-        r = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt_().add_(group["eps"]))
-        r = _with_weight_decay(p, r, group["weight_decay"])
-        trust = _trust_ratio(*self.norms(p, r))
-        p.sub_(r * (trust * group["lr"]))
+        beta1, c1, beta2, c2, eps, wd, bc1, bc2, bound, lr = self.hyper(group, step)
+        m = state["exp_avg"].mul_(beta1).add_(grad * c1)
+        v = state["exp_avg_sq"].mul_(beta2).add_(grad * grad * c2)
+        m = clamp_moment(m, sqrt_rn(v), bound)
+        r = (m / bc1) / sqrt_rn(v / bc2).add_(eps)
+        r = _with_weight_decay(p, r, wd)
+        p.sub_(r * (self.trust(self.norms(p, r), group) * lr))
 
 
 class LARS8bit(Optimizer8bit):
@@ -385,14 +433,19 @@ class LARS8bit(Optimizer8bit):
         defaults |= {"trust_coefficient": trust_coefficient, "eps": eps}
         super().__init__(params, defaults, **options)
 
+    rule = "lars"
     state_codes = SGD8bit.state_codes  # the same momentum buffer
+    hyper = SGD8bit.hyper  # and the same rule, its direction scaled by the trust ratio
+
+    def trust(self, norms: list[torch.Tensor], group: dict) -> torch.Tensor:
+        """The trust ratio from the exact norms of p and of the gradient. Elementwise: 0-d
+        norms of one parameter, or 1-D ones of several."""
+        p_norm, g_norm = norms
+        wd = group["weight_decay"]
+        ratio = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+        return torch.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
 
     def update(self, p, grad, state, group, step):
-        wd = group["weight_decay"]
-        p_norm, g_norm = self.norms(p, grad)
-        trust = torch.where(
-            (p_norm > 0) & (g_norm > 0),
-            group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"]),
-            1.0,
-        )
-        _momentum_step(p, _with_weight_decay(p, grad, wd) * trust, state, group, step)
+        h = self.hyper(group, step)
+        trust = self.trust(self.norms(p, grad), group)
+        _momentum_step(p, _with_weight_decay(p, grad, h[0]) * trust, state, h)

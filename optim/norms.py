@@ -23,14 +23,12 @@ sum is below n * 2**-60 for n elements, far finer than fp32.
 
 from __future__ import annotations
 
-import math
+import struct
 from collections.abc import Sequence
 
 import torch
 
-from .fused import f32
-
-__all__ = ["exact_norms"]
+__all__ = ["exact_norms", "norm_scales", "norms_from_sums"]
 
 _SHIFT = 31
 _CHUNK = 1 << 20  # elements per step: bounded binary64/int64 temporaries
@@ -44,9 +42,9 @@ def _abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(-lo, hi).float()
 
 
-def _square_sums(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """int64 [hi_sum, lo_sum] of the scaled, truncated squares of `x` (rule steps 2-3), a
-    chunk at a time in reused buffers."""
+def _square_sums(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int64 [hi_sum, lo_sum] of the scaled, truncated squares of `x` (rule steps 2-3; a
+    0-d binary64 `scale`, 0 gives 0), a chunk at a time in reused buffers."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
     square = torch.empty(min(n, _CHUNK), dtype=torch.float64, device=x.device)
@@ -64,30 +62,43 @@ def _square_sums(x: torch.Tensor, scale: float) -> torch.Tensor:
     return sums
 
 
+def f32(x: float) -> float:
+    """`x` rounded to the nearest binary32 value (kept as a Python float)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def norm_scales(maxes: torch.Tensor) -> torch.Tensor:
+    """Step 2 for each max |x| (fp32): the binary64 power of two s, built from its bits
+    (exact); 0 where the max is 0, inf or NaN (the norm is then the max itself)."""
+    m = maxes.double()
+    ok = torch.isfinite(m) & (m != 0)
+    exponent = torch.frexp(torch.where(ok, m, 1.0)).exponent.long()
+    return torch.where(ok, ((1023 + 62 - 2 * exponent) << 52).view(torch.float64), 0.0)
+
+
+def norms_from_sums(maxes: torch.Tensor, scales: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Step 4: the norms (fp32) from the maxes, the scales and the int64 sums (..., 2)."""
+    total = sums[..., 0].double() * 2.0**_SHIFT + sums[..., 1].double()
+    value = (total / torch.where(scales == 0, 1.0, scales)).sqrt().float()
+    return torch.where(scales == 0, maxes.float(), value)
+
+
 def exact_norms(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
     """The L2 norm of each tensor (fp32 0-d tensors), bit for bit the same however the
     elements are ordered or split: with `group` (a process group), each tensor is this
     rank's shard and the norm is the whole tensor's, from one MAX and one SUM all-reduce
-    for all the tensors together.
+    for all the tensors together. Tensor operations only: no host-device synchronization.
 
     Example:
         >>> p_norm, g_norm = exact_norms([p, grad])
     """
     import torch.distributed as dist
 
-    device = tensors[0].device
     maxes = torch.stack([_abs_max(x) for x in tensors])
     if group is not None:
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-    scales = []
-    for m in maxes.tolist():
-        scales.append(math.ldexp(1.0, 62 - 2 * math.frexp(m)[1]) if m and math.isfinite(m) else None)
-    zero = torch.zeros(2, dtype=torch.int64, device=device)
-    sums = torch.stack([_square_sums(x, s) if s else zero for x, s in zip(tensors, scales, strict=True)])
+    scales = norm_scales(maxes)
+    sums = torch.stack([_square_sums(x, s) for x, s in zip(tensors, scales, strict=True)])
     if group is not None:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    norms = []
-    for m, s, (hi, lo) in zip(maxes.tolist(), scales, sums.tolist(), strict=True):
-        value = m if s is None else f32(math.sqrt((float(hi) * 2.0**_SHIFT + float(lo)) / s))
-        norms.append(torch.tensor(value, dtype=torch.float32, device=device))
-    return norms
+    return list(norms_from_sums(maxes, scales, sums).unbind())

@@ -27,7 +27,6 @@ parameter, optim/sharded.py):
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -35,11 +34,11 @@ import torch
 
 from ..codec import CODE_NAMES, QTensor, get_code, quantize
 from ..codec.blockwise import BLOCKSIZES
-from ..codec.layout import canonical_row_length
+from ..codec.layout import canonical_row_length, num_blocks
 from . import sharded
-from .fused import fused_update
+from .fused import fused_step
 from .norms import exact_norms
-from .sharded import all_finite, is_sharded, like, local, local_rows, shard_group
+from .sharded import is_sharded, like, local, local_rows
 
 _OVERRIDE_ATTR = "_q8_optim_bits"
 LOADABLE_CODES = {"udynamic_sq": ("udynamic", "dynamic")}
@@ -96,6 +95,17 @@ def row_length(p: torch.Tensor) -> int:
     return math.prod(p.shape[1:])
 
 
+def filled(value: float, code: str, blocksize: int, shape: torch.Size, row_length: int, device) -> QTensor:
+    """`quantize` of a tensor filled with `value`, made without encoding on the device (so a
+    first CUDA step never waits for it): every block has absmax |value| and the one code
+    that a single element gets."""
+    one = quantize(torch.tensor([float(value)]), code, blocksize)
+    numel = math.prod(shape)
+    codes = torch.full((numel,), int(one.codes[0]), dtype=torch.uint8, device=device)
+    absmax = torch.full((num_blocks(numel, blocksize, row_length),), float(one.absmax[0]), device=device)
+    return QTensor(codes, absmax, one.code, blocksize, shape, torch.float32, row_length)
+
+
 def absmax_shape(p: torch.Tensor, blocksize: int) -> tuple[int, int]:
     """(rows, K): the shape of an 8-bit entry's absmax in the state dict, K blocks per row."""
     return p.shape[0], -(-row_length(p) // blocksize)
@@ -105,8 +115,10 @@ class Optimizer8bit(torch.optim.Optimizer):
     """Base class: 8-bit state storage, the step loop and (de)serialization.
 
     Subclasses set `defaults`, `state_codes(group)` and `update(...)`; optionally
-    `native_kind` (a compiled CPU kernel for the rule), `torch_class` (the torch.optim
-    counterpart for `to_torch_state_dict`) and `init_value`.
+    `init_value`, `torch_class` (the torch.optim counterpart for `to_torch_state_dict`),
+    and `rule` with `hyper(group, step)` (and `slots(group)` where the rule's state order
+    differs): the name of the same rule compiled for CPU and written for Triton
+    (optim/_native.c, q8.kernels.optim), which then runs instead of `update`.
 
     Args:
         params: parameters or parameter groups, as for torch.optim.
@@ -123,7 +135,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     to use instead (`UNSUPPORTED`); their "off" values are accepted and ignored.
     """
 
-    native_kind: ClassVar[str | None] = None
+    rule: ClassVar[str | None] = None
     torch_class: ClassVar[type[torch.optim.Optimizer] | None] = None
 
     def __init__(
@@ -149,6 +161,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.blocksize = blocksize
         self.min_8bit_size = min_8bit_size
         self._shard_group = None  # the process group of the sharded parameter being updated, for `norms`
+        self._reports: dict = {}  # device -> optim.cuda.DeviceReport: what the GPU kernels counted
         super().__init__(params, {**defaults, "optim_bits": optim_bits, "maximize": maximize})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -165,6 +178,16 @@ class Optimizer8bit(torch.optim.Optimizer):
     def state_codes(self, group: dict) -> dict[str, str]:
         """State entries of a parameter in `group`: name -> code ("dynamic" for signed
         values, "udynamic_sq" for non-negative ones)."""
+        raise NotImplementedError
+
+    def slots(self, group: dict) -> tuple[str | None, ...]:
+        """The state entries in the order the fused rule takes them (None: a slot the
+        group does not use); by default those of `state_codes`."""
+        return tuple(self.state_codes(group))
+
+    def hyper(self, group: dict, step: int) -> list[float]:
+        """The fused rule's per-step constants for `group` at step `step`: binary32 values
+        (at most 12), as the rule's C and Triton forms read them."""
         raise NotImplementedError
 
     def init_value(self, name: str, group: dict) -> float:
@@ -197,9 +220,13 @@ class Optimizer8bit(torch.optim.Optimizer):
         seed = next(i for i, q in enumerate(self._indexed_params()) if q is p)
         state: dict[str, Any] = {"step": 0, "seed": seed}
         eight = self.is_8bit(p, group)
+        shape = local(p).shape
         for name, code in self.state_codes(group).items():
-            value = torch.full(local(p).shape, self.init_value(name, group), dtype=torch.float32, device=p.device)
-            state[name] = quantize(value, code, self.blocksize, row_length=row_length(p)) if eight else value
+            value = self.init_value(name, group)
+            if eight:
+                state[name] = filled(value, code, self.blocksize, shape, row_length(p), p.device)
+            else:
+                state[name] = torch.full(shape, value, dtype=torch.float32, device=p.device)
         return state
 
     # torch.compiler.disable, importing torch._dynamo (150 MB) on first use rather than at
@@ -219,32 +246,29 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 grad = p.grad
+                if grad is None:
+                    continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))
-                if not all_finite(grad):
-                    warnings.warn(
-                        f"{type(self).__name__}: non-finite gradient for a parameter of shape {tuple(p.shape)}; "
-                        f"its update was skipped (state and step count unchanged)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    continue
-                if group["maximize"]:
-                    grad = -grad
-                state["step"] += 1
-                self._shard_group = shard_group(p)
-                offset = sharded.first_element(p) if is_sharded(p) else 0
-                fused_update(self, local(p), local(grad), state, group, offset)
-        self._shard_group = None
+                work.append((p, grad, state, group))
+        fused_step(self, work)
         return loss
+
+    def report(self) -> None:
+        """Wait for the GPU and report what its steps counted since the last report: a
+        RuntimeWarning for skipped parameters (non-finite gradients), FloatingPointError for
+        state that overflowed fp32. CPU steps report at once; CUDA steps never wait for the
+        device, so they report a step or more late (optim/cuda.py), or here. `state_dict()`
+        calls it."""
+        for device_report in self._reports.values():
+            device_report.poll(type(self).__name__, wait=True)
 
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer state (codes + absmax for 8-bit entries)."""
@@ -282,6 +306,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         state dict whose number of groups differs from its own, so q8's state never loads
         silently as fp32 state into them (uint8 codes would become floats). q8 optimizers
         use it to refuse another optimizer's state."""
+        self.report()
         index = {id(p): i for i, p in enumerate(self._indexed_params())}
         state = {index[id(p)]: pack_state(s, p) for p, s in self.state.items() if s}
         return {"state": state, "param_groups": [*self._packed_groups(), state_mark(type(self).__name__)]}
@@ -381,7 +406,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             for p, index in zip(group["params"], saved_group["params"], strict=True):
                 if not self.state.get(p):
                     continue
-                entry = {"step": torch.tensor(float(self.state[p]["step"]))}
+                entry = {"step": torch.tensor(float(int(self.state[p]["step"])))}
                 for key in self.state_codes(group):
                     value = self.state[p][key]
                     value = value.dequantize(torch.float32) if isinstance(value, QTensor) else value
@@ -429,7 +454,9 @@ def pack_state(state: dict, p: torch.Tensor) -> dict:
     absmax, code name and blocksize); DTensors placed like a sharded parameter."""
     out: dict[str, Any] = {}
     for key, value in state.items():
-        if isinstance(value, QTensor):
+        if key == "step":
+            out[key] = int(value)  # a device tensor for CUDA parameters (optim/cuda.py)
+        elif isinstance(value, QTensor):
             out.update(_pack_qtensor(key, value, p))
         elif is_sharded(p) and isinstance(value, torch.Tensor):
             out[key] = like(value, p)

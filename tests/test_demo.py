@@ -17,6 +17,9 @@ def test_demo_runs_every_section():
     assert out.count("identical to the uninterrupted run: True") == 4, out
     assert "restored: config.json, generation_config.json, model.safetensors, optimizer.pt" in out  # the round trip
     assert "refuses it: loaded state dict has a different number of parameter groups" in out
+    fused = re.findall(r"^(\w+8bit) +[\d.]+ +[\d.]+ +(True|False)$", out, re.MULTILINE)
+    assert fused == [(name, "True") for name in ("Adam8bit", "AdamW8bit", "SGD8bit", "Lion8bit", "RMSprop8bit",
+                                                 "Adagrad8bit", "LAMB8bit", "LARS8bit")], out  # fmt: skip
     assert "load_model kept it: True" in out and "as safetensors does" in out
     steps = re.search(r"largest step of any weight: torch ([\d.]+) lr, q8 ([\d.]+) lr .* ([\d.]+) lr at step 8", out)
     assert steps and float(steps[2]) <= float(steps[3]), out

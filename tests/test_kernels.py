@@ -317,22 +317,32 @@ def test_compiled_ptx_is_exact(in_dtype):
 
 @compiled_only
 @pytest.mark.parametrize("p_dtype", ["fp32", "bf16"])
-def test_compiled_adam_ptx_is_exact(p_dtype):
-    """The fused Adam kernel: no FMA (Triton contracts by default), IEEE division and sqrt."""
+@pytest.mark.parametrize("rule", ["adam", "sgd", "lion", "rmsprop", "adagrad", "lamb"])
+def test_compiled_optimizer_ptx_is_exact(rule, p_dtype):
+    """The fused step kernel with each rule: no FMA (Triton contracts by default), IEEE
+    division and square roots, in binary32 and in the binary64 bias corrections."""
     from q8.kernels import optim as kernel_optim
 
-    signature = {"p_ptr": f"*{p_dtype}", "g_ptr": f"*{p_dtype}"}
-    for s in "mv":
-        signature.update({f"{s}_codes_ptr": "*u8", f"{s}_absmax_ptr": "*fp32", f"{s}_table_ptr": "*fp32",
-                          f"{s}_values_ptr": "*fp32", f"{s}_tree_ptr": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
-    signature.update({"bad_ptr": "*i64", "row_length": "i32", "per_row": "i32", "nblocks": "i32"})
-    signature.update(
-        dict.fromkeys(["beta1", "c1", "beta2", "c2", "eps", "step_size", "bc2_sqrt", "decay", "l2", "bound"], "fp32")
-    )
-    signature.update({"key": "i64", "offset": "i64"})  # a key >= 2**31 arrives as i64
-    ptx = kernel_ptx(kernel_optim._adam_kernel, signature, {"BLOCKSIZE": 256, "ROWS": kernel_codec.TILE // 256})
+    signature = {"p_ptr": f"*{p_dtype}", "g_ptr": f"*{p_dtype}", "ok_ptr": "*i64", "step_ptr": "*i64",
+                 "report_ptr": "*i64"}  # fmt: skip
+    for s in "abc":
+        signature.update({f"{s}_ptr": "*u8", f"{s}_absmax": "*fp32", f"{s}_table": "*fp32", f"{s}_tree": "*fp32",
+                          f"{s}_values": "*fp32", f"{s}_zero": "i32"})  # fmt: skip
+    signature.update(dict.fromkeys(["row_length", "per_row", "nblocks", "offset", "seed", "param"], "i64"))
+    signature.update(dict.fromkeys([f"h{i}" for i in range(12)], "fp32"))
+    signature.update(dict.fromkeys(["lr_bits", "beta1_bits", "beta2_bits", "lr_decay_bits"], "i64"))
+    signature.update({"trust_ptr": "*fp32", "out_ptr": "*fp32"})
+    constexprs = {"RULE": kernel_optim.RULES[rule], "KIND_A": 2, "KIND_B": 3, "KIND_C": 1, "NEGATE": False,
+                  "TERMS": False, "BLOCKSIZE": 256, "ROWS": kernel_codec.TILE // 256}  # fmt: skip
+    ptx = kernel_ptx(kernel_optim._step_kernel, signature, constexprs)
     assert_exact_ptx(ptx)
-    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx and "mul.rn.f32" in ptx and "add.rn.f32" in ptx
+    assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx and "div.rn.f32" in ptx  # codec divisions at least
+    if rule in ("adam", "rmsprop", "adagrad", "lamb"):
+        assert "sqrt.rn.f32" in ptx
+    if rule in ("adam", "lamb", "adagrad"):  # bias corrections in binary64, correctly rounded
+        assert "div.rn.f64" in ptx and "cvt.rn.f32.f64" in ptx
+    if rule in ("adam",):
+        assert "sqrt.rn.f64" in ptx
 
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")

@@ -1,19 +1,23 @@
-"""The fused 8-bit Adam/AdamW kernel (q8.kernels.adam_update) against the CPU path.
+"""The fused optimizer kernels on the GPU path (q8.kernels.optim, optim/cuda.py) against the
+CPU path, and the GPU step's promise: no host-device synchronization.
 
-The reference is q8.optim's own CPU step (the compiled fused update of optim/_native.c);
-after every step the parameter bytes and the codes and absmax of both moments must be
-identical. Where these tests run (CUDA here; without CUDA under the Triton interpreter,
-in the child process of tests/test_kernels.py) is explained in tests/test_kernels.py.
+The shared vectors of tests/optim_vectors.py run through the CUDA code path (the Triton
+kernels, the device-side finiteness flags and step counts) and through the C kernels; every
+byte of parameters and state must match. Where these tests run (CUDA here; without CUDA
+under the Triton interpreter, in the child process of tests/test_kernels.py, with CPU
+tensors sent down the CUDA code path) is explained in tests/test_kernels.py.
 """
 
+import contextlib
+import math
 import os
+import warnings
 
+import optim_vectors
 import pytest
 import q8
 import torch
-from q8.codec import rounding_key
-from q8.kernels import adam_update
-from q8.optim.fused import adam_hyper
+from q8.optim import fused
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -25,131 +29,167 @@ if not (ON_GPU or INTERPRETED):
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.uint8).cpu()
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """Parameters on DEVICE take the Triton kernels (CPU tensors too, under the interpreter),
+    and nothing falls back to the generic path."""
+    monkeypatch.setattr(fused, "TRITON_DEVICES", {"cuda", DEVICE})
+    monkeypatch.setattr(fused, "generic_update", None)
 
 
-def gradient(n: int, step: int, dtype: torch.dtype) -> torch.Tensor:
-    """Gradients over many decades, with exact zeros and a few sign flips of tiny values."""
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)
-    x[::97] = 0.0
-    x[5::101] = 1e-39  # an fp32 subnormal
-    return x.clamp(-6e4, 6e4).to(dtype)  # finite in fp16 too
+def cpu_run(name: str):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "TRITON_DEVICES", {"cuda"})
+        return optim_vectors.run(name)
 
 
-def assert_same_state(p_kernel, m, v, p_ref, opt):
-    state = opt.state[p_ref]
-    assert torch.equal(bits(p_kernel), bits(p_ref)), "parameter differs"
-    for name, mine in (("exp_avg", m), ("exp_avg_sq", v)):
-        ref = state[name]
-        assert torch.equal(mine.codes.cpu(), ref.codes), f"{name} codes differ"
-        assert torch.equal(bits(mine.absmax), bits(ref.absmax)), f"{name} absmax differs"
+@pytest.mark.parametrize("name", list(optim_vectors.OPTIMIZERS))
+def test_rules_match_the_cpu_kernels(name, gpu_path):
+    optim_vectors.assert_same(optim_vectors.run(name, DEVICE), cpu_run(name))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("blocksize", [64, 256])
-@pytest.mark.parametrize("rows", [5, 1])
-@pytest.mark.parametrize("cls", [q8.optim.Adam8bit, q8.optim.AdamW8bit])
-def test_adam_steps_match_the_cpu_optimizer(cls, rows, blocksize, dtype):
-    """Rows of 2 * blocksize + 17 elements: 5 rows each ending in a partial block (the row
-    layout), or 1 row (the flat layout)."""
-    shape = (rows, 2 * blocksize + 17)
-    n = rows * shape[1]
-    p0 = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
-    p_ref = torch.nn.Parameter(p0.clone())
-    decay = {"weight_decay": 0.1}  # Adam: L2 term on the gradient; AdamW: decoupled decay
-    opt = cls([p_ref], lr=1e-2, blocksize=blocksize, min_8bit_size=0, **decay)
-    p = p0.to(DEVICE)
-    m = q8.quantize(torch.zeros(shape, device=DEVICE), "dynamic", blocksize, row_length=shape[1])
-    v = q8.quantize(torch.zeros(shape, device=DEVICE), "udynamic_sq", blocksize, row_length=shape[1])
-    assert m.row_length == (shape[1] if rows > 1 else n)
-    for step in range(1, 5):
-        grad = gradient(n, step, dtype).view(shape)
-        p_ref.grad = grad.clone()
-        opt.step()
-        hyper = adam_hyper(opt.param_groups[0], step, decoupled=cls is q8.optim.AdamW8bit)
-        key = rounding_key(opt.state[p_ref]["seed"], step)
-        assert adam_update(p, grad.to(DEVICE), m, v, hyper, key) == -1
-        assert_same_state(p, m, v, p_ref, opt)
+class DeviceRead(AssertionError):
+    pass
 
 
-def test_a_moment_loaded_in_another_table_is_re_encoded_as_on_the_cpu():
-    """A second moment in bitsandbytes' / an earlier q8's table: decoded with it, re-encoded
-    in udynamic_sq by stochastic rounding (global indices from `offset`), as the C kernel does."""
-    from q8.codec import get_code
-    from q8.optim.fused import _native_adam
+@contextlib.contextmanager
+def no_device_reads():
+    """Every way a step could read a device value back to the host raises inside."""
 
-    n, g = 4 * 64 + 5, torch.Generator().manual_seed(3)
-    p0, grad = torch.randn(n, generator=g), gradient(n, 3, torch.float32)
-    m0 = q8.quantize(torch.randn(n, generator=g), "dynamic", 64)
-    v0 = q8.quantize(torch.rand(n, generator=g) ** 6, "udynamic", 64)
-    hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-2, "weight_decay": 0.1, "eps": 1e-8}, 3, decoupled=True)
-    codes, key, offset = (get_code("dynamic"), get_code("udynamic_sq")), rounding_key(7, 3), 3 * 2**31
-    ref = [p0.clone(), *(q8.QTensor(t.codes.clone(), t.absmax.clone(), t.code, 64, t.shape, t.dtype) for t in (m0, v0))]
-    assert _native_adam(ref[0], grad, ref[1], ref[2], hyper, *codes, key, offset) == -1
-    p, m, v = p0.to(DEVICE), m0.to(DEVICE), v0.to(DEVICE)
-    assert adam_update(p, grad.to(DEVICE), m, v, hyper, key=key, offset=offset, codes=codes) == -1
-    assert torch.equal(bits(p), bits(ref[0]))
-    for mine, theirs in ((m, ref[1]), (v, ref[2])):
-        assert torch.equal(mine.codes.cpu(), theirs.codes) and torch.equal(bits(mine.absmax), bits(theirs.absmax))
+    def refuse(*args, **kwargs):
+        raise DeviceRead("the step read a device value on the host")
+
+    names = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in names:
+            patch.setattr(torch.Tensor, name, refuse)
+        patch.setattr(torch.cuda, "synchronize", refuse)
+        yield
 
 
-def test_overflow_reports_the_first_bad_block():
-    n, blocksize = 8 * 64, 64
-    p = torch.zeros(4, 128, device=DEVICE)
-    m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", blocksize)
-    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic_sq", blocksize)
-    grad = torch.ones(4, 128, device=DEVICE)
-    grad.view(-1)[[7 * 64, 3 * 64 + 5]] = 1e30  # g * g overflows fp32 in blocks 3 and 7
-    hyper = adam_hyper({"betas": (0.9, 0.999), "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}, 1, decoupled=True)
-    assert adam_update(p, grad, m, v, hyper) == 3
-    p_ref = torch.nn.Parameter(torch.zeros(4, 128))
-    p_ref.grad = grad.cpu()
-    with pytest.raises(FloatingPointError, match="block 3"):
-        q8.optim.AdamW8bit([p_ref], lr=1e-3, weight_decay=0.0, blocksize=blocksize, min_8bit_size=0).step()
+@pytest.mark.parametrize("name", ["adamw", "rmsprop-centered-momentum", "lamb", "lars"])
+def test_a_step_never_reads_the_device(name, gpu_path):
+    """Steps after the first (which creates the state) read nothing back: the finiteness
+    check, the step count, the bias corrections, LAMB's / LARS's norms and the overflow
+    report all stay on the device. The test fails if such a read is put back."""
+    opt, params = optim_vectors.make(name, DEVICE)
+    for step in range(1, optim_vectors.STEPS + 1):
+        for i, p in enumerate(params):
+            p.grad = optim_vectors.gradient(p.shape, p.dtype, step, seed=i).to(DEVICE)
+        if step == 1:
+            opt.step()
+            continue
+        with no_device_reads():
+            opt.step()
+    optim_vectors.assert_same((opt, params), cpu_run(name))
+    with pytest.raises(DeviceRead), no_device_reads():  # the guard works
+        opt.report()
+
+
+def test_a_non_finite_gradient_skips_on_the_device_and_is_reported_later(gpu_path):
+    p = torch.nn.Parameter(torch.randn(8, 64, device=DEVICE))
+    q = torch.nn.Parameter(torch.randn(8, 64, device=DEVICE))
+    opt = q8.optim.AdamW8bit([p, q], lr=1e-2, min_8bit_size=0, blocksize=64)
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    before = p.detach().clone(), opt.state[p]["exp_avg"].codes.clone(), int(opt.state[p]["step"])
+    p.grad = torch.ones_like(p)
+    p.grad[3, 5] = math.nan
+    q_before = q.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing reported during the step itself
+        with no_device_reads():
+            opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"].codes, before[1])
+    assert int(opt.state[p]["step"]) == before[2] == 1 and int(opt.state[q]["step"]) == 2
+    assert not torch.equal(q.detach(), q_before)
+    with pytest.warns(RuntimeWarning, match="1 parameter update"):
+        opt.report()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.report()  # reported once
+
+
+def test_overflowed_state_is_reported_at_the_next_sync_point(gpu_path):
+    p = torch.nn.Parameter(torch.zeros(4, 128, device=DEVICE))
+    opt = q8.optim.AdamW8bit([p], lr=1e-3, weight_decay=0.0, min_8bit_size=0, blocksize=64)
+    p.grad = torch.ones(4, 128, device=DEVICE)
+    p.grad[1, 70] = 1e30  # g * g overflows fp32 in one block of v
+    opt.step()
+    with pytest.raises(FloatingPointError, match=r"parameter 0 .*overflowed fp32 in 1 block"):
+        opt.state_dict()  # a sync point
+
+
+def test_step_counts_are_device_tensors_and_plain_ints_in_the_state_dict(gpu_path):
+    opt, params = optim_vectors.run("adamw", DEVICE)
+    assert all(isinstance(opt.state[p]["step"], torch.Tensor) for p in params)
+    sd = opt.state_dict()
+    assert all(s["step"] == optim_vectors.STEPS and type(s["step"]) is int for s in sd["state"].values())
+    again, _ = optim_vectors.make("adamw", DEVICE)
+    again.load_state_dict(sd)
+    assert again.state[again.param_groups[0]["params"][0]]["step"] == optim_vectors.STEPS
 
 
 def test_argument_errors():
+    from q8.kernels import step
+
     n = 256
     p = torch.zeros(n, device=DEVICE)
     m = q8.quantize(torch.zeros(n, device=DEVICE), "dynamic", 64)
-    v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", 64)
-    hyper = [0.9, 0.1, 0.999, 0.001, 1e-8, 1e-3, 1.0, 1.0, 0.0, 1.0]
+    flags = {
+        "ok": torch.ones((), dtype=torch.int64, device=DEVICE),
+        "step_count": torch.zeros((), dtype=torch.int64, device=DEVICE),
+        "report": torch.zeros(3, dtype=torch.int64, device=DEVICE),
+        "seed": 0,
+        "trust": torch.ones((), device=DEVICE),
+    }
+    args = ("adam", p, torch.zeros(n, device=DEVICE), [m, None, None], [m.code, None, None], [0.0] * 10, [0.0] * 4)
     with pytest.raises(ValueError, match="grad must be contiguous with 256 elements"):
-        adam_update(p, torch.zeros(n + 1, device=DEVICE), m, v, hyper)
-    with pytest.raises(ValueError, match="p must be contiguous"):
-        adam_update(torch.zeros(16, 32, device=DEVICE).t(), torch.zeros(n, device=DEVICE), m, v, hyper)
-    small_v = q8.quantize(torch.zeros(n, device=DEVICE), "udynamic", 128)
-    with pytest.raises(ValueError, match="v has 256 elements in blocks of 128"):
-        adam_update(p, torch.zeros(n, device=DEVICE), m, small_v, hyper)
-    with pytest.raises(ValueError, match="hyper must hold 10 values"):
-        adam_update(p, torch.zeros(n, device=DEVICE), m, v, hyper[:9])
-    rows_v = q8.quantize(torch.zeros(8, 32, device=DEVICE), "udynamic_sq", 64, row_length=32)
-    with pytest.raises(ValueError, match=r"v has 256 elements in blocks of 64 \(rows of 32\)"):
-        adam_update(p, torch.zeros(n, device=DEVICE), m, rows_v, hyper)
+        step(*args[:2], torch.zeros(n + 1, device=DEVICE), *args[3:], **flags, layout=(n, 64))
+    with pytest.raises(ValueError, match=r"slot 0 has 256 elements in blocks of 64 \(rows of 256\), expected"):
+        step(*args, **flags, layout=(n, 128))
     assert (m.codes == m.code.zero_index).all() and (m.absmax == 0).all()  # nothing was written
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cls", [q8.optim.Adam8bit, q8.optim.AdamW8bit])
-def test_optimizer_on_cuda_equals_cpu_end_to_end(cls, dtype):
-    """The optimizer on CUDA parameters (the kernel) ends with the CPU run's bytes."""
-    shapes = [(200, 300), (4096,), (77, 65)]
-    gen = torch.Generator().manual_seed(0)
-    cpu = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    opts = [cls(ps, lr=1e-2, weight_decay=0.05, min_8bit_size=0) for ps in (cpu, gpu)]
-    for step in range(1, 4):
-        for p_cpu, p_gpu in zip(cpu, gpu, strict=True):
-            p_cpu.grad = gradient(p_cpu.numel(), step, dtype).view(p_cpu.shape)
-            p_gpu.grad = p_cpu.grad.cuda()
-        for opt in opts:
-            opt.step()
-    for p_cpu, p_gpu in zip(cpu, gpu, strict=True):
-        assert torch.equal(bits(p_gpu), bits(p_cpu))
-        for name in ("exp_avg", "exp_avg_sq"):
-            ref, got = opts[0].state[p_cpu][name], opts[1].state[p_gpu][name]
-            assert got.device.type == "cuda"
-            assert torch.equal(got.codes.cpu(), ref.codes) and torch.equal(bits(got.absmax), bits(ref.absmax))
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_a_captured_step_replays_exactly(name):
+    """torch.cuda.graphs: a step captured after a warm-up replays step after step with the
+    bytes of eager steps (the step count and bias corrections are read on the device)."""
+    eager, eager_params = optim_vectors.make(name, "cuda")
+    graphed, params = optim_vectors.make(name, "cuda")
+    grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+    def load(step, targets):
+        for i, (p, t) in enumerate(zip(params, targets, strict=True)):
+            t.copy_(optim_vectors.gradient(p.shape, p.dtype, step, seed=i))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        load(1, grads)
+        graphed.step()  # creates the state and compiles the kernels
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for step in range(2, 6):
+        load(step, grads)
+        graph.replay()
+    for step in range(1, 6):
+        for i, p in enumerate(eager_params):
+            p.grad = optim_vectors.gradient(p.shape, p.dtype, step, seed=i).cuda()
+        eager.step()
+    torch.cuda.synchronize()
+    optim_vectors.assert_same((graphed, params), (eager, eager_params))
+
+
+def test_an_empty_parameter_steps(gpu_path):
+    p, empty = (torch.nn.Parameter(torch.ones(s, device=DEVICE)) for s in ((4, 300), (0, 300)))
+    opt = q8.optim.AdamW8bit([empty, p], lr=1e-2, min_8bit_size=0, blocksize=64)
+    for _ in range(2):
+        empty.grad, p.grad = torch.zeros_like(empty), torch.ones_like(p)
+        opt.step()
+    assert int(opt.state[empty]["step"]) == int(opt.state[p]["step"]) == 2

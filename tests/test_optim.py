@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 
+import optim_vectors
 import pytest
 import q8
 import torch
@@ -26,7 +27,6 @@ from q8.optim import (
     StableEmbedding,
     override_32bit,
 )
-from q8.optim.fused import generic_update
 
 FP32 = {"min_8bit_size": 10**12}  # the same q8 optimizer with every state entry in fp32
 
@@ -219,48 +219,36 @@ def test_parity_over_seeds(name, one_thread):
 # --- the fused CPU path against the reference rule ----------------------------------------
 
 
-def step_both(cls, kwargs, p_init, grads):
-    """Run `cls` on two copies of a parameter: one through `step()` (fused C path), one
-    through the generic reference path. Returns both (param, state)."""
-    p1 = torch.nn.Parameter(p_init.clone())
-    p2 = torch.nn.Parameter(p_init.clone())
-    fused, ref = cls([p1], **kwargs), cls([p2], **kwargs)
-    for g in grads:
-        p1.grad = g.to(p1.dtype)
-        fused.step()
-        state = ref.state[p2]
-        if not state:
-            state.update(ref._init_state(p2, ref.param_groups[0]))
-        state["step"] += 1
-        with torch.no_grad():
-            generic_update(ref, p2, g.to(p2.dtype), state, ref.param_groups[0])
-    return (p1, fused.state[p1]), (p2, ref.state[p2])
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("name", list(optim_vectors.OPTIMIZERS))
+def test_fused_cpu_kernels_match_the_reference(name, simd, monkeypatch):
+    """The shared vectors (tests/optim_vectors.py): the C kernels of every rule, in one call
+    over all the parameters, give the generic path's bytes, in both builds."""
+    from q8.optim import _native
+
+    reference = optim_vectors.run(name, generic=True)
+    before = _native.set_simd(simd)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(q8.optim.fused, "generic_update", None)  # the kernels, nothing else
+            fused = optim_vectors.run(name)
+    finally:
+        _native.set_simd(before)
+    optim_vectors.assert_same(fused, reference)
 
 
-@pytest.mark.parametrize(
-    "cls,kwargs,shape,dtype",
-    [
-        (AdamW8bit, {"lr": 1e-2, "weight_decay": 0.1}, (97, 131), torch.float32),
-        (Adam8bit, {"lr": 1e-2, "weight_decay": 0.1, "blocksize": 64}, (50, 100), torch.float32),
-        (Adam8bit, {"lr": 1e-2, "blocksize": 64}, (40, 128), torch.float32),  # rows of whole blocks: flat
-        (Adam8bit, {"lr": 1e-3, "betas": (0.8, 0.99), "blocksize": 4096}, (3, 4099), torch.float32),
-        (AdamW8bit, {"lr": 1e-2}, (64, 100), torch.bfloat16),
-        (AdamW8bit, {"lr": 1e-2, "blocksize": 128}, (64, 100), torch.float16),
-        (AdamW8bit, {"lr": 1e-3}, (1024, 600), torch.float32),  # large enough for several threads
-    ],
-)
-def test_fused_cpu_path_is_bit_exact(cls, kwargs, shape, dtype):
-    torch.manual_seed(0)
-    scales = torch.logspace(-6, 1, 7)
-    grads = [torch.randn(shape) * scales[i % 7] for i in range(6)]
-    grads[2].view(-1)[: shape[-1]] = 0  # an all-zero stretch of gradient
-    (p1, s1), (p2, s2) = step_both(cls, kwargs, torch.randn(shape).to(dtype), grads)
-    row, blocksize = shape[1], kwargs.get("blocksize", 256)
-    assert s1["exp_avg"].row_length == (row if row % blocksize else p1.numel())  # the row layout
-    assert p1.dtype == dtype and torch.equal(p1, p2)
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(s1[key].codes, s2[key].codes), key
-        assert torch.equal(s1[key].absmax, s2[key].absmax), key
+def test_fused_cpu_kernels_on_large_parameters_use_threads():
+    """The blocks of one large parameter split over threads: the generic path's bytes."""
+    runs = []
+    for rule in ("adam", None):
+        p = torch.nn.Parameter(torch.randn(1024, 600, generator=torch.Generator().manual_seed(1)))
+        opt = AdamW8bit([p], lr=1e-3)
+        opt.rule = rule
+        for step in range(2):
+            p.grad = torch.randn(1024, 600, generator=torch.Generator().manual_seed(step)) * 1e-3
+            opt.step()
+        runs.append((opt, [p]))
+    optim_vectors.assert_same(*runs)
 
 
 # --- the rule: bounded updates, no stale state (docs/OPTIMIZER_STATE.md) -------------------------
@@ -288,7 +276,7 @@ def test_adam_steps_stay_within_the_exact_bound(cls, path, monkeypatch):
     ~7.3 for betas (0.9, 0.999)), the bound exact Adam satisfies, on adversarial state;
     before the fix, elements whose v rounded to 0 moved by thousands of lr."""
     if path == "generic":
-        monkeypatch.setattr(cls, "native_kind", None)
+        monkeypatch.setattr(cls, "rule", None)
     lr = 1e-3
     p = torch.nn.Parameter(torch.zeros(64, 128))
     opt = cls([p], lr=lr, weight_decay=0.0)
@@ -366,10 +354,10 @@ def test_older_second_moments_load_and_are_re_encoded_at_the_next_step():
     sd["state"][0] |= {"exp_avg_sq.code": "udynamic"}
     sd["state"][0].pop("seed")  # older states have none: the parameter's index
     runs = []
-    for native_kind in ("adamw", None):
+    for rule in ("adam", None):
         p2 = torch.nn.Parameter(p.detach().clone())
         opt2 = AdamW8bit([p2])
-        opt2.native_kind = native_kind
+        opt2.rule = rule
         opt2.load_state_dict(copy.deepcopy(sd))  # loading shares the tensors, steps update them
         loaded = opt2.state[p2]["exp_avg_sq"]
         assert loaded.code.name == "udynamic" and torch.equal(loaded.dequantize(), old.dequantize())
@@ -874,3 +862,32 @@ def test_step_inside_a_compiled_training_step():
     # ... and importing q8 does not import torch._dynamo (150 MB: q8convert's memory bound)
     code = "import sys, q8; assert 'torch._dynamo' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONSAFEPATH": "1"}, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("value", "code"), [(0.0, "dynamic"), (-2.5, "dynamic"), (0.0, "udynamic_sq"), (0.1, "udynamic_sq")]
+)
+def test_new_state_is_the_quantized_filled_tensor(value, code):
+    """The state a first step creates without encoding (`filled`, no device work) is what
+    quantizing the filled fp32 tensor gives, in the row layout too."""
+    from q8.optim.optimizer import filled
+
+    for shape, row_length in (((7, 300), 300), ((5, 256), 1280), ((0, 3), 3)):
+        want = q8.quantize(torch.full(shape, value), code, 256, row_length=row_length)
+        got = filled(value, code, 256, torch.Size(shape), row_length, "cpu")
+        assert (got.shape, got.row_length, got.code) == (want.shape, want.row_length, want.code)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.absmax, want.absmax)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd-nesterov"])
+def test_an_empty_parameter_steps(name):
+    """A parameter with no elements (what an FSDP2 rank holds of a parameter with fewer rows
+    than ranks) takes its step with the others: nothing to update, the step counted."""
+    cls, kwargs = optim_vectors.OPTIMIZERS[name]
+    empty, p = torch.nn.Parameter(torch.zeros(0, 300)), torch.nn.Parameter(torch.ones(4, 300))
+    opt = cls([empty, p], **kwargs, **optim_vectors.OPTIONS)
+    for _ in range(2):
+        empty.grad, p.grad = torch.zeros(0, 300), torch.ones(4, 300)
+        opt.step()
+    assert opt.state[empty]["step"] == opt.state[p]["step"] == 2
+    assert isinstance(opt.state[empty][opt.slots(opt.param_groups[0])[0]], q8.QTensor)
