@@ -343,8 +343,8 @@ def _blockwise_parts(qt: QTensor) -> list[torch.Tensor]:
 
 def _encode_segment(part: torch.Tensor, level: int, threads: int) -> tuple[list, int, int]:
     """(buffers to store, raw length, compression): the smallest of raw, Huffman and
-    zstd that saves at least `_MIN_SAVING` (3%). Huffman (fast) is tried first; zstd only where Huffman
-    does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
+    zstd that saves at least `_MIN_SAVING` (3%). Huffman (fast) is tried first; zstd only
+    where Huffman does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
     raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
     n = raw.nbytes
     best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
