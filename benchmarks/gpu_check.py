@@ -125,18 +125,21 @@ def median_ms(fn: Callable[[], object], repeats: int | None = None) -> float:
 
 
 def attempt(what: str, fn: Callable[[], object]):
-    """fn(), or None after printing why it failed (an anchor missing its kernels must not
-    stop the rest of the check)."""
+    """fn(), or None after printing why it failed or could not run (an anchor missing its
+    kernels or not installed must not stop the rest of the check)."""
     try:
         return fn()
+    except ModuleNotFoundError as err:  # an anchor not installed: the figures say n/a
+        print(f"{what}: {err.name} is not installed (pip install '.[bench]')")
+        return None
     except Exception as err:
         print(f"{what} failed: {type(err).__name__}: {err}")
         traceback.print_exc(limit=3, file=sys.stdout)
         return None
 
 
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
+def fmt(x: float | None, spec: str = ".3f", unit: str = "") -> str:
+    return "n/a" if x is None else format(x, spec) + unit
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -209,7 +212,7 @@ def codec() -> None:
             fractions.append((op, blocksize, q8_bw / copy_bw))
             ratio = None if bnb_ms[op] is None else bnb_ms[op] / q8_ms[op]
             rows.append((op, blocksize, fmt(q8_ms[op]), fmt(q8_bw, ".0f"), f"{100 * q8_bw / copy_bw:.0f}%",
-                         fmt(bnb_ms[op]), fmt(bnb_bw, ".0f"), fmt(ratio, ".2f") + "x"))  # fmt: skip
+                         fmt(bnb_ms[op]), fmt(bnb_bw, ".0f"), fmt(ratio, ".2f", "x")))  # fmt: skip
         print(f"blocksize {blocksize}: q8 GPU == CPU path on the first {check:,} elements: {exact}; "
               f"codes equal to bitsandbytes': {fmt(same, '.4%')}")  # fmt: skip
     print()
@@ -405,7 +408,7 @@ def optimizer() -> None:
         base = times["q8 AdamW8bit"]
         for name, ms in times.items():
             ratio = None if ms is None or base is None else ms / base
-            rows.append((name, str(dtype).removeprefix("torch."), fmt(ms), fmt(ratio, ".2f") + "x"))
+            rows.append((name, str(dtype).removeprefix("torch."), fmt(ms), fmt(ratio, ".2f", "x")))
     table(("optimizer", "parameters", "ms / step", "time / q8's"), rows)
     same = gpu_equals_cpu()
     print(f"q8 AdamW8bit on {DEVICE} (CUDA code path) == the C kernels after 3 steps: {same}\n")
@@ -418,7 +421,7 @@ def optimizer() -> None:
             other = times[anchor]
             speed = None if q8_ms is None or other is None else other / q8_ms
             met = None if speed is None else speed >= factor
-            target(f"AdamW8bit ({dtype}) >= {factor}x as fast as {anchor}", met, fmt(speed, ".2f") + "x")
+            target(f"AdamW8bit ({dtype}) >= {factor}x as fast as {anchor}", met, fmt(speed, ".2f", "x"))
 
 
 # ---- 4. save / load of GPU tensors ------------------------------------------------------------
