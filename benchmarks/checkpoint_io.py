@@ -20,9 +20,10 @@ Three studies, same run, same data:
    `opt.load_state_dict(torch.load(...))`, and the stall of `q8.async_save_optimizer`.
    q8's saves fsync the file (atomic, durable); `torch.save` + fsync is shown too.
 
-Times are medians of REPEATS; the machine's load average is printed with them (compare
-within one run). Run:
+Times are medians of REPEATS (loads: of LOAD_ROUNDS rounds, each loading every file once);
+the machine's load average is printed with them (compare within one run). Run:
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/checkpoint_io.py [--scale 1.0] [--plot out.png]
+    (--only load: section 2 alone, the lossless decode against ZipNN)
 """
 
 from __future__ import annotations
@@ -153,20 +154,22 @@ def _status(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+LOAD_ROUNDS = 5
+"""Rounds of fresh-process loads; each round loads every file once, so a spell of load
+from other jobs on the machine hits every contender alike."""
+
+
 def fresh_load(kind: str, path: Path, sd: dict[str, torch.Tensor]) -> dict:
     layout = json.dumps({k: (str(v.dtype).removeprefix("torch."), list(v.shape)) for k, v in sd.items()})
-    runs = []
-    for _ in range(REPEATS):
-        command = [sys.executable, __file__, "--child", kind, str(path), layout]
-        out = subprocess.run(command, capture_output=True, text=True)
-        if out.returncode:
-            raise RuntimeError(f"loading {path} with {kind} failed:\n{out.stderr[-3000:]}")
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    pick = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-    return {**pick, "extra": max(r["extra"] for r in runs)}  # median time, worst memory
+    command = [sys.executable, __file__, "--child", kind, str(path), layout]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"loading {path} with {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loads(sd: dict[str, torch.Tensor], folder: Path) -> list[tuple[str, int, dict]]:
+def loads(sd: dict[str, torch.Tensor], folder: Path) -> list[tuple[str, int, list[dict]]]:
+    """(contender, file size, its runs: one per round)."""
     files = {
         "q8 lossless": ("q8", folder / "l.q8", lambda p: q8.save_file(sd, p)),
         "q8 8-bit": ("q8", folder / "q.q8", lambda p: q8.save_file(sd, p, quantize=True)),
@@ -174,12 +177,28 @@ def loads(sd: dict[str, torch.Tensor], folder: Path) -> list[tuple[str, int, dic
         "torch.load": ("torch.load", folder / "t.pt", lambda p: torch.save(sd, p)),
         "ZipNN": ("zipnn", folder / "z.zipnn", lambda p: zipnn_save(sd, p)),
     }
-    rows = []
-    for name, (kind, path, save) in files.items():
+    for _, path, save in files.values():
         save(path)
-        rows.append((name, path.stat().st_size, fresh_load(kind, path, sd)))
+    runs: dict[str, list[dict]] = {name: [] for name in files}
+    for _ in range(LOAD_ROUNDS):
+        for name, (kind, path, _) in files.items():
+            runs[name].append(fresh_load(kind, path, sd))
+    rows = [(name, path.stat().st_size, runs[name]) for name, (_, path, _) in files.items()]
+    for _, path, _ in files.values():
         path.unlink()
     return rows
+
+
+def summary(runs: list[dict]) -> dict:
+    """The median time and the worst memory of a contender's runs."""
+    seconds = statistics.median(r["seconds"] for r in runs)
+    decompress = [r["decompress"] for r in runs if r["decompress"] is not None]
+    return {
+        "seconds": seconds,
+        "extra": max(r["extra"] for r in runs),
+        "data": runs[0]["data"],
+        "decompress": statistics.median(decompress) if decompress else None,
+    }
 
 
 # -- 3. optimizer files ----------------------------------------------------------------------
@@ -225,58 +244,84 @@ def optimizer_round_trip(folder: Path) -> list[tuple[str, float, float]]:
 # -- report ----------------------------------------------------------------------------------
 
 
+SECTIONS = ("save", "load", "optimizer")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the ~1 GB fp32 state dict")
-    parser.add_argument("--plot", type=Path, help="write the figures as a PNG here")
+    parser.add_argument("--plot", type=Path, help="write the figures as a PNG here (needs every section)")
+    parser.add_argument("--only", choices=SECTIONS, help="run this section alone (1. save, 2. load, 3. optimizer)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_load(*args.child)
+    if args.only and args.plot:
+        parser.error("--plot draws every section: drop --only")
     print(f"q8 {q8.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, {REPEATS} repeats")
     sd = state_dict(torch.float32, args.scale)
     raw = sum(x.numel() * x.element_size() for x in sd.values())
     with tempfile.TemporaryDirectory(dir=os.environ.get("Q8_BENCH_DIR")) as d:
         folder = Path(d)
-        print(f"\n1. save stall, {len(sd)} fp32 tensors, {raw / 1e9:.3f} GB (load average {load_average()})")
-        stalls = save_stalls(sd, folder)
-        q8.formats.release_buffers()
-        print(f"{'contender':34} {'stall s':>8} {'done s':>8}")
-        for name, stall, done in stalls:
-            print(f"{name:34} {stall:>8.3f} {done:>8.3f}")
-        t_save = dict((n, s) for n, s, _ in stalls)
-        steady = t_save["q8.async_save_file"]
-        print(f"q8 async stall / torch.save: {steady / t_save['torch.save']:.2f} (target <= 0.5)")
-        print(f"q8 async stall / dcp.async_save stall: {steady / t_save['dcp.async_save']:.2f}")
-
-        print(f"\n2. load in a fresh process (load average {load_average()})")
-        rows = loads(sd, folder)
-        print(f"{'contender':14} {'file MB':>9} {'load s':>7} {'MB/s':>7} {'extra memory':>13} {'/ data':>7}")
-        for name, size, r in rows:
-            print(
-                f"{name:14} {size / 1e6:>9.1f} {r['seconds']:>7.3f} {raw / r['seconds'] / 1e6:>7.0f} "
-                f"{r['extra'] / 1e6:>10.1f} MB {r['extra'] / r['data']:>6.2f}x"
-            )
-        by = {name: r for name, _, r in rows}
-        zip_decode = by["ZipNN"]["decompress"]
-        print(
-            f"lossless throughput: q8 load {raw / by['q8 lossless']['seconds'] / 1e6:.0f} MB/s, ZipNN read + "
-            f"decompress {raw / by['ZipNN']['seconds'] / 1e6:.0f} MB/s, ZipNN decompress alone "
-            f"{raw / zip_decode / 1e6:.0f} MB/s (target: q8 >= ZipNN)"
-        )
-        print(f"q8 lossless peak extra memory: {by['q8 lossless']['extra'] / raw:.3f}x the data (target <= 1.15)")
-
-        print(f"\n3. optimizer file (load average {load_average()})")
-        opt_rows = optimizer_round_trip(folder)
-        print(f"{'contender':44} {'save s':>8} {'load s':>8}")
-        for name, save, load in opt_rows:
-            print(f"{name:44} {save:>8.3f} {load:>8.3f}" if load else f"{name:44} {save:>8.3f}")
-        print(
-            f"q8 / torch: save {opt_rows[2][1] / opt_rows[0][1]:.2f}, load {opt_rows[2][2] / opt_rows[0][2]:.2f} "
-            "(targets <= 1.0)"
-        )
+        stalls = report_stalls(sd, raw, folder) if args.only in (None, "save") else None
+        rows = report_loads(sd, raw, folder) if args.only in (None, "load") else None
+        if args.only in (None, "optimizer"):
+            report_optimizer(folder)
     if args.plot:
         plot(stalls, rows, raw, args.plot)
+
+
+def report_stalls(sd: dict[str, torch.Tensor], raw: int, folder: Path) -> list[tuple[str, float, float]]:
+    print(f"\n1. save stall, {len(sd)} fp32 tensors, {raw / 1e9:.3f} GB (load average {load_average()})")
+    stalls = save_stalls(sd, folder)
+    q8.formats.release_buffers()
+    print(f"{'contender':34} {'stall s':>8} {'done s':>8}")
+    for name, stall, done in stalls:
+        print(f"{name:34} {stall:>8.3f} {done:>8.3f}")
+    t_save = dict((n, s) for n, s, _ in stalls)
+    steady = t_save["q8.async_save_file"]
+    print(f"q8 async stall / torch.save: {steady / t_save['torch.save']:.2f} (target <= 0.5)")
+    print(f"q8 async stall / dcp.async_save stall: {steady / t_save['dcp.async_save']:.2f}")
+    return stalls
+
+
+def report_loads(sd: dict[str, torch.Tensor], raw: int, folder: Path) -> list[tuple[str, int, dict]]:
+    print(f"\n2. load in a fresh process, medians of {LOAD_ROUNDS} rounds (load average {load_average()})")
+    runs = loads(sd, folder)
+    rows = [(name, size, summary(r)) for name, size, r in runs]
+    print(f"{'contender':14} {'file MB':>9} {'load s':>7} {'MB/s':>7} {'extra memory':>13} {'/ data':>7}")
+    for name, size, r in rows:
+        print(
+            f"{name:14} {size / 1e6:>9.1f} {r['seconds']:>7.3f} {raw / r['seconds'] / 1e6:>7.0f} "
+            f"{r['extra'] / 1e6:>10.1f} MB {r['extra'] / r['data']:>6.2f}x"
+        )
+    by = {name: r for name, _, r in rows}
+    q8_s, zip_s, zip_decode = by["q8 lossless"]["seconds"], by["ZipNN"]["seconds"], by["ZipNN"]["decompress"]
+    pairs = dict((name, r) for name, _, r in runs)
+    ratios = [z["seconds"] / q["seconds"] for q, z in zip(pairs["q8 lossless"], pairs["ZipNN"], strict=True)]
+    print(
+        f"lossless throughput: q8 load {raw / q8_s / 1e6:.0f} MB/s, ZipNN read + decompress "
+        f"{raw / zip_s / 1e6:.0f} MB/s, ZipNN decompress alone {raw / zip_decode / 1e6:.0f} MB/s"
+    )
+    print(
+        f"q8 load throughput / ZipNN's, each round: {' '.join(f'{x:.2f}' for x in ratios)}; "
+        f"median {statistics.median(ratios):.2f}x (target >= 1)"
+    )
+    print(f"q8 lossless peak extra memory: {by['q8 lossless']['extra'] / raw:.3f}x the data (target <= 1.15)")
+    print(f"(load average {load_average()})")
+    return rows
+
+
+def report_optimizer(folder: Path) -> None:
+    print(f"\n3. optimizer file (load average {load_average()})")
+    opt_rows = optimizer_round_trip(folder)
+    print(f"{'contender':44} {'save s':>8} {'load s':>8}")
+    for name, save, load in opt_rows:
+        print(f"{name:44} {save:>8.3f} {load:>8.3f}" if load else f"{name:44} {save:>8.3f}")
+    print(
+        f"q8 / torch: save {opt_rows[2][1] / opt_rows[0][1]:.2f}, load {opt_rows[2][2] / opt_rows[0][2]:.2f} "
+        "(targets <= 1.0)"
+    )
 
 
 def plot(stalls: list, rows: list, raw: int, path: Path) -> None:

@@ -11,8 +11,9 @@ carry-less multiplies; `_planes.crc32_combine` joins the CRCs of pieces checksum
 
 `huffman_encode` / `huffman_decode`: compression 2, canonical Huffman per 1 MiB chunk,
 within about 1% of the order-0 entropy (zstd's literal coder lands about 10% above it on
-exponent planes, and is several times slower). The loops are compiled (`_planes.c`) and
-run on `torch.get_num_threads()` threads.
+exponent planes, and is several times slower). The loops are compiled (`_planes.c`; the
+decoder reads up to 4 symbols per table lookup, ~3 GB/s per thread on an exponent plane)
+and run on `torch.get_num_threads()` threads.
 """
 
 from __future__ import annotations

@@ -491,6 +491,38 @@ def test_huffman_round_trip_and_corruption():
     assert huffman_encode(torch.randint(0, 256, (10_000,), dtype=torch.uint8, generator=g)) is None
 
 
+def _dyadic(longest: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """n bytes whose Huffman code is lengths 1, 2, ..., longest - 1, longest, longest:
+    symbol k (k < longest) with probability 2^-(k + 1), the last two with the rest."""
+    p = torch.tensor([2.0 ** -(k + 1) for k in range(longest)] + [2.0**-longest])
+    return (torch.multinomial(p, n, replacement=True, generator=g) * 3 + 40).to(torch.uint8)
+
+
+def test_huffman_decoder_every_code_length_and_stream_end():
+    """The decoder (several symbols per table lookup while each of the 4 streams has room,
+    then one by one) against the input: longest codes of 1..11 bits, sizes around the
+    ends of its batches and a chunk boundary, and a stream whose recorded size is off."""
+    from q8.formats.planes import HUFFMAN_CHUNK, huffman_decode, huffman_encode
+
+    g = torch.Generator().manual_seed(5)
+    for longest in range(1, 12):
+        x = _dyadic(longest, 1 << 15, g)
+        chunk = bytes(memoryview(huffman_encode(x)[1]).cast("B"))
+        lengths = [(chunk[2 + k // 2] >> (4 * (k & 1))) & 15 for k in range(chunk[1] - chunk[0] + 1)]
+        assert max(lengths) == longest
+        for n in [*range(120, 200), 255, 256, 257, 1001, 2999, 3000]:
+            packed = huffman_encode(x[:n])
+            if packed is not None:
+                assert torch.equal(huffman_decode(memoryview(b"".join(packed)), n), x[:n]), (longest, n)
+    x = _dyadic(6, HUFFMAN_CHUNK + 37, g)  # a full chunk and a short one
+    assert torch.equal(huffman_decode(memoryview(b"".join(huffman_encode(x))), x.numel()), x)
+    packed = bytearray(b"".join(huffman_encode(x[:5000])))
+    sizes = 4 + 4 + 2 + (packed[9] - packed[8] + 2) // 2  # segment header, then the chunk's lengths
+    m0, m1 = struct.unpack_from("<2I", packed, sizes)
+    struct.pack_into("<2I", packed, sizes, m0 + 1, m1 - 1)  # stream 0 one byte longer, same total
+    assert huffman_decode(memoryview(bytes(packed)), 5000) == "Huffman chunk is malformed"
+
+
 def _optimal_limited_bits(hist: list[int], maxlen: int = 11) -> int:
     """The fewest bits any prefix code with lengths <= maxlen spends on `hist`, by the
     coin collector's problem: each symbol is a coin of every denomination 2^-1..2^-maxlen
