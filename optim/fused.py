@@ -220,7 +220,7 @@ def cpu_step(opt, work: list) -> None:
         if sharded and not all_finite(grad):  # every rank skips the same parameters
             warn_skipped(opt, p)
             continue
-        local_p, g = (local(p).detach(), local(grad).detach()) if sharded else (p.detach(), grad.detach())
+        local_p, g = (local(p), local(grad)) if sharded else (p, grad)  # the step runs under no_grad
         target = local_p if local_p.is_contiguous() else local_p.contiguous()
         g = g if g.is_contiguous() else g.contiguous()
         if id(group) not in per_group:
