@@ -447,10 +447,12 @@ Q8_AVX512 static inline __m512i q8_bucket_count(const q8_buckets *b, __m512 q) {
     return _mm512_mask_add_epi32(count, above, count, _mm512_set1_epi32(1));
 }
 
-/* One block's nearest codes through the thresholds' bucket table (same codes as
- * q8_encode_block_avx512). */
+/* One block's codes through a bucket table (same codes as the trees): values NULL, the
+ * nearest codes (the thresholds' table); else stochastic rounding (the table of
+ * values[1..255], and the values themselves). */
 Q8_AVX512 static inline void q8_encode_block_buckets_avx512(const float *x, int64_t len, float m,
-                                                            const int32_t *table, uint8_t zero_code,
+                                                            const int32_t *table, const float *values,
+                                                            uint8_t zero_code, uint32_t key, int64_t index0,
                                                             uint8_t *codes) {
     if (m == 0.0f) {
         memset(codes, zero_code, (size_t)len);
@@ -458,38 +460,21 @@ Q8_AVX512 static inline void q8_encode_block_buckets_avx512(const float *x, int6
     }
     const q8_buckets b = q8_load_buckets(table);
     const __m512 mv = _mm512_set1_ps(m);
-    for (int64_t i = 0; i < len; i += 16) {
-        const __mmask16 lanes = q8_lanes(len - i);
-        const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + i), mv);
-        _mm_mask_storeu_epi8(codes + i, lanes, _mm512_cvtepi32_epi8(q8_bucket_count(&b, q)));
-    }
-}
-
-/* One block's stochastic codes through the bucket table of values[1..255] and the values
- * themselves (same codes as q8_encode_block_stochastic_avx512). */
-Q8_AVX512 static inline void q8_encode_block_buckets_stochastic_avx512(const float *x, int64_t len, float m,
-                                                                       const int32_t *table, const float *values,
-                                                                       uint8_t zero_code, uint32_t key,
-                                                                       int64_t index0, uint8_t *codes) {
-    if (m == 0.0f) {
-        memset(codes, zero_code, (size_t)len);
-        return;
-    }
-    const q8_buckets b = q8_load_buckets(table);
-    const __m512 mv = _mm512_set1_ps(m);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 lanes = q8_lanes(len - i);
         const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
         const __m512 q = _mm512_div_ps(xv, mv);
-        const __m512i f = q8_bucket_count(&b, q);
-        /* (values[f], values[f + 1]) as 64-bit pairs, f clamped to 254 (at f = 255 they are unused) */
-        const __m512i pair = _mm512_min_epi32(f, _mm512_set1_epi32(254));
-        const __m512 p0 = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(pair), values, 4));
-        const __m512 p1 = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_extracti64x4_epi64(pair, 1), values, 4));
-        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        const __m512 lo = _mm512_permutex2var_ps(p0, even, p1);
-        const __m512 hi = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
-        const __m512i j = q8_round_up16(f, q, lo, hi, xv, q8_draw16(key, (uint64_t)(index0 + i)), zero_code);
+        __m512i j = q8_bucket_count(&b, q);
+        if (values) {
+            /* (values[j], values[j + 1]) as 64-bit pairs, j clamped to 254 (unused at j = 255) */
+            const __m512i pair = _mm512_min_epi32(j, _mm512_set1_epi32(254));
+            const __m512 p0 = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(pair), values, 4));
+            const __m512 p1 = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_extracti64x4_epi64(pair, 1), values, 4));
+            const __m512 lo = _mm512_permutex2var_ps(p0, even, p1);
+            const __m512 hi = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
+            j = q8_round_up16(j, q, lo, hi, xv, q8_draw16(key, (uint64_t)(index0 + i)), zero_code);
+        }
         _mm_mask_storeu_epi8(codes + i, lanes, _mm512_cvtepi32_epi8(j));
     }
 }

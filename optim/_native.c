@@ -296,11 +296,8 @@ static inline __attribute__((always_inline)) int encode_slot(const q8_slot *s, c
     s->absmax[b] = m;
 #if Q8_HAVE_AVX512
     if (avx512 && s->buckets) {
-        if (s->kind == SLOT_NEAREST)
-            q8_encode_block_buckets_avx512(x, len, m, s->buckets, s->zero_code, s->codes + start);
-        else
-            q8_encode_block_buckets_stochastic_avx512(x, len, m, s->buckets, s->values, s->zero_code, q->key,
-                                                      q->offset + start, s->codes + start);
+        q8_encode_block_buckets_avx512(x, len, m, s->buckets, s->kind == SLOT_NEAREST ? NULL : s->values,
+                                       s->zero_code, q->key, q->offset + start, s->codes + start);
         return 1;
     }
     if (avx512) {
@@ -391,7 +388,7 @@ static inline __attribute__((always_inline)) int64_t check_blocks(const q8_call 
  * state) ahead of their use, into L2: with the hardware prefetcher alone the block loop
  * waited on memory at each block's first loads (perf: a third of the step's samples on the
  * loads of p and g), its phases (decode, rule, encode) touching the streams at different
- * times; with these requests a large AdamW step takes 20-35% less time. */
+ * times; with these requests a large AdamW step took 16-39% less CPU time (BENCHMARKS.md). */
 static inline void prefetch_elements(const q8_param *q, int64_t start, int64_t end) {
     if (end > q->n) end = q->n;
     const int psize = q->p_dtype == DT_FP32 ? 4 : 2, gsize = q->g_dtype == DT_FP32 ? 4 : 2;
