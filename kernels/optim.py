@@ -501,7 +501,7 @@ def step(
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Member:
     """One parameter of a batched step: what `step` takes per parameter (`ok_index`: its
     flag's index in the launch's `ok`)."""
@@ -522,26 +522,10 @@ class Member:
         storage = tuple(None if e is None else isinstance(e, QTensor) for e in self.slots)
         return self.p.dtype, self.grad.dtype, storage, self.layout[1]
 
-    def row(self) -> list[int]:
-        """The member's row of the launch's table (`FIELDS`)."""
-        n = _check_parameter("q8.kernels.batched_step", self.p, self.grad, self.slots, self.layout)
-        if n == 0:
+    def check(self) -> None:
+        """Validate the member's tensors as `step` does (an empty parameter cannot batch)."""
+        if _check_parameter("q8.kernels.batched_step", self.p, self.grad, self.slots, self.layout) == 0:
             raise ValueError("q8.kernels.batched_step: an empty parameter has no blocks to batch")
-        slots = []
-        for entry in self.slots:
-            if entry is None:
-                slots += [0, 0, 0]
-            elif isinstance(entry, QTensor):
-                table = device_tables(entry.code, entry.device)[1]
-                slots += [entry.codes.data_ptr(), entry.absmax.data_ptr(), table.data_ptr()]
-            else:
-                slots += [entry.data_ptr(), 0, 0]
-        row_length, blocksize = self.layout
-        return [
-            self.p.data_ptr(), self.grad.data_ptr(), self.ok_index, self.step_count.data_ptr(), *slots,
-            row_length, -(-row_length // blocksize), _num_blocks(n, self.layout), self.offset,
-            self.seed & 0xFFFFFFFF, self.param,
-        ]  # fmt: skip
 
 
 class BatchTables:
@@ -549,23 +533,47 @@ class BatchTables:
 
     `params` holds a row per member (`FIELDS`: its addresses, layout, seed), `tiles` a
     (member, tile) pair per program. Both are keyed by the rows themselves, so a step whose
-    tensors are those of the last one copies nothing to the device, and a CUDA graph
-    captured then finds them in place; a new tensor (a reallocated gradient, a loaded state)
-    means new rows and one asynchronous copy from pinned memory. Tables a captured graph
-    read stay alive with this object (the graph replays their addresses)."""
+    tensors are those of the last one copies nothing to the device (and validates nothing
+    again), and a CUDA graph captured then finds them in place; a new tensor (a reallocated
+    gradient, a loaded state) means new rows and one asynchronous copy from pinned memory.
+    Tables a captured graph read stay alive with this object (the graph replays their
+    addresses), as do the decode tables the rows point to."""
 
     def __init__(self) -> None:
         self.rows: list[list[int]] | None = None
         self.params = self.tiles = None
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decode_tables: dict[Code, torch.Tensor] = {}
+
+    def _row(self, m: Member) -> list[int]:
+        """Member m's row (`FIELDS`)."""
+        slots = []
+        for entry in m.slots:
+            if entry is None:
+                slots += [0, 0, 0]
+            elif isinstance(entry, QTensor):
+                table = self.decode_tables.get(entry.code)
+                if table is None or table.device != entry.device:
+                    table = self.decode_tables[entry.code] = device_tables(entry.code, entry.device)[1]
+                slots += [entry.codes.data_ptr(), entry.absmax.data_ptr(), table.data_ptr()]
+            else:
+                slots += [entry.data_ptr(), 0, 0]
+        row_length, blocksize = m.layout
+        return [
+            m.p.data_ptr(), m.grad.data_ptr(), m.ok_index, m.step_count.data_ptr(), *slots,
+            row_length, -(-row_length // blocksize), _num_blocks(m.p.numel(), m.layout), m.offset,
+            m.seed & 0xFFFFFFFF, m.param,
+        ]  # fmt: skip
 
     def get(self, members: Sequence[Member], tile_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(params, tiles) on the members' device; None when they changed while a CUDA graph is
         being captured (a copy to the device cannot be captured safely: launch one by one)."""
-        rows = [m.row() for m in members]
+        rows = [self._row(m) for m in members]
         device = members[0].p.device
         capturing = _capturing(device)
         if rows != self.rows:
+            for m in members:
+                m.check()
             if capturing:
                 return None
             tiles = [(j, k) for j, row in enumerate(rows) for k in range(-(-row[_COLUMN["nblocks"]] // tile_rows))]
