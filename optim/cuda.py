@@ -174,7 +174,7 @@ def cuda_step(opt, work: list) -> None:
                 target.copy_(work_p)
         for (group_id, signature), members in batches.items():
             _, tables, h, d, negate = per_group[group_id]
-            kernels.optim.batched_step(
+            kernels.batched_step(
                 opt.rule, members, tables, h, d, ok=ok, report=report.counts, trust=one(device),
                 tables=opt._batches.setdefault((device, group_id, signature), kernels.optim.BatchTables()),
                 negate=negate,
