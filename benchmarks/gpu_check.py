@@ -13,7 +13,8 @@ one H100/H200, from a clean checkout):
    synchronization raises); q8 on CUDA against the C kernels after 3 steps; and 400
    nn.Linear(64, 64) (800 small parameters): eager steps (q8 with its small parameters
    batched into one launch per kind, and with one launch per parameter) and the GPU kernels
-   each launches, and a step captured in a CUDA graph and replayed (its bytes against the
+   each launches, a batched step that copies its tables again under the sync detector, and
+   a step captured in a CUDA graph and replayed (its bytes against the
    eager steps').
 4. Save / load of GPU tensors: `q8.save_file` of CUDA tensors and `q8.load_file(device=
    "cuda")`, lossless (exact) and quantized (decoded on the GPU, against the CPU decode),
@@ -298,19 +299,20 @@ def large_step(dtype: torch.dtype) -> dict[str, float | None]:
     return times
 
 
-def no_sync_step(opt: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+def no_sync_step(opt: torch.optim.Optimizer, what: object) -> None:
     """One step with torch's synchronization detector raising on any host sync (CUDA)."""
+    name = f"a q8 step ({what}) never synchronizes the host"
     if not CUDA:
         opt.step()
-        target(f"a q8 step ({dtype}) never synchronizes the host", None, "CUDA only")
+        target(name, None, "CUDA only")
         return
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()
-        target(f"a q8 step ({dtype}) never synchronizes the host", True, 'set_sync_debug_mode("error") stayed silent')
+        target(name, True, 'set_sync_debug_mode("error") stayed silent')
     except RuntimeError as err:
-        target(f"a q8 step ({dtype}) never synchronizes the host", False, str(err).splitlines()[0])
+        target(name, False, str(err).splitlines()[0])
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -396,6 +398,10 @@ def small_steps() -> list[tuple]:
             opt = make(params)
             ms = times[how] = attempt(name, lambda opt=opt: median_ms(opt.step))
             count = attempt(name, lambda opt=opt: launches(opt.step))
+            if name.startswith("q8") and numel:
+                for p in params:
+                    p.grad = p.grad.clone()  # new tensors: the step copies its batches' tables again
+                no_sync_step(opt, f"{len(params)} small parameters batched, new .grad tensors")
         rows.append((name, how, fmt(count, "d"), fmt(ms)))
     batched, single = times["eager, small parameters batched"], times["eager, one launch per parameter"]
     speed = None if batched is None or single is None else single / batched
