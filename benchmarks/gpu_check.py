@@ -11,8 +11,11 @@ one H100/H200, from a clean checkout):
    against bitsandbytes AdamW8bit, torchao AdamW8bit and torch fused AdamW (median GPU
    time of a step); q8's step under `torch.cuda.set_sync_debug_mode("error")` (any host
    synchronization raises); q8 on CUDA against the C kernels after 3 steps; and 400
-   nn.Linear(64, 64) (800 small parameters): eager steps, and a step captured in a CUDA
-   graph and replayed (its bytes against the eager steps').
+   nn.Linear(64, 64) (800 small parameters): eager steps (q8 with its small parameters
+   batched into one launch per kind, and with one launch per parameter) and the GPU kernels
+   each launches, a batched step that copies its tables again under the sync detector, and
+   a step captured in a CUDA graph and replayed (its bytes against the
+   eager steps').
 4. Save / load of GPU tensors: `q8.save_file` of CUDA tensors and `q8.load_file(device=
    "cuda")`, lossless (exact) and quantized (decoded on the GPU, against the CPU decode),
    against safetensors; `q8.save_optimizer` / `q8.load_optimizer` of an AdamW8bit whose
@@ -296,19 +299,20 @@ def large_step(dtype: torch.dtype) -> dict[str, float | None]:
     return times
 
 
-def no_sync_step(opt: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+def no_sync_step(opt: torch.optim.Optimizer, what: object) -> None:
     """One step with torch's synchronization detector raising on any host sync (CUDA)."""
+    name = f"a q8 step ({what}) never synchronizes the host"
     if not CUDA:
         opt.step()
-        target(f"a q8 step ({dtype}) never synchronizes the host", None, "CUDA only")
+        target(name, None, "CUDA only")
         return
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()
-        target(f"a q8 step ({dtype}) never synchronizes the host", True, 'set_sync_debug_mode("error") stayed silent')
+        target(name, True, 'set_sync_debug_mode("error") stayed silent')
     except RuntimeError as err:
-        target(f"a q8 step ({dtype}) never synchronizes the host", False, str(err).splitlines()[0])
+        target(name, False, str(err).splitlines()[0])
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -337,31 +341,74 @@ def gpu_equals_cpu() -> bool:
     return same
 
 
+def launches(step: Callable[[], object]) -> int | None:
+    """GPU kernels one call of step() launches (torch.profiler; memory copies not counted);
+    None without CUDA."""
+    if not CUDA:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(1 for e in kernels if not e.name.startswith(("Memcpy", "Memset")))
+
+
+@contextlib.contextmanager
+def batch_numel(numel: int):
+    """q8's small-parameter batching limit set to `numel` (0: one launch per parameter)."""
+    from q8.optim import cuda
+
+    saved = cuda.BATCH_NUMEL
+    cuda.BATCH_NUMEL = numel
+    try:
+        yield
+    finally:
+        cuda.BATCH_NUMEL = saved
+
+
 def small_steps() -> list[tuple]:
-    """SIZES.small nn.Linear(64, 64): eager steps of q8 and torch, and q8's step captured in
-    a CUDA graph (replayed; its result compared with the eager steps' bytes)."""
+    """SIZES.small nn.Linear(64, 64): eager steps of q8 (small parameters batched, and one
+    launch per parameter as before) and torch, the kernels each launches, and q8's step
+    captured in a CUDA graph (replayed; its result compared with the eager steps' bytes)."""
     import q8
+    from q8.optim import cuda
 
     torch.manual_seed(0)
     template = [p.detach().to(DEVICE) for _ in range(SIZES.small) for p in torch.nn.Linear(64, 64).parameters()]
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=gen).to(DEVICE) * 1e-2 for p in template]
+
+    def q8_adamw(params):
+        return q8.optim.AdamW8bit(params, lr=1e-3)
+
     makers = {
-        "q8 AdamW8bit": lambda ps: q8.optim.AdamW8bit(ps, lr=1e-3),
-        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
-        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        ("q8 AdamW8bit", "eager, small parameters batched", cuda.BATCH_NUMEL): q8_adamw,
+        ("q8 AdamW8bit", "eager, one launch per parameter", 0): q8_adamw,
+        ("torch AdamW (foreach)", "eager", 0): lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        ("torch AdamW (fused)", "eager", 0): lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
     }
-    rows = []
-    for name, make in makers.items():
+    rows, times = [], {}
+    for (name, how, numel), make in makers.items():
         params = [torch.nn.Parameter(t.clone()) for t in template]
         for p, grad in zip(params, grads, strict=True):
             p.grad = grad
-        with triton_path():
+        with triton_path(), batch_numel(numel):
             opt = make(params)
-            ms = attempt(name, lambda opt=opt: median_ms(opt.step))
-        rows.append((name, "eager", fmt(ms)))
+            ms = times[how] = attempt(name, lambda opt=opt: median_ms(opt.step))
+            count = attempt(name, lambda opt=opt: launches(opt.step))
+            if name.startswith("q8") and numel:
+                for p in params:
+                    p.grad = p.grad.clone()  # new tensors: the step copies its batches' tables again
+                no_sync_step(opt, f"{len(params)} small parameters batched, new .grad tensors")
+        rows.append((name, how, fmt(count, "d"), fmt(ms)))
+    batched, single = times["eager, small parameters batched"], times["eager, one launch per parameter"]
+    speed = None if batched is None or single is None else single / batched
+    print(f"q8's eager step, small parameters batched: {fmt(speed, '.2f', 'x')} as fast as one launch each\n")
     if CUDA:
-        rows.append(("q8 AdamW8bit", "CUDA graph replay", graphed_step(makers["q8 AdamW8bit"], template, grads)))
+        replay = graphed_step(q8_adamw, template, grads)
+        rows.append(("q8 AdamW8bit", "CUDA graph replay", "1 graph", replay))
     else:
         target("a captured q8 step replays with eager bytes", None, "CUDA only")
     return rows
@@ -414,7 +461,7 @@ def optimizer() -> None:
     print(f"q8 AdamW8bit on {DEVICE} (CUDA code path) == the C kernels after 3 steps: {same}\n")
     target("q8 AdamW8bit on the GPU == CPU, byte for byte", same, str(same))
     print(f"## {SIZES.small} nn.Linear(64, 64): {2 * SIZES.small} small parameters, AdamW, median GPU ms\n")
-    table(("optimizer", "step", "ms / step"), small_steps())
+    table(("optimizer", "step", "GPU kernels / step", "ms / step"), small_steps())
     for dtype, times in by_dtype.items():
         q8_ms = times["q8 AdamW8bit"]
         for anchor, factor in (("torch AdamW (fused)", 1.5), ("bitsandbytes AdamW8bit", 1.0)):

@@ -16,10 +16,20 @@ bound) from t in binary64 with the operations of the Python `hyper` (`powi`,
 `moment_bound`), so replaying a captured CUDA graph step after step stays exact; their
 other constants h (binary32) and d = (lr, beta1, beta2, lr_decay) (binary64, passed as bits)
 are kernel arguments. A state that overflows fp32 is counted in `report` too.
+
+Two launches share the skeleton (`_step_tile`): `step`, one parameter whose tensors are kernel
+arguments, and `batched_step`, many small parameters in one launch: their addresses, block
+layouts and seeds are int64 rows of a table in device memory (`FIELDS`), cast to typed
+pointers in the kernel, and each program finds its parameter and its tile in a second table.
+Members of one launch share what is compiled in (parameter and gradient dtypes, slot
+storage, blocksize; rule and constants are their group's). The tables are copied to the
+device only when the members' tensors change (`BatchTables`), so steady steps copy nothing
+and a CUDA graph captured then replays them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Sequence
 
@@ -215,23 +225,21 @@ def _store_slot(
         return tl.full([], 0, tl.int32)
 
 
-@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "lr_decay_bits", "seed", "offset", "param"])
-def _step_kernel(
+@triton.jit
+def _step_tile(
     p_ptr, g_ptr, ok_ptr, step_ptr, report_ptr,
     a_ptr, a_absmax, a_table, a_tree, a_values, a_zero,
     b_ptr, b_absmax, b_table, b_tree, b_values, b_zero,
     c_ptr, c_absmax, c_table, c_tree, c_values, c_zero,
-    row_length, per_row, nblocks, offset, seed, param,
-    h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11,
-    lr_bits, beta1_bits, beta2_bits, lr_decay_bits, trust_ptr, out_ptr,
+    rows, first_tile, row_length, per_row, nblocks, offset, seed, param,
+    h, d, trust_ptr, out_ptr,
     RULE: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, KIND_C: tl.constexpr,
-    NEGATE: tl.constexpr, TERMS: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+    NEGATE: tl.constexpr, TERMS: tl.constexpr, BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
-    """The step of RULE on one parameter; with TERMS, RULE is a norm-input function and the
-    kernel only writes its values to out_ptr (fp32), changing nothing."""
-    pid = tl.program_id(0)
+    """The step of RULE on blocks `rows` of one parameter (the body every launch shares);
+    with TERMS, RULE is a norm-input function and its values go to out_ptr (fp32), nothing
+    else changes. A skipped parameter is counted once, by its `first_tile`."""
     if TERMS or tl.load(ok_ptr) != 0:
-        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         offs, mask = block_offsets(rows, row_length, per_row, nblocks, BLOCKSIZE)
         row_ok = rows < nblocks
         t = tl.load(step_ptr) + 1
@@ -243,13 +251,6 @@ def _step_kernel(
         a = _load_slot(KIND_A, a_ptr, a_absmax, a_table, offs, rows, mask, row_ok)
         b = _load_slot(KIND_B, b_ptr, b_absmax, b_table, offs, rows, mask, row_ok)
         c = _load_slot(KIND_C, c_ptr, c_absmax, c_table, offs, rows, mask, row_ok)
-        h = (h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11)
-        d = (
-            lr_bits.to(tl.int64).to(tl.float64, bitcast=True),
-            beta1_bits.to(tl.int64).to(tl.float64, bitcast=True),
-            beta2_bits.to(tl.int64).to(tl.float64, bitcast=True),
-            lr_decay_bits.to(tl.int64).to(tl.float64, bitcast=True),
-        )
         if TERMS:
             tl.store(out_ptr + offs, RULE(p, g, a, b, c, h, t, d), mask=mask)
         else:
@@ -268,7 +269,107 @@ def _step_kernel(
             tl.atomic_add(report_ptr + 1, bad.to(tl.int64), mask=bad > 0)
             tl.atomic_max(report_ptr + 2, param.to(tl.int64), mask=bad > 0)
     else:
-        tl.atomic_add(report_ptr, 1, mask=pid == 0)
+        tl.atomic_add(report_ptr, 1, mask=first_tile)
+
+
+@triton.jit
+def _doubles(lr_bits, beta1_bits, beta2_bits, lr_decay_bits):
+    """d = (lr, beta1, beta2, lr_decay) in binary64, from their bits."""
+    return (
+        lr_bits.to(tl.int64).to(tl.float64, bitcast=True),
+        beta1_bits.to(tl.int64).to(tl.float64, bitcast=True),
+        beta2_bits.to(tl.int64).to(tl.float64, bitcast=True),
+        lr_decay_bits.to(tl.int64).to(tl.float64, bitcast=True),
+    )
+
+
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "lr_decay_bits", "seed", "offset", "param"])
+def _step_kernel(
+    p_ptr, g_ptr, ok_ptr, step_ptr, report_ptr,
+    a_ptr, a_absmax, a_table, a_tree, a_values, a_zero,
+    b_ptr, b_absmax, b_table, b_tree, b_values, b_zero,
+    c_ptr, c_absmax, c_table, c_tree, c_values, c_zero,
+    row_length, per_row, nblocks, offset, seed, param,
+    h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11,
+    lr_bits, beta1_bits, beta2_bits, lr_decay_bits, trust_ptr, out_ptr,
+    RULE: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, KIND_C: tl.constexpr,
+    NEGATE: tl.constexpr, TERMS: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The step of RULE on one parameter: program i takes blocks i * ROWS ..."""
+    pid = tl.program_id(0)
+    _step_tile(
+        p_ptr, g_ptr, ok_ptr, step_ptr, report_ptr,
+        a_ptr, a_absmax, a_table, a_tree, a_values, a_zero,
+        b_ptr, b_absmax, b_table, b_tree, b_values, b_zero,
+        c_ptr, c_absmax, c_table, c_tree, c_values, c_zero,
+        pid.to(tl.int64) * ROWS + tl.arange(0, ROWS), pid == 0, row_length, per_row, nblocks, offset, seed, param,
+        (h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11),
+        _doubles(lr_bits, beta1_bits, beta2_bits, lr_decay_bits), trust_ptr, out_ptr,
+        RULE, KIND_A, KIND_B, KIND_C, NEGATE, TERMS, BLOCKSIZE,
+    )  # fmt: skip
+
+
+FIELDS = (
+    "p", "grad", "ok", "step", "a", "a_absmax", "a_table", "b", "b_absmax", "b_table", "c", "c_absmax", "c_table",
+    "row_length", "per_row", "nblocks", "offset", "seed", "param",
+)  # fmt: skip
+"""A batched launch's int64 row per parameter: addresses (ok: an index into the flags), then
+the block layout, the global index of the first element, the rounding seed, the report's id."""
+_COLUMN = {name: i for i, name in enumerate(FIELDS)}
+_WIDTH = tl.constexpr(len(FIELDS))
+
+
+@triton.constexpr_function
+def _column(name):
+    return _COLUMN[name]
+
+
+@triton.jit
+def _field(row_ptr, name: tl.constexpr):
+    return tl.load(row_ptr + _column(name))
+
+
+@triton.jit
+def _slot_data(row_ptr, name: tl.constexpr, KIND: tl.constexpr):
+    """A slot's data address as a typed pointer: fp32 state or uint8 codes."""
+    if KIND == 1:
+        return _field(row_ptr, name).to(tl.pointer_type(tl.float32))
+    else:
+        return _field(row_ptr, name).to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "lr_decay_bits"])
+def _batched_step_kernel(
+    params_ptr, tiles_ptr, ok_ptr, report_ptr,
+    a_tree, a_values, a_zero, b_tree, b_values, b_zero, c_tree, c_values, c_zero,
+    h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11,
+    lr_bits, beta1_bits, beta2_bits, lr_decay_bits, trust_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+    RULE: tl.constexpr, KIND_A: tl.constexpr, KIND_B: tl.constexpr, KIND_C: tl.constexpr,
+    NEGATE: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The step of RULE on many parameters in one launch: program i takes tile
+    tiles[i] = (j, k), blocks k * ROWS ... of parameter j, whose addresses, layout and seed
+    are row j of params (`FIELDS`)."""
+    pid = tl.program_id(0)
+    j = tl.load(tiles_ptr + 2 * pid)
+    k = tl.load(tiles_ptr + 2 * pid + 1)
+    row = params_ptr + j * _WIDTH
+    _step_tile(
+        _field(row, "p").to(tl.pointer_type(P_DTYPE)), _field(row, "grad").to(tl.pointer_type(G_DTYPE)),
+        ok_ptr + _field(row, "ok"), _field(row, "step").to(tl.pointer_type(tl.int64)), report_ptr,
+        _slot_data(row, "a", KIND_A), _field(row, "a_absmax").to(tl.pointer_type(tl.float32)),
+        _field(row, "a_table").to(tl.pointer_type(tl.float32)), a_tree, a_values, a_zero,
+        _slot_data(row, "b", KIND_B), _field(row, "b_absmax").to(tl.pointer_type(tl.float32)),
+        _field(row, "b_table").to(tl.pointer_type(tl.float32)), b_tree, b_values, b_zero,
+        _slot_data(row, "c", KIND_C), _field(row, "c_absmax").to(tl.pointer_type(tl.float32)),
+        _field(row, "c_table").to(tl.pointer_type(tl.float32)), c_tree, c_values, c_zero,
+        k * ROWS + tl.arange(0, ROWS), k == 0, _field(row, "row_length"), _field(row, "per_row"),
+        _field(row, "nblocks"), _field(row, "offset"), _field(row, "seed"), _field(row, "param"),
+        (h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11),
+        _doubles(lr_bits, beta1_bits, beta2_bits, lr_decay_bits), trust_ptr, trust_ptr,
+        RULE, KIND_A, KIND_B, KIND_C, NEGATE, False, BLOCKSIZE,
+    )  # fmt: skip
 
 
 # ---- the host side ---------------------------------------------------------------------------
@@ -290,6 +391,41 @@ def _slot_args(entry, target: Code | None, like: torch.Tensor) -> tuple[int, tup
     tree, values = device_tables(target, entry.device)
     kind = SLOT_KINDS["nearest" if target.signed else "stochastic"]
     return kind, (entry.codes, entry.absmax, table, tree, values, target.zero_index)
+
+
+def _check_parameter(where: str, p: torch.Tensor, grad: torch.Tensor, slots: Sequence, layout: tuple[int, int]) -> int:
+    """Validate one parameter's tensors for a step; returns its numel."""
+    n = p.numel()
+    for name, t in (("p", p), ("grad", grad)):
+        if not t.is_contiguous() or t.numel() != n:
+            raise ValueError(f"{where}: {name} must be contiguous with {n} elements")
+        _check(t.view(-1), name, DTYPES)
+    if grad.device != p.device:
+        raise ValueError(f"{where}: p on {p.device}, grad on {grad.device}")
+    if len(slots) != 3:
+        raise ValueError(f"{where}: three slots, got {len(slots)}")
+    if n == 0:  # an empty parameter (an FSDP2 rank's empty shard): nothing to check further
+        return 0
+    row_length, blocksize = layout
+    for i, entry in enumerate(slots):
+        if isinstance(entry, QTensor) and (entry.numel(), entry.blocksize, entry.row_length) != (n, *layout[::-1]):
+            raise ValueError(
+                f"{where}: slot {i} has {entry.numel()} elements in blocks of {entry.blocksize} "
+                f"(rows of {entry.row_length}), expected {n} in blocks of {blocksize} (rows of {row_length})"
+            )
+    return n
+
+
+def _check_constants(where: str, hyper: Sequence[float], doubles: Sequence[float]) -> list[float]:
+    """The rule's binary32 constants padded to the kernels' twelve."""
+    if len(hyper) > 12 or len(doubles) != 4:
+        raise ValueError(f"{where}: at most 12 constants and 4 doubles")
+    return [float(x) for x in hyper] + [0.0] * (12 - len(hyper))
+
+
+def _num_blocks(n: int, layout: tuple[int, int]) -> int:
+    row_length, blocksize = layout
+    return n // row_length * -(-row_length // blocksize)
 
 
 def step(
@@ -336,32 +472,19 @@ def step(
         terms: an fp32 tensor like `p`: instead of a step, write the rule's norm input
             (`TERMS`) there, changing nothing else.
     """
-    n = p.numel()
-    for name, t in (("p", p), ("grad", grad)):
-        if not t.is_contiguous() or t.numel() != n:
-            raise ValueError(f"q8.kernels.step: {name} must be contiguous with {n} elements")
-        _check(t.view(-1), name, DTYPES)
-    if grad.device != p.device:
-        raise ValueError(f"q8.kernels.step: p on {p.device}, grad on {grad.device}")
-    if len(slots) != 3 or len(hyper) > 12 or len(doubles) != 4:
-        raise ValueError("q8.kernels.step: three slots, at most 12 constants and 4 doubles")
+    n = _check_parameter("q8.kernels.step", p, grad, slots, layout)
+    h = _check_constants("q8.kernels.step", hyper, doubles)
     if n == 0:  # an empty parameter (an FSDP2 rank's empty shard): nothing to update
         return
     row_length, blocksize = layout
     args = []
     kinds = []
-    for i, (entry, code) in enumerate(zip(slots, codes, strict=True)):
-        if isinstance(entry, QTensor) and (entry.numel(), entry.blocksize, entry.row_length) != (n, *layout[::-1]):
-            raise ValueError(
-                f"q8.kernels.step: slot {i} has {entry.numel()} elements in blocks of {entry.blocksize} "
-                f"(rows of {entry.row_length}), expected {n} in blocks of {blocksize} (rows of {row_length})"
-            )
+    for entry, code in zip(slots, codes, strict=True):
         kind, slot = _slot_args(entry, code, p)
         kinds.append(kind)
         args += slot
-    nblocks = n // row_length * -(-row_length // blocksize)
+    nblocks = _num_blocks(n, layout)
     rows, grid = _grid(nblocks, blocksize)
-    h = [float(x) for x in hyper] + [0.0] * (12 - len(hyper))
     with _launch_context(p.device):
         _step_kernel[grid](
             p, grad, ok, step_count, report, *args,
@@ -370,4 +493,165 @@ def step(
             RULE=RULES[rule] if terms is None else TERMS[rule], KIND_A=kinds[0], KIND_B=kinds[1], KIND_C=kinds[2],
             NEGATE=bool(negate), TERMS=terms is not None, BLOCKSIZE=blocksize, ROWS=rows, num_warps=NUM_WARPS,
             **EXACT,
+        )  # fmt: skip
+
+
+# ---- many small parameters in one launch -------------------------------------------------------
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@dataclasses.dataclass
+class Member:
+    """One parameter of a batched step: what `step` takes per parameter (`ok_index`: its
+    flag's index in the launch's `ok`)."""
+
+    p: torch.Tensor
+    grad: torch.Tensor
+    slots: Sequence
+    step_count: torch.Tensor
+    ok_index: int
+    seed: int
+    layout: tuple[int, int]
+    offset: int = 0
+    param: int = 0
+
+    def signature(self) -> tuple:
+        """What a launch compiles in: the parameter and gradient dtypes, each slot's storage
+        (absent, fp32, 8-bit) and the blocksize. Members of one launch share it."""
+        storage = tuple(None if e is None else isinstance(e, QTensor) for e in self.slots)
+        return self.p.dtype, self.grad.dtype, storage, self.layout[1]
+
+    def check(self) -> None:
+        """Validate the member's tensors as `step` does (an empty parameter cannot batch)."""
+        if _check_parameter("q8.kernels.batched_step", self.p, self.grad, self.slots, self.layout) == 0:
+            raise ValueError("q8.kernels.batched_step: an empty parameter has no blocks to batch")
+
+
+class BatchTables:
+    """The device tables of a batched launch, made again only when its members change.
+
+    `params` holds a row per member (`FIELDS`: its addresses, layout, seed), `tiles` a
+    (member, tile) pair per program. Both are keyed by the rows themselves, so a step whose
+    tensors are those of the last one copies nothing to the device (and validates nothing
+    again), and a CUDA graph captured then finds them in place; a new tensor (a reallocated
+    gradient, a loaded state) means new rows and one asynchronous copy from pinned memory.
+    Tables a captured graph read stay alive with this object (the graph replays their
+    addresses), as do the decode tables the rows point to."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] | None = None
+        self.params = self.tiles = None
+        self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decode_tables: dict[Code, torch.Tensor] = {}
+
+    def _row(self, m: Member) -> list[int]:
+        """Member m's row (`FIELDS`)."""
+        slots = []
+        for entry in m.slots:
+            if entry is None:
+                slots += [0, 0, 0]
+            elif isinstance(entry, QTensor):
+                table = self.decode_tables.get(entry.code)
+                if table is None or table.device != entry.device:
+                    table = self.decode_tables[entry.code] = device_tables(entry.code, entry.device)[1]
+                slots += [entry.codes.data_ptr(), entry.absmax.data_ptr(), table.data_ptr()]
+            else:
+                slots += [entry.data_ptr(), 0, 0]
+        row_length, blocksize = m.layout
+        return [
+            m.p.data_ptr(), m.grad.data_ptr(), m.ok_index, m.step_count.data_ptr(), *slots,
+            row_length, -(-row_length // blocksize), _num_blocks(m.p.numel(), m.layout), m.offset,
+            m.seed & 0xFFFFFFFF, m.param,
+        ]  # fmt: skip
+
+    def get(self, members: Sequence[Member], tile_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(params, tiles) on the members' device; None when they changed while a CUDA graph is
+        being captured (a copy to the device cannot be captured safely: launch one by one)."""
+        rows = [self._row(m) for m in members]
+        device = members[0].p.device
+        capturing = _capturing(device)
+        if rows != self.rows:
+            for m in members:
+                m.check()
+            if capturing:
+                return None
+            tiles = [(j, k) for j, row in enumerate(rows) for k in range(-(-row[_COLUMN["nblocks"]] // tile_rows))]
+            self.params, self.tiles = _to_device(rows, device), _to_device(tiles, device)
+            self.rows = rows
+        if capturing and not any(t[0] is self.params for t in self.captured):
+            self.captured.append((self.params, self.tiles))
+        return self.params, self.tiles
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of `values` on `device`, copied without waiting (from pinned memory)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def batched_step(
+    rule: str,
+    members: Sequence[Member],
+    codes: Sequence[Code | None],
+    hyper: Sequence[float],
+    doubles: Sequence[float],
+    *,
+    ok: torch.Tensor,
+    report: torch.Tensor,
+    trust: torch.Tensor,
+    tables: BatchTables,
+    negate: bool = False,
+) -> None:
+    """`step` on every member in ONE launch (members share their `Member.signature` and
+    device; the rule, constants, trust and negate are the group's): a grid over all their
+    blocks, each program reading its member's addresses from device tables (`BatchTables`).
+    Same bytes as a `step` per member, no host-device synchronization.
+
+    Args: as `step`, per member in `members`; ok: int64 flags on the device, member m's at
+    `m.ok_index`; tables: this batch's `BatchTables`, kept from step to step.
+
+    While a CUDA graph is captured, members whose tables would have to be copied to the
+    device (they changed since the last step) take a `step` each instead: a copy to the device
+    cannot be captured safely, launches can.
+    """
+    where = "q8.kernels.batched_step"
+    h = _check_constants(where, hyper, doubles)
+    if not members:
+        return
+    signatures = {m.signature() for m in members}
+    devices = {m.p.device for m in members}
+    if len(signatures) > 1 or len(devices) > 1:
+        raise ValueError(f"{where}: members of one launch share dtypes, slot storage, blocksize and device")
+    first = members[0]
+    kinds, args = [], []
+    for entry, code in zip(first.slots, codes, strict=True):
+        kind, slot = _slot_args(entry, code, first.p)
+        kinds.append(kind)
+        args += slot[3:]  # the target table's tree, values and zero code: the group's
+    blocksize = first.layout[1]
+    tile_rows = _grid(1, blocksize)[0]
+    found = tables.get(members, tile_rows)
+    if found is None:
+        for m in members:
+            step(
+                rule, m.p, m.grad, m.slots, codes, hyper, doubles, ok=ok[m.ok_index], step_count=m.step_count,
+                report=report, seed=m.seed, offset=m.offset, param=m.param, trust=trust, negate=negate,
+                layout=m.layout,
+            )  # fmt: skip
+        return
+    params, tiles = found
+    with _launch_context(first.p.device):
+        _batched_step_kernel[(tiles.shape[0],)](
+            params, tiles, ok, report, *args, *h, *map(double_bits, doubles), trust,
+            P_DTYPE=TL_DTYPES[first.p.dtype], G_DTYPE=TL_DTYPES[first.grad.dtype], RULE=RULES[rule],
+            KIND_A=kinds[0], KIND_B=kinds[1], KIND_C=kinds[2], NEGATE=bool(negate), BLOCKSIZE=blocksize,
+            ROWS=tile_rows, num_warps=NUM_WARPS, **EXACT,
         )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The step of q8 optimizers on CUDA parameters: one Triton launch per parameter and no
+"""The step of q8 optimizers on CUDA parameters: at most one Triton launch per parameter (the
+small parameters of a group batched into one launch per kind, `BATCH_NUMEL`) and no
 host-device synchronization, so a step can be captured in a CUDA graph.
 
 What would read the device elsewhere stays on it:
@@ -19,7 +20,11 @@ Under `torch.cuda.graph` capture the group hyperparameters of capture time (lr i
 are baked into the graph; the step count and everything derived from it are read from
 device memory at every replay. The first step (which creates the state) and a warm-up
 step (Triton compiles its kernels) must run before capture, as torch's docs ask for any
-optimizer.
+optimizer. A batched launch reads its parameters' addresses from device tables that are
+copied again only when those tensors change (`q8.kernels.optim.BatchTables`): a capture
+after a step with the same tensors (the same .grad tensors, as capture needs anyway) copies
+nothing and keeps the tables alive for the graph; if they did change, that capture launches
+those parameters one by one instead.
 """
 
 from __future__ import annotations
@@ -92,6 +97,21 @@ def _doubles(group: dict) -> tuple[float, float, float, float]:
     return float(group["lr"]), float(beta1), float(beta2), float(group.get("lr_decay", 0.0))
 
 
+BATCH_NUMEL = 1 << 16
+"""Parameters of at most this many elements (a 256x256 weight; 16 programs of 4096 elements)
+share one launch per kind (`q8.kernels.batched_step`). For them a launch's fixed cost (a few
+microseconds on the device, tens on the host) exceeds the work; larger parameters keep
+their own launch, whose pointer arguments Triton knows to be 16-byte aligned (vector loads),
+unlike addresses read from a table."""
+
+
+def _batchable(opt, work_p, target, g, grad) -> bool:
+    """Whether a parameter can join a batched launch: small, not empty, no norm pass (LAMB's
+    and LARS's trust ratios are per parameter), and its own tensors (no contiguous copies,
+    whose addresses would change every step)."""
+    return 0 < work_p.numel() <= BATCH_NUMEL and opt.rule not in NORM_RULES and work_p is target and g is grad
+
+
 def cuda_step(opt, work: list) -> None:
     """The Triton kernels over every parameter in `work` (see the module docstring)."""
     from .. import kernels
@@ -109,14 +129,14 @@ def cuda_step(opt, work: list) -> None:
         for i, (p, *_) in enumerate(items):
             if is_sharded(p):  # every rank skips the same parameters
                 torch.distributed.all_reduce(ok[i : i + 1], op=torch.distributed.ReduceOp.MIN, group=sharded_group(p))
-        steps, per_group = [], {}
-        for i, ((p, _, state, group), g) in enumerate(zip(items, grads, strict=True)):
+        steps, per_group, batches, recoded = [], {}, {}, []
+        for i, ((p, _, state, group), grad) in enumerate(zip(items, grads, strict=True)):
             if id(group) not in per_group:  # what depends only on the group, once per step
                 names, codes = slot_names(opt, group), opt.state_codes(group)
                 tables = [None if name is None else get_code(codes[name]) for name in names]
                 h = pad_hyper(opt.hyper(group, 1))  # step-dependent entries: on the device
-                per_group[id(group)] = names, tables, h, _doubles(group)
-            names, tables, h, d = per_group[id(group)]
+                per_group[id(group)] = names, tables, h, _doubles(group), group["maximize"]
+            names, tables, h, d, negate = per_group[id(group)]
             entries = [None if name is None else state[name] for name in names]
             sharded = is_sharded(p)
             target = (local(p) if sharded else p).detach()
@@ -127,13 +147,19 @@ def cuda_step(opt, work: list) -> None:
             if not isinstance(state["step"], torch.Tensor):
                 state["step"] = torch.full((), int(state["step"]), dtype=torch.int64, device=device)
             steps.append((state["step"], i))
+            recoded.append((state, names, entries, tables))
             work_p = target if target.is_contiguous() else target.contiguous()
-            g = g if g.is_contiguous() else g.contiguous()
+            g = grad if grad.is_contiguous() else grad.contiguous()
+            offset = offset_of(p) if sharded else 0
+            if _batchable(opt, work_p, target, g, grad):
+                member = kernels.optim.Member(work_p, g, entries, state["step"], i, state["seed"], layout, offset,
+                                              param=state["seed"])  # fmt: skip
+                batches.setdefault((id(group), member.signature()), []).append(member)
+                continue
             args = (opt.rule, work_p, g, entries, tables, h, d)
             kwargs = {
                 "ok": ok[i], "step_count": state["step"], "report": report.counts, "seed": state["seed"],
-                "offset": offset_of(p) if sharded else 0, "param": state["seed"], "negate": group["maximize"],
-                "layout": layout,
+                "offset": offset, "param": state["seed"], "negate": negate, "layout": layout,
             }  # fmt: skip
             if opt.rule in NORM_RULES:  # the trust ratio from exact norms, on the device
                 y = g
@@ -146,6 +172,14 @@ def cuda_step(opt, work: list) -> None:
             kernels.step(*args, trust=trust, **kwargs)
             if work_p is not target:
                 target.copy_(work_p)
+        for (group_id, signature), members in batches.items():
+            _, tables, h, d, negate = per_group[group_id]
+            kernels.batched_step(
+                opt.rule, members, tables, h, d, ok=ok, report=report.counts, trust=one(device),
+                tables=opt._batches.setdefault((device, group_id, signature), kernels.optim.BatchTables()),
+                negate=negate,
+            )  # fmt: skip
+        for state, names, entries, tables in recoded:
             for name, entry, table in zip(names, entries, tables, strict=True):
                 if isinstance(entry, QTensor) and entry.code != table:  # re-encoded in the optimizer's table
                     state[name] = dataclasses.replace(entry, code=table)

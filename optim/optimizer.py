@@ -162,6 +162,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self._shard_group = None  # the process group of the sharded parameter being updated, for `norms`
         self._reports: dict = {}  # device -> optim.cuda.DeviceReport: what the GPU kernels counted
+        self._batches: dict = {}  # (device, group, signature) -> q8.kernels.optim.BatchTables
         super().__init__(params, {**defaults, "optim_bits": optim_bits, "maximize": maximize})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

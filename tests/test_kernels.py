@@ -345,6 +345,30 @@ def test_compiled_optimizer_ptx_is_exact(rule, p_dtype):
         assert "sqrt.rn.f64" in ptx
 
 
+@compiled_only
+@pytest.mark.parametrize("rule", ["adam", "rmsprop"])
+def test_compiled_batched_optimizer_ptx_is_exact(rule):
+    """The launch of many small parameters (addresses read from an int64 table and cast to
+    typed pointers) compiles for the GPU, under the same exactness rules (its rules compile
+    above; here the skeleton around them: binary64 constants, three slots)."""
+    from q8.kernels import optim as kernel_optim
+
+    signature = {"params_ptr": "*i64", "tiles_ptr": "*i64", "ok_ptr": "*i64", "report_ptr": "*i64"}
+    for s in "abc":
+        signature.update({f"{s}_tree": "*fp32", f"{s}_values": "*fp32", f"{s}_zero": "i32"})
+    signature.update(dict.fromkeys([f"h{i}" for i in range(12)], "fp32"))
+    signature.update(dict.fromkeys(["lr_bits", "beta1_bits", "beta2_bits", "lr_decay_bits"], "i64"))
+    signature["trust_ptr"] = "*fp32"
+    constexprs = {"P_DTYPE": kernel_optim.TL_DTYPES[torch.bfloat16], "G_DTYPE": kernel_optim.TL_DTYPES[torch.float32],
+                  "RULE": kernel_optim.RULES[rule], "KIND_A": 2, "KIND_B": 3, "KIND_C": 1, "NEGATE": True,
+                  "BLOCKSIZE": 256, "ROWS": kernel_codec.TILE // 256}  # fmt: skip
+    ptx = kernel_ptx(kernel_optim._batched_step_kernel, signature, constexprs)
+    assert_exact_ptx(ptx)
+    assert "mul.rn.f32" in ptx and "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
+    if rule == "adam":
+        assert "div.rn.f64" in ptx and "cvt.rn.f32.f64" in ptx
+
+
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
 def test_kernels_under_the_triton_interpreter():
     """Without CUDA: run the kernel tests (tests/test_kernels*.py) in a child process

@@ -17,6 +17,7 @@ import optim_vectors
 import pytest
 import q8
 import torch
+from q8.optim import cuda as optim_cuda
 from q8.optim import fused
 
 ON_GPU = torch.cuda.is_available()
@@ -193,3 +194,102 @@ def test_an_empty_parameter_steps(gpu_path):
         empty.grad, p.grad = torch.zeros_like(empty), torch.ones_like(p)
         opt.step()
     assert int(opt.state[empty]["step"]) == int(opt.state[p]["step"]) == 2
+
+
+# ---- small parameters batched: one launch per group and kind ---------------------------------
+
+BATCHED = [  # shape, dtype: three launches (fp32 / bf16 parameters with 8-bit state, fp32 state) and one alone
+    ((5, 145), torch.float32),
+    ((2, 4100), torch.float32),  # 130 blocks: three programs of 64 blocks
+    ((3, 64), torch.float32),
+    ((3, 128), torch.bfloat16),
+    ((4, 70), torch.bfloat16),
+    ((40,), torch.float32),  # vectors: fp32 state
+    ((100,), torch.float32),
+    ((3, 3000), torch.float32),  # above the batch limit set below: its own launch
+]
+SKIPPED = 1  # its gradient holds a NaN at step 2: skipped in the middle of its batch
+
+
+class Launches:
+    """Counts the launches of a Triton kernel (wraps `kernel[grid]`)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+def batched_run(name: str, device: str, reads_ok: bool = True) -> tuple:
+    """STEPS steps of optimizer `name` on BATCHED (steps after the first under
+    `no_device_reads` unless `reads_ok`)."""
+    cls, kwargs = optim_vectors.OPTIMIZERS[name]
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(dtype).to(device)) for s, dtype in BATCHED]
+    opt = cls(params, **kwargs, **optim_vectors.OPTIONS)
+    for step in range(1, optim_vectors.STEPS + 1):
+        for i, p in enumerate(params):
+            p.grad = optim_vectors.gradient(p.shape, p.dtype, step, seed=i).to(device)
+        if step == 2:
+            params[SKIPPED].grad.view(-1)[4100 + 77] = math.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the CPU path warns about the skip at once
+            with no_device_reads() if step > 1 and not reads_ok else contextlib.nullcontext():
+                opt.step()
+    return opt, params
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from q8.kernels import optim as kernel_optim
+
+    monkeypatch.setattr(optim_cuda, "BATCH_NUMEL", 8200)
+    counts = Launches(kernel_optim._step_kernel), Launches(kernel_optim._batched_step_kernel)
+    monkeypatch.setattr(kernel_optim, "_step_kernel", counts[0])
+    monkeypatch.setattr(kernel_optim, "_batched_step_kernel", counts[1])
+    return counts
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam-l2-maximize", "sgd-nesterov", "lion", "rmsprop-centered-momentum",
+                                  "adagrad"])  # fmt: skip
+def test_small_parameters_step_in_one_launch_per_kind_with_the_same_bytes(name, gpu_path, launches):
+    """Mixed sizes (a member of several programs), fp32 and 8-bit state, bf16 parameters and a
+    parameter skipped in the middle of its batch: the CPU path's bytes, one launch per kind
+    of small parameter, and no read of a device value."""
+    opt, params = batched_run(name, DEVICE, reads_ok=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "TRITON_DEVICES", {"cuda"})
+        ref = batched_run(name, "cpu")
+    optim_vectors.assert_same((opt, params), ref)
+    assert int(opt.state[params[SKIPPED]]["step"]) == optim_vectors.STEPS - 1
+    assert launches[1].count == 3 * optim_vectors.STEPS and launches[0].count == optim_vectors.STEPS
+    with pytest.warns(RuntimeWarning, match="1 parameter update"):
+        opt.report()
+
+
+def test_batch_tables_are_copied_only_when_the_tensors_change(gpu_path, launches, monkeypatch):
+    """Steady steps reuse the device tables; new gradient tensors rebuild them; while a graph
+    is captured, changed tensors take one launch each and tables read then are kept."""
+    from q8.kernels import optim as kernel_optim
+
+    opt, params = batched_run("adamw", DEVICE)
+    tables = {key: (t.params, t.tiles) for key, t in opt._batches.items()}
+    assert len(tables) == 3
+    for p in params:
+        p.grad.copy_(torch.ones_like(p.grad))  # the same tensors, new values
+    opt.step()
+    assert all(opt._batches[key].params is t[0] and opt._batches[key].tiles is t[1] for key, t in tables.items())
+    monkeypatch.setattr(kernel_optim, "_capturing", lambda device: True)
+    before = launches[0].count, launches[1].count
+    opt.step()  # "captured", nothing changed: the kept tables, three launches
+    assert (launches[0].count, launches[1].count) == (before[0] + 1, before[1] + 3)
+    assert all(t.captured == [(t.params, t.tiles)] for t in opt._batches.values())
+    params[0].grad = params[0].grad.clone()  # a new tensor: its batch cannot use its tables
+    opt.step()
+    assert (launches[0].count, launches[1].count) == (before[0] + 2 + 3, before[1] + 3 + 2)
+    monkeypatch.setattr(kernel_optim, "_capturing", lambda device: False)
+    opt.step()  # eager again: rebuilt, the captured tables still kept
+    assert sum(len(t.captured) for t in opt._batches.values()) == 3
+    assert sum(opt._batches[key].params is not t[0] for key, t in tables.items()) == 1  # params[0]'s
