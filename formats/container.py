@@ -55,8 +55,9 @@ MAX_ZSTD_RATIO = 1 << 15  # a zstd block regenerates at most 128 KiB and takes a
 MAX_ZSTD_WINDOW = 1 << 27  # zstd's default limit: the decoder's history buffer
 # Keep a compressed segment only if it saves at least 3%. Bytes are what q8 is for: a segment
 # that Huffman shrinks by 3-10% (young 8-bit optimizer codes) costs more time to load than a raw
-# one (about 2x for such codes), which async saves and rare resumes afford better than storage
-# affords the bytes. Exponent planes save ~70% and all-zero state 99%.
+# one (about 2x for such codes). Exponent planes save ~70% and all-zero state 99%. Optimizer
+# files, written and read on the training path, store 8-bit state raw instead
+# (`compress_codes=False`, `q8.save_optimizer`'s default).
 _MIN_SAVING = 0.03
 _MIN_COMPRESS_BYTES = 16 << 10
 """Smaller segments are stored as they are: coding one saves at most a few hundred bytes
