@@ -16,14 +16,16 @@ Three studies, same run, same data:
    lossless decode throughput compares q8's load (read + checksum + decode) with ZipNN's
    (read + decompress, no checksum) and with ZipNN's decompression alone.
 3. Optimizer file round trip: AdamW8bit state of a GPT-2-shaped model after a few steps,
-   `q8.save_optimizer` / `q8.load_optimizer` against `torch.save(opt.state_dict())` /
-   `opt.load_state_dict(torch.load(...))`, and the stall of `q8.async_save_optimizer`.
-   q8's saves fsync the file (atomic, durable); `torch.save` + fsync is shown too.
+   `q8.save_optimizer` / `q8.load_optimizer` (8-bit state stored as is, the default, and
+   entropy-coded with `compress_codes=True`) against `torch.save(opt.state_dict())` /
+   `opt.load_state_dict(torch.load(...))`, interleaved round by round, the file sizes, and
+   the stall of `q8.async_save_optimizer`. q8's saves fsync the file (atomic, durable);
+   `torch.save` + fsync is shown too.
 
 Times are medians of REPEATS (loads: of LOAD_ROUNDS rounds, each loading every file once);
 the machine's load average is printed with them (compare within one run). Run:
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/checkpoint_io.py [--scale 1.0] [--plot out.png]
-    (--only load: section 2 alone, the lossless decode against ZipNN)
+    (--only load: section 2 alone, the lossless decode against ZipNN; --only optimizer: section 3)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from formats import REPEATS, fsynced, median_s, state_dict, touch
+from formats import REPEATS, fsynced, state_dict, touch
 
 
 def load_average() -> str:
@@ -204,7 +206,13 @@ def summary(runs: list[dict]) -> dict:
 # -- 3. optimizer files ----------------------------------------------------------------------
 
 
-def optimizer_round_trip(folder: Path) -> list[tuple[str, float, float]]:
+OPTIMIZER_ROUNDS = 11
+
+
+def optimizer_round_trip(folder: Path) -> tuple[list[tuple[str, float, float | None]], dict, dict[str, int]]:
+    """Rows (contender, median save s, median load s), the q8 / torch ratios of every round
+    and the file sizes. Each round saves and loads with every contender once, so a spell of
+    load on the machine hits them alike."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -218,27 +226,38 @@ def optimizer_round_trip(folder: Path) -> list[tuple[str, float, float]]:
         opt.zero_grad()
     tensors = sum(len(s) - 1 for s in opt.state.values())
     print(f"\nAdamW8bit state: {tensors} tensors, {opt.state_nbytes() / 1e6:.1f} MB (GPT-2 n_embd 512, 8 layers)")
-    pt, qf = folder / "opt.pt", folder / "opt.q8"
-    torch.save(opt.state_dict(), pt)
-    q8.save_optimizer(opt, qf)
-
-    def torch_load():
-        opt.load_state_dict(torch.load(pt, weights_only=True))
-
+    pt, fast, small = folder / "opt.pt", folder / "opt.q8", folder / "opt-compressed.q8"
+    saves = {
+        "torch.save": lambda: torch.save(opt.state_dict(), pt),
+        "torch.save + fsync": lambda: fsynced(torch.save, opt.state_dict(), pt),
+        "q8.save_optimizer": lambda: q8.save_optimizer(opt, fast),
+        "q8.save_optimizer(compress_codes=True)": lambda: q8.save_optimizer(opt, small, compress_codes=True),
+    }
+    loads = {
+        "torch.save": lambda: opt.load_state_dict(torch.load(pt, weights_only=True)),
+        "q8.save_optimizer": lambda: q8.load_optimizer(opt, fast),
+        "q8.save_optimizer(compress_codes=True)": lambda: q8.load_optimizer(opt, small),
+    }
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(OPTIMIZER_ROUNDS):
+        for kind, contenders in (("save", saves), ("load", loads)):
+            for name, run in contenders.items():
+                t0 = time.perf_counter()
+                run()
+                times.setdefault((kind, name), []).append(time.perf_counter() - t0)
     stall = statistics.median(
         stall_and_done(lambda: q8.async_save_optimizer(opt, folder / "a.q8").result)[0] for _ in range(REPEATS)
     )
-    rows = [
-        ("torch.save / torch.load + load_state_dict", median_s(lambda: torch.save(opt.state_dict(), pt)), 0.0),
-        ("torch.save + fsync", median_s(lambda: fsynced(torch.save, opt.state_dict(), pt)), 0.0),
-        ("q8.save_optimizer / q8.load_optimizer", median_s(lambda: q8.save_optimizer(opt, qf)), 0.0),
-        ("q8.async_save_optimizer (stall)", stall, 0.0),
-    ]
-    t_load, q_load = median_s(torch_load), median_s(lambda: q8.load_optimizer(opt, qf))
-    rows[0], rows[2] = (rows[0][0], rows[0][1], t_load), (rows[2][0], rows[2][1], q_load)
-    sizes = {"optimizer.pt": pt.stat().st_size, "optimizer.q8": qf.stat().st_size}
-    print("files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
-    return rows
+    median = {key: statistics.median(values) for key, values in times.items()}
+    rows = [(name, median["save", name], median.get(("load", name))) for name in saves]
+    rows.append(("q8.async_save_optimizer (caller blocked)", stall, None))
+    ratios = {
+        kind: [q / t for q, t in zip(times[kind, "q8.save_optimizer"], times[kind, "torch.save"], strict=True)]
+        for kind in ("save", "load")
+    }
+    sizes = {"optimizer.pt": pt.stat().st_size, "optimizer.q8": fast.stat().st_size,
+             "optimizer.q8 (compress_codes=True)": small.stat().st_size}  # fmt: skip
+    return rows, ratios, sizes
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -313,15 +332,21 @@ def report_loads(sd: dict[str, torch.Tensor], raw: int, folder: Path) -> list[tu
 
 
 def report_optimizer(folder: Path) -> None:
-    print(f"\n3. optimizer file (load average {load_average()})")
-    opt_rows = optimizer_round_trip(folder)
-    print(f"{'contender':44} {'save s':>8} {'load s':>8}")
-    for name, save, load in opt_rows:
+    print(f"\n3. optimizer file, {OPTIMIZER_ROUNDS} interleaved rounds (load average {load_average()})")
+    rows, ratios, sizes = optimizer_round_trip(folder)
+    print(f"{'contender (save / load)':44} {'save s':>8} {'load s':>8}")
+    for name, save, load in rows:
         print(f"{name:44} {save:>8.3f} {load:>8.3f}" if load else f"{name:44} {save:>8.3f}")
+    by = {name: (save, load) for name, save, load in rows}
+    (q_save, q_load), (t_save, t_load) = by["q8.save_optimizer"], by["torch.save"]
     print(
-        f"q8 / torch: save {opt_rows[2][1] / opt_rows[0][1]:.2f}, load {opt_rows[2][2] / opt_rows[0][2]:.2f} "
-        "(targets <= 1.0)"
+        f"q8 / torch, medians: save {q_save / t_save:.2f} ({q_save / by['torch.save + fsync'][0]:.2f} of torch.save "
+        f"+ fsync), load {q_load / t_load:.2f} (targets <= 1.0)"
     )
+    for kind, values in ratios.items():
+        print(f"q8 / torch {kind}, each round: {' '.join(f'{x:.2f}' for x in values)}")
+    print("files: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+    print(f"(load average {load_average()})")
 
 
 def plot(stalls: list, rows: list, raw: int, path: Path) -> None:

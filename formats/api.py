@@ -8,6 +8,7 @@ q8 files plus a Hugging Face style `<path>.index.json`; every reader accepts eit
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from ..codec import Code, QTensor
 from ..codec.blockwise import FLOAT_DTYPES
 from .atomic import TempFile, fsync_dir
 from .background import SaveFuture, save_in_background
-from .container import BytesWriter, FormatError, Reader, Writer, _check_str_map, _pool, check_storable
+from .container import BytesWriter, FormatError, Reader, Writer, _check_str_map, _pool, check_storable, stored_as_is
 from .planes import map_all
 from .tree import pack_tree, unpack_tree
 
@@ -58,6 +59,7 @@ def save_file(
     code: str | Code = "auto",
     blocksize: int = 2048,
     max_shard_size: int | str | None = None,
+    compress_codes: bool = True,
 ) -> None:
     """Save a flat dict of tensors (and QTensors) to a q8 file, atomically.
 
@@ -73,6 +75,9 @@ def save_file(
         code, blocksize: the codec settings for quantized tensors (see `q8.quantize`).
         max_shard_size: bytes per shard (int, or "500MB", "5GB", "2GiB"), counted before
             zstd; None writes one file.
+        compress_codes: entropy-code 8-bit tensors (codes and absmax) where that saves 3%
+            or more; False stores them as they are, faster to write and read (what
+            `q8.save_optimizer` does by default).
 
     Raises:
         TypeError / ValueError: an unsupported value, non-str key or bad argument, or
@@ -87,14 +92,15 @@ def save_file(
     items = [(name, _plan(name, x, quantize)) for name, x in tensors.items()]
     shards = _shard(items, _parse_size(max_shard_size))
     path = Path(path)
+    writer = {"code": code, "blocksize": blocksize, "compress_codes": compress_codes}
     if len(shards) == 1:
-        _write(path, shards[0], metadata, code, blocksize)
+        _write(path, shards[0], metadata, writer)
         return
     names = [
         path.with_name(f"{path.stem}-{i:05d}-of-{len(shards):05d}{path.suffix}") for i in range(1, len(shards) + 1)
     ]
     for shard_path, shard in zip(names, shards, strict=True):
-        _write(shard_path, shard, metadata, code, blocksize)
+        _write(shard_path, shard, metadata, writer)
     index = {
         "metadata": {**metadata, "format": "q8", "total_size": sum(_stored_estimate(x, q) for _, (x, q) in items)},
         "weight_map": {name: p.name for p, shard in zip(names, shards, strict=True) for name, _ in shard},
@@ -140,6 +146,7 @@ def save_bytes(
     quantize: bool | Callable[[str, torch.Tensor], bool] = False,
     code: str | Code = "auto",
     blocksize: int = 2048,
+    compress_codes: bool = True,
 ) -> bytes:
     """`save_file` into memory: the bytes of a q8 file (safetensors' `save`). Named apart
     from `q8.save(obj, path)`, which saves nested state to a file.
@@ -149,7 +156,7 @@ def save_bytes(
         >>> q8.load_bytes(data)["w"]
     """
     metadata = check_save_file_args(tensors, "<bytes>", metadata, code, blocksize, None)
-    writer = BytesWriter(metadata, code=code, blocksize=blocksize)
+    writer = BytesWriter(metadata, code=code, blocksize=blocksize, compress_codes=compress_codes)
     try:
         for name, x in tensors.items():
             x, quantized = _plan(name, x, quantize)
@@ -253,8 +260,8 @@ def _parse_size(size: int | str | None) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def _write(path: Path, items: list, metadata: dict, code: str | Code, blocksize: int) -> None:
-    with Writer(path, metadata, code=code, blocksize=blocksize) as w:
+def _write(path: Path, items: list, metadata: dict, writer: dict[str, Any]) -> None:
+    with Writer(path, metadata, **writer) as w:
         for name, (x, quantized) in items:
             w.add(name, x, lossless=not quantized)
 
@@ -290,9 +297,12 @@ def save(obj: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None =
     write_tree(tree, tensors, path, _check_str_map(metadata, "metadata"))
 
 
-def write_tree(tree: bytes, tensors: Tensors, path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """The file of `q8.save`: the packed structure `tree` and the tensors it names."""
-    with Writer(path, metadata) as w:
+def write_tree(
+    tree: bytes, tensors: Tensors, path: str | os.PathLike, metadata: dict[str, str], compress_codes: bool = True
+) -> None:
+    """The file of `q8.save`: the packed structure `tree` and the tensors it names
+    (`compress_codes`: as `save_file`'s)."""
+    with Writer(path, metadata, compress_codes=compress_codes) as w:
         w.set_tree(tree)
         for name, x in tensors.items():
             w.add(name, x)
@@ -307,6 +317,7 @@ def async_save_file(
     code: str | Code = "auto",
     blocksize: int = 2048,
     max_shard_size: int | str | None = None,
+    compress_codes: bool = True,
 ) -> SaveFuture:
     """`save_file` in the background: returns once the tensors are copied (CUDA tensors to
     pinned host memory, QTensors as codes + absmax), so the caller may update them at once;
@@ -327,7 +338,8 @@ def async_save_file(
         >>> future.result()  # raises if the save failed
     """
     metadata = check_save_file_args(tensors, path, metadata, code, blocksize, max_shard_size)
-    kwargs = {"quantize": quantize, "code": code, "blocksize": blocksize, "max_shard_size": max_shard_size}
+    kwargs = {"quantize": quantize, "code": code, "blocksize": blocksize, "max_shard_size": max_shard_size,
+              "compress_codes": compress_codes}  # fmt: skip
     return save_in_background(path, lambda copy: save_file(copy, path, metadata, **kwargs), dict(tensors))
 
 
@@ -407,6 +419,9 @@ class ShardedReader:
 
     def info(self, name: str) -> dict:
         return self._for(name).info(name)
+
+    def record(self, name: str) -> dict:
+        return self._for(name).record(name)
 
     def get_tensor(self, name: str, *, copy: bool = False) -> torch.Tensor:
         return self._for(name).get_tensor(name, copy=copy)
@@ -501,20 +516,31 @@ def read_tensors(
 ) -> dict[str, torch.Tensor | QTensor]:
     """Every tensor of an open file: quantized ones as QTensors, or decoded with
     `decode=True`; `copy`: no zero-copy views of the file (state that will be updated in
-    place). Small tensors are read several at a time (their per-tensor costs dominate),
-    large ones one after another, each range by range on several threads (so that the
-    memory beyond the tensors stays a few buffers)."""
+    place). Tensors stored as they are (uncompressed 8-bit or raw segments) that need memory
+    of their own are read together, several segments per read (`Reader.read_stored`); other
+    small tensors several at a time (their per-tensor costs dominate), large ones one after
+    another, each range by range on several threads (so that the memory beyond the tensors
+    stays a few buffers)."""
+    records = {name: f.record(name) for name in f.keys()}
 
-    info = {name: f.info(name) for name in f.keys()}
+    def as_codes(rec: dict) -> bool:
+        return not decode and rec["encoding"] == "blockwise"
 
     def read(name: str) -> torch.Tensor | QTensor:
-        if not decode and info[name]["encoding"] == "blockwise":
-            return f.get_qtensor(name)
-        return f.get_tensor(name, copy=copy)
+        return f.get_qtensor(name) if as_codes(records[name]) else f.get_tensor(name, copy=copy)
 
-    small = [name for name, i in info.items() if i["raw_bytes"] < _LARGE_TENSOR_BYTES]
-    loaded = dict(zip(small, map_all(_pool(), read, small), strict=True))
-    return {name: loaded[name] if name in loaded else read(name) for name in info}
+    loaded: dict[str, torch.Tensor | QTensor] = {}
+    if isinstance(f, Reader):
+        loaded = f.read_stored(
+            [r for r in records.values() if stored_as_is(r) and (as_codes(r) or (copy and r["encoding"] == "raw"))]
+        )
+    small = [
+        name
+        for name, r in records.items()
+        if name not in loaded and math.prod(r["shape"]) * r["dtype"].itemsize < _LARGE_TENSOR_BYTES
+    ]
+    loaded.update(zip(small, map_all(_pool(), read, small), strict=True))
+    return {name: loaded[name] if name in loaded else read(name) for name in records}
 
 
 def read_tree(f: Reader) -> Any:

@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,9 @@ from ..codec import Code, QTensor, get_code, quantize
 from ..codec.blockwise import FLOAT_DTYPES, _check_blocksize
 from ..codec.layout import num_blocks
 from ..codec.native import decode_range
-from .atomic import TempFile, fsync_dir
+from .atomic import TempFile, fsync_dir, start_writeback
 from .dtypes import DTYPES, PLANE_WIDTH, dtype_name
-from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join
+from .planes import byte_plane, crc32, huffman_decode, huffman_encode, join, map_all
 from .stream import HuffmanSource, RawSource, ZstdSource, ZstdStream, decode_ranges, pread
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "BytesWriter", "FormatError", "Reader", "Writer", "code_nbytes", "stored_nbytes"]
@@ -54,13 +55,21 @@ MAX_ZSTD_RATIO = 1 << 15  # a zstd block regenerates at most 128 KiB and takes a
 MAX_ZSTD_WINDOW = 1 << 27  # zstd's default limit: the decoder's history buffer
 # Keep a compressed segment only if it saves at least 3%. Bytes are what q8 is for: a segment
 # that Huffman shrinks by 3-10% (young 8-bit optimizer codes) costs more time to load than a raw
-# one (about 2x for such codes), which async saves and rare resumes afford better than storage
-# affords the bytes. Exponent planes save ~70% and all-zero state 99%.
+# one (about 2x for such codes). Exponent planes save ~70% and all-zero state 99%. Optimizer
+# files, written and read on the training path, store 8-bit state raw instead
+# (`compress_codes=False`, `q8.save_optimizer`'s default).
 _MIN_SAVING = 0.03
-_MIN_COMPRESS_BYTES = 256
-_PARALLEL_CRC_BYTES = 1 << 20  # smaller segments are checksummed on the writing thread
+_MIN_COMPRESS_BYTES = 16 << 10
+"""Smaller segments are stored as they are: coding one saves at most a few hundred bytes
+and costs its reader a decode (150-250 us each for the small tensors of an optimizer file)."""
+_PARALLEL_CRC_BYTES = 16 << 20
+"""Smaller segments are checksummed on the writing thread: handing a few MiB to another
+thread cost more than the checksum (an optimizer file of 1-4 MiB segments saved 12-15%
+faster, at a load average of 4), larger ones beside their writes."""
 _ZSTD_PROBE = 1 << 16  # bytes per probe slice when deciding whether zstd pays
-_PLANES_MIN_NUMEL = 1024  # smaller float tensors: raw bytes (planes would not pay)
+_BATCH_BYTES = 8 << 20  # Reader.read_stored reads neighbouring segments together up to this size
+_WRITEBACK_BYTES = 8 << 20  # a Writer starts writing back to disk every this many bytes
+_PLANES_MIN_NUMEL = 4096  # smaller float tensors: raw bytes (their planes would not be compressed)
 _UNPACK = {"raw": False, "strict_map_key": True, "use_list": True}
 
 if sys.byteorder != "little":  # pragma: no cover
@@ -94,6 +103,9 @@ class Writer:
         metadata: user str -> str metadata, kept in the index.
         code, blocksize: what `add(..., lossless=False)` quantizes with.
         level: zstd level of compressed segments.
+        compress_codes: entropy-code the segments of 8-bit tensors (codes and absmax) where
+            that saves 3% or more; False stores them as they are (young optimizer state's codes
+            shrink by 3-10%, and coding them costs more time than writing them).
 
     Example:
         >>> with q8.Writer("m.q8", metadata={"step": "100"}) as w:
@@ -109,6 +121,7 @@ class Writer:
         code: str | Code = "auto",
         blocksize: int = 2048,
         level: int = 1,
+        compress_codes: bool = True,
     ) -> None:
         self.path = Path(path)
         self._metadata = _check_str_map(metadata, "metadata")
@@ -117,10 +130,11 @@ class Writer:
         _check_blocksize(blocksize)
         self._code, self._blocksize = code, blocksize
         self._level = level
+        self._compress_codes = compress_codes
         self._threads = max(1, torch.get_num_threads())
         self._file = None
         self._tmp: str | None = None
-        self._pos = 0
+        self._pos = self._written_back = 0
         self._records: list[dict] = []
         self._names: set[str] = set()
         self._codes: dict[Code, int] = {}
@@ -148,6 +162,10 @@ class Writer:
     def _write(self, data) -> None:
         self._file.write(data)
         self._pos += memoryview(data).nbytes
+        if self._pos - self._written_back >= _WRITEBACK_BYTES:
+            self._file.flush()
+            start_writeback(self._file.fileno(), self._written_back, self._pos - self._written_back)
+            self._written_back = self._pos
 
     def add(
         self,
@@ -207,17 +225,17 @@ class Writer:
             raise ValueError(f"{self.path}: QTensor {name!r}: {problem}")
         qt = qt.to("cpu")
         code = self._codes.setdefault(qt.code, len(self._codes))
-        segments = self._segments(_blockwise_parts(qt))
+        segments = self._segments(_blockwise_parts(qt), self._compress_codes)
         record = {"dtype": dtype_name(qt.dtype), "shape": list(qt.shape), "encoding": "blockwise"}
         if qt.row_length != qt.numel():  # rows cut blocks: a reader that does not know rows must refuse it
             record.update(encoding=ROW_BLOCKWISE, row_length=qt.row_length)
         return {**record, "code": code, "blocksize": qt.blocksize, "segments": segments}
 
-    def _segments(self, parts: Iterable[torch.Tensor]) -> list[list[int]]:
-        """Compress (where it pays), checksum and write the parts, one after another."""
+    def _segments(self, parts: Iterable[torch.Tensor], compress: bool = True) -> list[list[int]]:
+        """Compress (where it pays, if `compress`), checksum and write the parts, one after another."""
         out = []
         for part in parts:
-            pieces, raw_length, compression = self._encode_segment(part)
+            pieces, raw_length, compression = _encode_segment(part, self._level, self._threads, compress)
             if compression == RAW:  # memory-mappable as any dtype
                 self._write(b"\0" * (-self._pos % ALIGN))
             start = self._pos
@@ -229,9 +247,6 @@ class Writer:
             out.append([start, stored, raw_length, compression, crc.result() if crc else _crc32(pieces)])
             del part, pieces  # freed before the next part is made
         return out
-
-    def _encode_segment(self, part: torch.Tensor) -> tuple[list, int, int]:
-        return _encode_segment(part, self._level, self._threads)
 
     def set_q8_metadata(self, key: str, value: str) -> None:
         """q8's own metadata (kept apart from the user's), e.g. what wrote the file."""
@@ -292,6 +307,7 @@ class BytesWriter(Writer):
 
     def _open(self) -> None:
         self._file = io.BytesIO()
+        self._written_back = math.inf  # nothing to write back
         self._write(HEADER.pack(MAGIC, FORMAT_VERSION, 0))
 
     def close(self) -> bytes:
@@ -309,15 +325,19 @@ def blockwise_problem(absmax: torch.Tensor, code: Code, dtype: torch.dtype) -> s
     """Why 8-bit codes with these fp32 scales cannot be stored: an absmax that is negative
     or not finite, or values that would decode beyond `dtype`'s range (the largest
     |table entry| x the largest absmax, rounded to `dtype` as decoding rounds, is inf).
-    None if they are fine. One pass over the absmax, none over the codes."""
+    None if they are fine. One pass over the absmax (in numpy: a few microseconds, where
+    torch's calls cost a hundred per tensor of an optimizer file), none over the codes."""
     if absmax.numel() == 0:
         return None
-    low, high = torch.aminmax(absmax)
+    scales = absmax.detach().cpu().numpy()
+    low, high = scales.min(), scales.max()
     if not (low >= 0 and high < math.inf):  # also false for NaN
         return "absmax holds negative or non-finite values"
-    extreme = torch.maximum(-code.values[0], code.values[-1]) * high.cpu()
-    if not torch.isfinite(extreme.to(dtype)):
-        return f"decodes to values beyond {dtype}'s range (largest |table entry| x absmax = {extreme.item():.4g})"
+    table = code.values.numpy()
+    with numpy.errstate(over="ignore"):
+        extreme = max(-table[0], table[-1]) * high  # float32, as decoding computes it
+    if extreme > torch.finfo(dtype).max and not torch.isfinite(torch.tensor(extreme).to(dtype)):
+        return f"decodes to values beyond {dtype}'s range (largest |table entry| x absmax = {extreme:.4g})"
     return None
 
 
@@ -337,18 +357,25 @@ def _exact_parts(x: torch.Tensor) -> tuple[str, Iterable[torch.Tensor]]:
     return "raw", [x.reshape(-1).view(torch.uint8)]
 
 
+def stored_as_is(record: dict) -> bool:
+    """Whether every segment of a tensor record (`Reader.record`) holds the tensor's bytes as
+    they are: uncompressed raw or 8-bit (codes, absmax) segments, which read without decoding."""
+    return record["encoding"] in ("raw", "blockwise") and all(seg[3] == RAW for seg in record["segments"])
+
+
 def _blockwise_parts(qt: QTensor) -> list[torch.Tensor]:
     return [qt.codes.contiguous(), qt.absmax.contiguous().view(torch.uint8)]
 
 
-def _encode_segment(part: torch.Tensor, level: int, threads: int) -> tuple[list, int, int]:
+def _encode_segment(part: torch.Tensor, level: int, threads: int, compress: bool = True) -> tuple[list, int, int]:
     """(buffers to store, raw length, compression): the smallest of raw, Huffman and
-    zstd that saves at least `_MIN_SAVING` (3%). Huffman (fast) is tried first; zstd only
-    where Huffman does not pay or where the data is so skewed (> 4x) that repeats may beat it."""
+    zstd that saves at least `_MIN_SAVING` (3%), or raw without trying if not `compress`.
+    Huffman (fast) is tried first; zstd only where Huffman does not pay or where the data
+    is so skewed (> 4x) that repeats may beat it."""
     raw = memoryview(part.numpy()).cast("B") if part.numel() else memoryview(b"")
     n = raw.nbytes
     best, best_size, compression = [raw], n * (1 - _MIN_SAVING), RAW
-    if n >= _MIN_COMPRESS_BYTES:
+    if compress and n >= _MIN_COMPRESS_BYTES:
         packed = huffman_encode(part, _MIN_SAVING)
         if packed is not None and (size := sum(memoryview(p).nbytes for p in packed)) <= best_size:
             best, best_size, compression = packed, size, HUFFMAN
@@ -360,7 +387,15 @@ def _encode_segment(part: torch.Tensor, level: int, threads: int) -> tuple[list,
 
 
 def _zstd(data, level: int, threads: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads).compress(data)
+    """zstd frame of `data`, by a compressor kept per thread (making one costs more than
+    compressing a small segment; one may not be shared between threads)."""
+    compressors = _THREAD.__dict__.setdefault("zstd", {})
+    if (level, threads) not in compressors:
+        compressors[level, threads] = zstandard.ZstdCompressor(level=level, write_content_size=True, threads=threads)
+    return compressors[level, threads].compress(data)
+
+
+_THREAD = threading.local()
 
 
 def _zstd_pays(raw: memoryview, level: int, threads: int) -> bool:
@@ -726,7 +761,7 @@ class Reader:
         offset, stored, raw, compression, crc = seg
         if owned and compression == RAW:
             out = torch.empty(raw, dtype=torch.uint8)
-            self._read(out, offset, name)
+            self._read([out], offset, name)
             if crc32(out.numpy()) != crc:
                 raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", name)
             return out
@@ -761,13 +796,15 @@ class Reader:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=stop - start, offset=offset + start)
         return self._segment(seg, name)[start:stop]
 
-    def _read(self, out: torch.Tensor, offset: int, name: str) -> None:
-        """Fill the uint8 tensor `out` with the file's bytes at `offset` (`pread`: no map
-        pages become resident), or a file in memory's."""
+    def _read(self, outs: list[torch.Tensor], offset: int, name: str) -> None:
+        """Fill the uint8 tensors `outs`, one after another, with the file's bytes from
+        `offset` on (`pread`: no map pages become resident), or a file in memory's."""
         if self._fd is None:
-            out.numpy()[:] = numpy.frombuffer(self._mm, numpy.uint8, out.numel(), offset)
+            for out in outs:
+                out.numpy()[:] = numpy.frombuffer(self._mm, numpy.uint8, out.numel(), offset)
+                offset += out.numel()
         else:
-            pread(self._fd, out, offset, lambda msg: self.error(msg, name))
+            pread(self._fd, outs, offset, lambda msg: self.error(msg, name))
 
     def _zstd_stream(self, view: memoryview, raw: int, name: str) -> ZstdStream:
         return ZstdStream(view, raw, MAX_ZSTD_RATIO, MAX_ZSTD_WINDOW, lambda msg: self.error(msg, name))
@@ -775,7 +812,7 @@ class Reader:
     def _source(self, seg: tuple[int, int, int, int, int], name: str) -> RawSource | ZstdSource:
         """One segment, to be decoded range by range (formats/stream.py)."""
         error = lambda msg: self.error(msg, name)  # noqa: E731
-        read = lambda out, offset: self._read(out, offset, name)  # noqa: E731
+        read = lambda out, offset: self._read([out], offset, name)  # noqa: E731
         if seg[3] == RAW:
             return RawSource(read, seg, error)
         if seg[3] == HUFFMAN:
@@ -807,6 +844,47 @@ class Reader:
         or reassembling byte planes."""
         for name in self._where:
             self._decoded(self.record(name))
+
+    def read_stored(self, records: list[dict]) -> dict[str, torch.Tensor | QTensor]:
+        """The tensors of `records` (from `record`), whose segments are all stored as they
+        are (`stored_as_is`), each in memory of its own (no view of the map): 8-bit ones as
+        QTensors (`get_qtensor`), the others as tensors (`get_tensor(copy=True)`), on the
+        reader's device, with the same checks. Segments that follow one another in the file
+        are read together, straight into their tensors, up to `_BATCH_BYTES` per `preadv`
+        on several threads, each checked against its CRC-32 as soon as read: many small
+        tensors cost a few reads, not a round of calls each."""
+        batches: list[list] = []
+        for seg, k, j in sorted((s, k, j) for k, r in enumerate(records) for j, s in enumerate(r["segments"])):
+            first, last = (batches[-1][0][0], batches[-1][-1][0]) if batches else (None, None)
+            if first is None or seg[0] - (last[0] + last[1]) >= ALIGN or seg[0] + seg[1] - first[0] > _BATCH_BYTES:
+                batches.append([])
+            batches[-1].append((seg, k, j))
+        parts: list[list[Any]] = [[None] * len(r["segments"]) for r in records]  # each read below
+
+        def read(batch: list) -> None:
+            outs, pos = [], batch[0][0][0]
+            for (offset, stored, _, _, _), k, j in batch:
+                outs.append(torch.empty(offset - pos, dtype=torch.uint8))  # padding before it
+                parts[k][j] = torch.empty(stored, dtype=torch.uint8)
+                outs.append(parts[k][j])
+                pos = offset + stored
+            self._read(outs, batch[0][0][0], records[batch[0][1]]["name"])
+            for (offset, _, _, _, crc), k, j in batch:
+                if crc32(parts[k][j].numpy()) != crc:
+                    raise self.error(f"checksum mismatch in segment at {offset} (file corrupt)", records[k]["name"])
+
+        map_all(_pool(), read, batches)
+        out = {}
+        for rec, bufs in zip(records, parts, strict=True):
+            if rec["encoding"] == "blockwise":
+                self._check_absmax(rec, bufs[1])
+                out[rec["name"]] = self._qtensor(rec, bufs)
+            else:
+                if rec["dtype"] == torch.bool and (problem := bool_problem(bufs[0])):
+                    raise self.error(problem, rec["name"])
+                x = bufs[0].view(rec["dtype"]).view(rec["shape"])
+                out[rec["name"]] = x if self.device.type == "cpu" else x.to(self.device)
+        return out
 
     def get_qtensor(self, name: str) -> QTensor:
         """The codes + absmax of a quantized tensor, not decoded, on the reader's device;

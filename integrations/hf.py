@@ -207,6 +207,8 @@ class Q8Trainer(Trainer):
         quantize_optimizer_state: store the state of a non-q8 (fp32) optimizer as 8-bit codes, about 4x
             smaller; a one-time loss at each save, logged with its error. q8 optimizers' state is 8-bit
             already and always stored as is.
+        compress_optimizer_codes: entropy-code the 8-bit optimizer state in `optimizer.q8`
+            (`q8.save_optimizer(compress_codes=True)`): 4-12% smaller files here, slower saves and loads.
         model_weights: how checkpoints store the model: "safetensors" (the Trainer's files), "q8"
             (`model.q8`, lossless, resume exact) or "q8-8bit" (`model.q8`, 8-bit codes, about 4x smaller;
             a resume continues from the quantized weights; the error is logged). Only checkpoints:
@@ -225,6 +227,7 @@ class Q8Trainer(Trainer):
         q8_optim: str | None = None,
         embeddings_32bit: bool = True,
         quantize_optimizer_state: bool = False,
+        compress_optimizer_codes: bool = False,
         model_weights: str = "safetensors",
         async_save: bool = False,
         **kwargs: Any,
@@ -252,6 +255,7 @@ class Q8Trainer(Trainer):
         self.q8_optim = q8_optim
         self.embeddings_32bit = embeddings_32bit
         self.quantize_optimizer_state = quantize_optimizer_state
+        self.compress_optimizer_codes = compress_optimizer_codes
         self.model_weights = model_weights
         self.async_save = async_save
         self._saving_checkpoint = False
@@ -283,11 +287,12 @@ class Q8Trainer(Trainer):
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         checkpoint = self._checkpoint
         folder = checkpoint.staging if checkpoint else output_dir
-        path, quantize = os.path.join(folder, OPTIMIZER_FILE), self.quantize_optimizer_state
+        path = os.path.join(folder, OPTIMIZER_FILE)
+        options = {"quantize": self.quantize_optimizer_state, "compress_codes": self.compress_optimizer_codes}
         if checkpoint:
-            checkpoint.futures.append(q8.async_save_optimizer(optimizer, path, quantize=quantize))
+            checkpoint.futures.append(q8.async_save_optimizer(optimizer, path, **options))
         else:
-            q8.save_optimizer(optimizer, path, quantize=quantize)
+            q8.save_optimizer(optimizer, path, **options)
         torch.save(_PlaceholderOptimizerState(), os.path.join(folder, TORCH_OPTIMIZER_FILE))
         with warnings.catch_warnings(record=True) as caught_warnings:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(folder, SCHEDULER_FILE))

@@ -25,9 +25,11 @@ from typing import Any
 import torch
 
 from ..codec import CODE_NAMES, QTensor, get_code, quantize_best
-from ..formats import FormatError, SaveFuture, load, read_tensors, safe_open, save, save_file
-from ..formats.api import worth_quantizing
+from ..formats import FormatError, SaveFuture, load, read_tensors, safe_open, save_file
+from ..formats.api import ShardedReader, worth_quantizing, write_tree
 from ..formats.background import save_in_background
+from ..formats.container import Reader, _check_str_map
+from ..formats.tree import pack_tree
 from .optimizer import Optimizer8bit, pack_state, split_state_mark, state_mark
 from .sharded import is_sharded
 
@@ -53,6 +55,7 @@ def save_optimizer(
     metadata: dict[str, str] | None = None,
     *,
     quantize: bool = False,
+    compress_codes: bool = False,
 ) -> None:
     """Write the state of optimizer `opt` to the q8 file `path` (atomic: a failed save
     leaves any previous file untouched).
@@ -67,12 +70,18 @@ def save_optimizer(
             such as Adam's second moment; blocksize 256): about 4x smaller, a one-time loss
             whose largest relative L2 error is logged and recorded in the metadata
             (`quantized_rel_l2_max`). A q8 optimizer's state is 8-bit already: ignored.
+        compress_codes: entropy-code the 8-bit state (codes and absmax, `q8.save_file`'s
+            option) for the smallest file. By default it is stored as it is: the codes of
+            young state shrink by 3-10% (old state with untouched embedding rows: more),
+            and coding them costs more time than torch.save takes for the whole file; as
+            is, saving and loading run at the speed of the disk (BENCHMARKS.md).
 
     Example:
         >>> q8.save_optimizer(opt, "opt.q8")
+        >>> q8.save_optimizer(opt, "opt-small.q8", compress_codes=True)  # smaller, slower
         >>> q8.save_optimizer(torch_adamw, "adamw.q8")  # lossless, ~1.2x smaller than torch.save
     """
-    state, save = _optimizer_file(opt, path, metadata, quantize, "save_optimizer")
+    state, save = _optimizer_file(opt, path, metadata, quantize, compress_codes, "save_optimizer")
     save(state)
 
 
@@ -82,6 +91,7 @@ def async_save_optimizer(
     metadata: dict[str, str] | None = None,
     *,
     quantize: bool = False,
+    compress_codes: bool = False,
 ) -> SaveFuture:
     """`save_optimizer` in the background: returns once the state is copied (8-bit entries
     as codes + absmax; groups and step counts as they are now), so the next `opt.step()`
@@ -93,20 +103,27 @@ def async_save_optimizer(
         >>> opt.step()  # the file is written meanwhile
         >>> future.result()
     """
-    state, save = _optimizer_file(opt, path, metadata, quantize, "async_save_optimizer")
+    state, save = _optimizer_file(opt, path, metadata, quantize, compress_codes, "async_save_optimizer")
     return save_in_background(path, save, state)
 
 
 def _optimizer_file(
-    opt: torch.optim.Optimizer, path: str | os.PathLike, metadata: dict | None, quantize: bool, caller: str
+    opt: torch.optim.Optimizer,
+    path: str | os.PathLike,
+    metadata: dict | None,
+    quantize: bool,
+    compress_codes: bool,
+    caller: str,
 ) -> tuple[Any, Callable[[Any], None]]:
     """What `opt`'s state file holds (the live state, not copied; groups and steps taken
     now) and the function that writes it to `path`."""
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"{caller} expects a torch.optim.Optimizer, got {type(opt).__name__}")
+    if not isinstance(compress_codes, bool):
+        raise TypeError(f"{caller}: compress_codes must be a bool, got {compress_codes!r}")
     if not isinstance(opt, Optimizer8bit):
         name = class_name(opt)
-        return opt.state_dict(), lambda state: _save_state_dict(state, name, path, metadata, quantize)
+        return opt.state_dict(), lambda state: _save_state_dict(state, name, path, metadata, quantize, compress_codes)
     if any(is_sharded(p) for p in opt.state):
         raise ValueError(f"{caller}: sharded (DTensor) state is saved with torch.distributed.checkpoint")
     sd = opt.state_dict()  # references to the live state, no copy
@@ -124,7 +141,7 @@ def _optimizer_file(
         if key not in ("step", "seed")
     }  # fmt: skip
     metadata = {**(metadata or {}), METADATA_KEY: header}
-    return tensors, lambda tensors: save_file(tensors, path, metadata)
+    return tensors, lambda tensors: save_file(tensors, path, metadata, compress_codes=compress_codes)
 
 
 def load_optimizer(opt: torch.optim.Optimizer, path: str | os.PathLike) -> None:
@@ -139,14 +156,15 @@ def load_optimizer(opt: torch.optim.Optimizer, path: str | os.PathLike) -> None:
     """
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"load_optimizer expects a torch.optim.Optimizer, got {type(opt).__name__}")
-    metadata = _metadata(path)
-    saved = _header(metadata, path)["class"] if METADATA_KEY in metadata else metadata.get(CLASS_KEY)
-    ours = type(opt).__name__ if METADATA_KEY in metadata else class_name(opt)
-    if METADATA_KEY in metadata and not isinstance(opt, Optimizer8bit):
-        raise ValueError(f"{path}: holds a q8 optimizer's 8-bit state, which {class_name(opt)} cannot load")
-    if saved is not None and saved != ours:  # None: not from save_optimizer (q8convert of an optimizer.pt)
-        raise ValueError(f"{path}: state of a {saved}, cannot load it into {ours}")
-    state = load_optimizer_state_dict(path)
+    with _open(path) as f:  # once: its index is parsed once
+        metadata = f.metadata()
+        saved = _header(metadata, path)["class"] if METADATA_KEY in metadata else metadata.get(CLASS_KEY)
+        ours = type(opt).__name__ if METADATA_KEY in metadata else class_name(opt)
+        if METADATA_KEY in metadata and not isinstance(opt, Optimizer8bit):
+            raise ValueError(f"{path}: holds a q8 optimizer's 8-bit state, which {class_name(opt)} cannot load")
+        if saved is not None and saved != ours:  # None: not from save_optimizer (q8convert of an optimizer.pt)
+            raise ValueError(f"{path}: state of a {saved}, cannot load it into {ours}")
+        state = _state_dict(f, path)
     if not isinstance(opt, Optimizer8bit) and (_holds_codes(state) or split_state_mark(state["param_groups"])[1]):
         # torch.optim would cast the uint8 codes of 8-bit state to float
         raise ValueError(f"{path}: holds 8-bit optimizer state, which {class_name(opt)} cannot load")
@@ -170,7 +188,13 @@ def load_optimizer_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     Example:
         >>> torch.save(q8.optim.load_optimizer_state_dict("optimizer.q8"), "optimizer.pt")
     """
-    metadata = _metadata(path)
+    with _open(path) as f:
+        return _state_dict(f, path)
+
+
+def _state_dict(f: Reader | ShardedReader, path: str | os.PathLike) -> dict[str, Any]:
+    """`load_optimizer_state_dict` of the open file `f`."""
+    metadata = f.metadata()
     if METADATA_KEY not in metadata:
         state = load(path)
         if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and "param_groups" in state):
@@ -183,12 +207,11 @@ def load_optimizer_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     for i, seed in header.get("seeds", {}).items():  # files before seeds were saved: the index
         if i.isdigit() and int(i) in state:
             state[int(i)]["seed"] = seed
-    with safe_open(path) as f:
-        for name in f.keys():
-            parts = name.split(".", 2)
-            if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in state:
-                raise FormatError(f"{path}: unexpected tensor {name!r} in an optimizer state file")
-        entries = read_tensors(f, copy=True)  # small ones several at a time; memory of their own
+    for name in f.keys():
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) not in state:
+            raise FormatError(f"{path}: unexpected tensor {name!r} in an optimizer state file")
+    entries = read_tensors(f, copy=True)  # as they are stored, together; memory of their own
     for name, value in entries.items():
         _, index, key = name.split(".", 2)
         try:
@@ -201,11 +224,10 @@ def load_optimizer_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     return {"state": state, "param_groups": [*groups, state_mark(header["class"])]}
 
 
-def _metadata(path: str | os.PathLike) -> dict[str, str]:
+def _open(path: str | os.PathLike) -> Reader | ShardedReader:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: optimizer state file not found")
-    with safe_open(path) as f:
-        return f.metadata()
+    return safe_open(path)
 
 
 def _checked(value: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
@@ -236,16 +258,16 @@ def _restore_tuples(saved: dict, current: dict) -> dict:
 
 
 def _save_state_dict(
-    state: dict[str, Any], name: str, path: str | os.PathLike, metadata: dict | None, quantize: bool
+    state: dict[str, Any], name: str, path: str | os.PathLike, metadata: dict | None, quantize: bool, compress: bool
 ) -> None:
-    """A non-q8 optimizer's state dict (of class `name`) through `q8.save`, optionally with
-    8-bit float state."""
-    metadata = {**(metadata or {}), CLASS_KEY: name}
+    """A non-q8 optimizer's state dict (of class `name`) as `q8.save` writes it, optionally
+    with 8-bit float state (entropy-coded if `compress`)."""
+    metadata = {**_check_str_map(metadata, "metadata"), CLASS_KEY: name}
     if quantize:
         state, worst = _quantize_state(state)
         metadata["quantized_rel_l2_max"] = f"{worst:.3e}"
         logger.warning(f"{path}: fp32 optimizer state stored as 8-bit codes, max relative L2 error {worst:.3e}")
-    save(state, path, metadata=metadata)
+    write_tree(*pack_tree(state), path, metadata, compress_codes=compress)
 
 
 def _holds_codes(state: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import itertools
 import json
 import os
 import struct
@@ -63,11 +64,56 @@ def test_round_trip_every_dtype_and_shape(tmp_path, dtype):
 
 def test_lossless_floats_use_planes_and_compress(tmp_path):
     x = torch.randn(256, 1024) * 0.02
-    q8.save_file({"w": x, "b": x.bfloat16(), "small": x[0, :10].clone()}, tmp_path / "m.q8")
+    small = {"small": x.flatten()[:4095].clone(), "zeros": torch.zeros(4095), "planes": x.flatten()[:4096].clone()}
+    q8.save_file({"w": x, "b": x.bfloat16(), **small}, tmp_path / "m.q8")
     with q8.safe_open(tmp_path / "m.q8") as f:
-        assert f.info("w")["encoding"] == "planes" and f.info("small")["encoding"] == "raw"
+        assert f.info("w")["encoding"] == "planes" and f.info("planes")["encoding"] == "planes"
         assert f.info("w")["stored_bytes"] < 0.9 * x.nbytes
         assert f.info("b")["stored_bytes"] < 0.75 * x.bfloat16().nbytes
+        # under 4096 elements (16 KiB): stored as they are, however well they would compress
+        assert [f.record(n)["encoding"] for n in ("small", "zeros")] == ["raw", "raw"]
+        assert [f.record(n)["segments"][0][3] for n in ("small", "zeros")] == [0, 0]
+
+
+def test_tensors_stored_as_is_are_read_together(tmp_path):
+    """Uncompressed segments are read several per preadv (more than IOV_MAX of them here, with
+    the alignment padding between them), each into memory of its own, from a file or from memory."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(700):
+        tensors[f"q.{i}"] = q8.quantize(torch.randn(64 + i % 3, generator=g), "dynamic", 64)
+        tensors[f"x.{i}"] = torch.randint(0, 9, (i % 5,), dtype=torch.int16)
+    tensors["planes"] = torch.randn(5000, generator=g)  # compressed: read on its own, between batches
+    path = tmp_path / "m.q8"
+    q8.save_file(tensors, path, compress_codes=False)
+    with q8.safe_open(path) as f:
+        assert sum(len(f.record(n)["segments"]) for n in f.keys()) > 2 * os.sysconf("SC_IOV_MAX")
+        got = q8.formats.read_tensors(f, copy=True)
+    with q8.formats.Reader("<bytes>", data=path.read_bytes()) as f:
+        from_memory = q8.formats.read_tensors(f, copy=True)
+    for out in (got, from_memory):
+        assert list(out) == list(tensors)
+        for name, x in tensors.items():
+            y = out[name]
+            if isinstance(x, q8.QTensor):
+                assert torch.equal(y.codes, x.codes) and torch.equal(y.absmax, x.absmax) and y.shape == x.shape
+            else:
+                assert y.dtype == x.dtype and torch.equal(y, x)
+    parts = [t for y in got.values() for t in ((y.codes, y.absmax) if isinstance(y, q8.QTensor) else (y,))]
+    assert len({t.untyped_storage().data_ptr() for t in parts if t.numel()}) == sum(t.numel() > 0 for t in parts)
+
+
+def test_a_writer_starts_writing_back_as_it_goes(tmp_path, monkeypatch):
+    """Every 8 MiB a save asks the kernel to write what it has written so far, so that its
+    final fsync waits for less; the ranges cover the file from its start, in order."""
+    from q8.formats import container
+
+    calls = []
+    monkeypatch.setattr(container, "start_writeback", lambda fd, offset, length: calls.append((offset, length)))
+    tensors = {f"x.{i}": torch.randint(0, 255, (3 << 20,), dtype=torch.uint8) for i in range(7)}
+    q8.save_file(tensors, tmp_path / "m.q8")
+    assert len(calls) >= 2 and calls[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls))
 
 
 def test_quantize_policy(tmp_path):

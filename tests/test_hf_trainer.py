@@ -312,14 +312,25 @@ def plain_run(tmp_path_factory):
     return train(out, trainer_cls=Trainer), out
 
 
-def test_optimizer_file_is_4x_smaller_than_torch(run_of, plain_run):
+def test_optimizer_file_is_3_6x_smaller_than_torch_4x_entropy_coded(run_of, plain_run, tmp_path):
     """AdamW8bit's checkpoint optimizer state (optimizer.q8 plus the placeholder optimizer.pt) against the
-    optimizer.pt of a plain Trainer with torch AdamW, for the same model."""
+    optimizer.pt of a plain Trainer with torch AdamW, for the same model: as Q8Trainer writes it (8-bit
+    state as it is: codes + absmax), and entropy-coded (compress_optimizer_codes=True), which resumes alike."""
     torch_bytes = os.path.getsize(plain_run[1] / f"checkpoint-{SAVE_EVERY}" / "optimizer.pt")
     checkpoint = run_of("adamw8bit")[1] / f"checkpoint-{SAVE_EVERY}"
-    q8_bytes = os.path.getsize(checkpoint / OPTIMIZER_FILE) + os.path.getsize(checkpoint / "optimizer.pt")
-    print(f"optimizer state: torch {torch_bytes:,} B, q8 {q8_bytes:,} B, {torch_bytes / q8_bytes:.2f}x")
-    assert torch_bytes / q8_bytes >= 3.9
+    placeholder = os.path.getsize(checkpoint / "optimizer.pt")
+    q8_bytes = os.path.getsize(checkpoint / OPTIMIZER_FILE) + placeholder
+    trainer = train(tmp_path, compress_optimizer_codes=True, **OPTIMIZERS["adamw8bit"])
+    coded_file = tmp_path / f"checkpoint-{SAVE_EVERY}" / OPTIMIZER_FILE
+    coded = os.path.getsize(coded_file) + placeholder
+    for path, compressed in ((checkpoint / OPTIMIZER_FILE, False), (coded_file, True)):  # the 8-bit codes
+        with q8.safe_open(str(path)) as f:
+            codes = [f.record(n)["segments"][0] for n in f.keys() if f.info(n)["encoding"] == "blockwise"]
+            assert codes and any(seg[3] for seg in codes) == compressed
+    assert loss_at(trainer, STEPS) == loss_at(run_of("adamw8bit")[0], STEPS)
+    print(f"optimizer state: torch {torch_bytes:,} B, q8 {q8_bytes:,} B ({torch_bytes / q8_bytes:.2f}x), "
+          f"entropy-coded {coded:,} B ({torch_bytes / coded:.2f}x)")  # fmt: skip
+    assert torch_bytes / q8_bytes >= 3.6 and torch_bytes / coded >= 3.9
 
 
 def test_resume_plain_checkpoint_and_q8convert_output(fp32_run, plain_run, tmp_path):

@@ -89,6 +89,60 @@ def test_file_is_codes_plus_absmax(tmp_path):
         assert f.info("state.1.exp_avg")["encoding"] != "blockwise"  # 1024 elements: fp32 state, lossless
 
 
+def embedding_model_state(steps: int = 2):
+    """An AdamW8bit state whose embedding rows are mostly untouched (all-zero blocks: codes that
+    entropy-code to a fraction of their size), and small fp32 state."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(512, 64), torch.nn.Linear(64, 32))
+    opt = AdamW8bit(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(torch.randint(0, 16, (4, 8))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def compressions(path) -> dict[str, list[int]]:
+    """Each tensor's segment compressions (0 raw, 1 zstd, 2 Huffman), from the file's index."""
+    with q8.safe_open(path) as f:
+        return {name: [seg[3] for seg in f.record(name)["segments"]] for name in f.keys()}
+
+
+@pytest.mark.parametrize("save", [q8.save_optimizer, lambda *a, **k: q8.async_save_optimizer(*a, **k).result()])
+def test_codes_stored_as_is_unless_compress_codes(save, tmp_path):
+    """Optimizer files keep 8-bit state as it is by default (fast); compress_codes=True
+    entropy-codes it (smaller); both load bit-exactly, and so does either into the other's place."""
+    model, opt = embedding_model_state()
+    fast, small = tmp_path / "fast.q8", tmp_path / "small.q8"
+    save(opt, fast)
+    save(opt, small, compress_codes=True)
+    assert all(c == [0] * len(c) for c in compressions(fast).values())  # every segment raw
+    assert compressions(small)["state.0.exp_avg"][0] != 0  # the codes, Huffman or zstd coded
+    assert os.path.getsize(small) < 0.5 * os.path.getsize(fast)
+    for path in (fast, small):
+        again = AdamW8bit(model.parameters(), lr=1e-2)
+        q8.load_optimizer(again, path)
+        assert_equal_lists(state_bytes(again), state_bytes(opt))
+    with pytest.raises(TypeError, match="compress_codes must be a bool"):
+        q8.save_optimizer(opt, fast, compress_codes="yes")
+
+
+@pytest.mark.parametrize("tensor", ["state.0.exp_avg", "state.0.exp_avg_sq", "state.1.exp_avg", "state.2.exp_avg_sq"])
+@pytest.mark.parametrize("segment", [0, -1])
+def test_a_flipped_byte_in_a_batched_read_names_its_tensor(tensor, segment, tmp_path):
+    """Neighbouring segments are read together; each is still checked, and an error names its tensor."""
+    model, opt = embedding_model_state()
+    path = tmp_path / "opt.q8"
+    q8.save_optimizer(opt, path)
+    with q8.safe_open(path) as f:
+        offset, stored = f.record(tensor)["segments"][segment][:2]
+    data = bytearray(path.read_bytes())
+    data[offset + stored // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(q8.FormatError, match=rf"opt\.q8, tensor '{tensor}': checksum mismatch in segment at {offset}"):
+        q8.load_optimizer(AdamW8bit(model.parameters()), path)
+
+
 def test_errors_name_the_file(tmp_path):
     model, batches = model_and_data()
     opt = AdamW8bit(model.parameters())

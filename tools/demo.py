@@ -475,8 +475,10 @@ def section_optim() -> None:
           f"exact Adam's own bound, {bound:.2f} lr at step 8: docs/OPTIMIZER_STATE.md)")  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "opt.q8"
-        q8.save_optimizer(opt, path)
+        q8.save_optimizer(opt, path)  # 8-bit state as it is: at the speed of torch.save
         size = path.stat().st_size
+        q8.save_optimizer(opt, path, compress_codes=True)  # entropy-coded: the smallest file
+        compressed = path.stat().st_size
         resumed = copy.deepcopy(model)
         resumed_opt = q8.optim.AdamW8bit(resumed.parameters(), lr=1e-3)
         q8.load_optimizer(resumed_opt, path)
@@ -484,8 +486,8 @@ def section_optim() -> None:
     train(model, opt, more)
     train(resumed, resumed_opt, more)
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters(), strict=True))
-    print(f"q8.save_optimizer -> {size:,} bytes; q8.load_optimizer into a fresh optimizer, 4 more steps: "
-          f"parameters identical to the uninterrupted run: {same}")  # fmt: skip
+    print(f"q8.save_optimizer -> {size:,} bytes ({compressed:,} with compress_codes=True); q8.load_optimizer "
+          f"into a fresh optimizer, 4 more steps: parameters identical to the uninterrupted run: {same}")  # fmt: skip
     try:  # uint8 codes read as floats would be garbage: torch refuses q8's state dict (its extra mark group)
         torch.optim.AdamW(model.parameters()).load_state_dict(opt.state_dict())
     except ValueError as e:
