@@ -40,7 +40,7 @@ class Code:
         >>> code = q8.Code("tiny", torch.linspace(-1, 1, 255).tolist() + [2.0])  # doctest: +SKIP
     """
 
-    __slots__ = ("_hash", "_thresholds", "_trees", "name", "signed", "values", "zero_index")
+    __slots__ = ("_buckets", "_hash", "_thresholds", "_trees", "name", "signed", "values", "zero_index")
 
     def __init__(self, name: str, values: torch.Tensor | list[float]) -> None:
         if not isinstance(name, str) or not name:
@@ -61,6 +61,7 @@ class Code:
         self._hash = hash((name, tuple(table.tolist())))
         self._thresholds: torch.Tensor | None = None
         self._trees: torch.Tensor | None = None
+        self._buckets: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -84,6 +85,15 @@ class Code:
             self._trees = torch.stack([torch.cat([search_tree(k), pad]) for k in keys])
         return self._trees
 
+    @property
+    def bucket_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`bucket_table` of the thresholds and of values[1..255] (the keys of the two search
+        trees): the same counts with one table look-up and one comparison (codec/q8_codec.h).
+        None where the table has no small bucket table (the trees are used then)."""
+        if self._buckets is None:
+            self._buckets = (bucket_table(self.thresholds), bucket_table(self.values[1:]))
+        return self._buckets
+
     def __eq__(self, other: object) -> bool:
         if self is other:  # the usual case (get_code's tables): no comparison of values
             return True
@@ -103,6 +113,98 @@ def search_tree(keys: torch.Tensor) -> torch.Tensor:
     the number of keys <= q."""
     order = torch.cat([(2 * torch.arange(1 << k) + 1) * (1 << (7 - k)) - 1 for k in range(8)])
     return keys[order]
+
+
+BUCKET_ENTRIES = 4096
+"""Largest bucket table (int32 entries, 16 KiB): it must stay in the L1 cache."""
+
+
+def bucket_table(keys: torch.Tensor) -> torch.Tensor | None:
+    """int32: a table giving #{keys <= q} for any fp32 q in [-1, 1] with ONE comparison.
+
+    A bucket is a range of |q|'s bit patterns u sharing u >> shift (the exponent and the top
+    23 - shift mantissa bits), numbered from base = (min |key| bits - 1) >> shift up to the
+    bucket of 1.0 (n buckets); u is clamped into that range (no key lies below it). The
+    shift is the largest that leaves at most one key per bucket and sign, so that within a
+    bucket the count is the entry's count of the keys below plus one comparison with the
+    bit remainder r = u & mask (mask = 2**shift - 1) of the bucket's key:
+
+        entry = count << 24 | rk,  #{keys <= q} = count + (r' >= rk)
+
+    with r' = r for q >= +0 (rk the key's remainder) and r' = mask - r for q < 0 (rk = mask -
+    the key's remainder: a larger |q| passes fewer negative keys); rk = mask + 1 when the
+    bucket holds no key. Layout: [shift, base, n, halves, entries of q >= 0 ..., entries of
+    q < 0 ...]; halves = 1 when no key is negative (a negative q then counts as +0).
+
+    None when no shift gives at most BUCKET_ENTRIES entries, or a key is +-0 (the trees are
+    used then). Every entry is checked against a binary search of its bucket's ends."""
+    k = keys.to(torch.float32).contiguous()
+    bits = k.view(torch.int32).long()
+    u = bits & 0x7FFFFFFF
+    if k.numel() == 0 or bool((u == 0).any()):
+        return None
+    negative = bits < 0
+    halves = 2 if bool(negative.any()) else 1
+    top = 0x3F800000  # 1.0
+    for shift in range(23, -1, -1):
+        base = (int(u.min()) - 1) >> shift
+        n = (top >> shift) - base + 1
+        if n * halves > BUCKET_ENTRIES:
+            return None
+        bucket = (u >> shift) - base
+        inside = bucket < n
+        if all(
+            torch.unique(bucket[inside & (negative == neg)]).numel() == int((inside & (negative == neg)).sum())
+            for neg in (False, True)
+        ):
+            break
+    mask = (1 << shift) - 1
+    first = (torch.arange(n, dtype=torch.int64) + base) << shift  # lowest u of each bucket
+    last = first + mask
+    as_float = lambda b: b.to(torch.int32).view(torch.float32)  # noqa: E731
+    sorted_keys = k.sort().values
+    counts = [torch.searchsorted(sorted_keys, as_float(first), right=False)]  # q >= 0: keys < the bucket
+    remainders = [torch.full((n,), mask + 1, dtype=torch.int64)]
+    if halves == 2:
+        counts.append(torch.searchsorted(sorted_keys, -as_float(last), right=False))  # q < 0: keys below -|q|
+        remainders.append(remainders[0].clone())
+    for neg in range(halves):
+        own = inside & (negative == bool(neg))
+        r = u[own] & mask
+        remainders[neg][bucket[own]] = mask - r if neg else r
+    entries = torch.cat([(c << 24) | r for c, r in zip(counts, remainders, strict=True)])
+    table = torch.cat([torch.tensor([shift, base, n, halves]), entries]).to(torch.int32)
+    _check_buckets(table, sorted_keys)
+    return table
+
+
+def _check_buckets(table: torch.Tensor, sorted_keys: torch.Tensor) -> None:
+    """The table's count at both ends of every bucket (and next to each key) equals a binary search."""
+    shift, base, n, halves = table[:4].tolist()
+    u = ((torch.arange(n, dtype=torch.int64) + base) << shift).repeat_interleave(2)
+    u[1::2] += (1 << shift) - 1
+    key_u = sorted_keys.view(torch.int32).long() & 0x7FFFFFFF
+    u = torch.cat([u, key_u, key_u - 1, key_u + 1]).clamp(0, 0x3F800000)
+    q = u.to(torch.int32).view(torch.float32)
+    q = torch.cat([q, -q] if halves == 2 else [q])
+    want = torch.searchsorted(sorted_keys, q, right=True)
+    got = bucket_counts(table, q)
+    if not torch.equal(got, want):
+        raise AssertionError(f"bucket table disagrees with the keys at q = {q[got != want][:4].tolist()}")
+
+
+def bucket_counts(table: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """#{keys <= q} for fp32 q in [-1, 1] through a `bucket_table` (the rule of the C look-up)."""
+    shift, base, n, halves = table[:4].tolist()
+    mask = (1 << shift) - 1
+    bits = q.to(torch.float32).contiguous().view(torch.int32).long()
+    negative = (bits < 0) & (halves == 2)
+    u = torch.where((bits < 0) & (halves == 1), 0, bits & 0x7FFFFFFF)
+    u = u.clamp(base << shift, ((base + n - 1) << shift) | mask)
+    index = (u >> shift) - base + torch.where(negative, n, 0)
+    r = torch.where(negative, mask - (u & mask), u & mask)
+    entry = table[4:].long()[index] & 0xFFFFFFFF
+    return (entry >> 24) + (r >= (entry & 0xFFFFFF)).long()
 
 
 def _thresholds(values: torch.Tensor) -> torch.Tensor:

@@ -333,6 +333,44 @@ Q8_AVX512 static inline void q8_encode_block_avx512(const float *x, int64_t len,
     }
 }
 
+/* The stochastic rule's draws (q8_draw) of elements index0 + i + lane, as 16 floats. */
+Q8_AVX512 static inline __m512 q8_draw16(uint32_t key, uint64_t base) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i low = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), iota);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(low, _mm512_set1_epi32((int)(uint32_t)base));
+    const __m512i high = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(base >> 32)), carry,
+                                               _mm512_set1_epi32((int)(uint32_t)(base >> 32)), one);
+    __m512i u = _mm512_xor_si512(low, _mm512_set1_epi32((int)key));
+    for (int r = 0; r < 2; r++) {
+        u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 16));
+        u = _mm512_mullo_epi32(u, _mm512_set1_epi32(0x7feb352d));
+        u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 15));
+        u = _mm512_mullo_epi32(u, _mm512_set1_epi32((int)0x846ca68bu));
+        u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 16));
+        if (r == 0) u = _mm512_xor_si512(u, high);
+    }
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 8)), _mm512_set1_ps(0x1p-24f));
+}
+
+/* The stochastic rule's last steps for 16 elements: f = floor index, lo = values[f], hi =
+ * values[f + 1]; f + 1 when the draw is below (q - lo) / (hi - lo) (f < 255), and a
+ * positive x never takes zero_code. */
+Q8_AVX512 static inline __m512i q8_round_up16(__m512i f, __m512 q, __m512 lo, __m512 hi, __m512 xv, __m512 draw,
+                                              uint8_t zero_code) {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512 frac = _mm512_div_ps(_mm512_sub_ps(q, lo), _mm512_sub_ps(hi, lo));
+    const __mmask16 below_top = _mm512_cmplt_epi32_mask(f, _mm512_set1_epi32(255));
+    const __mmask16 up = _mm512_mask_cmp_ps_mask(below_top, draw, frac, _CMP_LT_OQ);
+    f = _mm512_mask_add_epi32(f, up, f, one);
+    if (zero_code < 255) {
+        const __mmask16 positive = _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __mmask16 at_zero = _mm512_mask_cmpeq_epi32_mask(positive, f, _mm512_set1_epi32(zero_code));
+        f = _mm512_mask_add_epi32(f, at_zero, f, one);
+    }
+    return f;
+}
+
 Q8_AVX512 static inline void q8_encode_block_stochastic_avx512(const float *x, int64_t len, float m,
                                                                const float *tree, float value0,
                                                                uint8_t zero_code, uint32_t key, int64_t index0,
@@ -342,8 +380,7 @@ Q8_AVX512 static inline void q8_encode_block_stochastic_avx512(const float *x, i
         return;
     }
     const __m512 mv = _mm512_set1_ps(m);
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_set1_epi32(zero_code);
+    const __m512i one = _mm512_set1_epi32(1);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 lanes = q8_lanes(len - i);
         const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
@@ -357,30 +394,86 @@ Q8_AVX512 static inline void q8_encode_block_stochastic_avx512(const float *x, i
             hi = _mm512_mask_mov_ps(hi, (__mmask16)~le, keyv);
             j = _mm512_mask_add_epi32(_mm512_add_epi32(j, j), le, _mm512_add_epi32(j, j), one);
         }
-        /* u = mix32(mix32(low32(index) ^ key) ^ high32(index)), index = index0 + i + lane */
-        const uint64_t base = (uint64_t)(index0 + i);
-        const __m512i low = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), iota);
-        const __mmask16 carry = _mm512_cmplt_epu32_mask(low, _mm512_set1_epi32((int)(uint32_t)base));
-        const __m512i high = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(base >> 32)), carry,
-                                                   _mm512_set1_epi32((int)(uint32_t)(base >> 32)), one);
-        __m512i u = _mm512_xor_si512(low, _mm512_set1_epi32((int)key));
-        for (int r = 0; r < 2; r++) {
-            u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 16));
-            u = _mm512_mullo_epi32(u, _mm512_set1_epi32(0x7feb352d));
-            u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 15));
-            u = _mm512_mullo_epi32(u, _mm512_set1_epi32((int)0x846ca68bu));
-            u = _mm512_xor_si512(u, _mm512_srli_epi32(u, 16));
-            if (r == 0) u = _mm512_xor_si512(u, high);
-        }
-        const __m512 draw = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 8)), _mm512_set1_ps(0x1p-24f));
-        const __m512 frac = _mm512_div_ps(_mm512_sub_ps(q, lo), _mm512_sub_ps(hi, lo));
-        const __mmask16 below_top = _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32(255));
-        const __mmask16 up = _mm512_mask_cmp_ps_mask(below_top, draw, frac, _CMP_LT_OQ);
-        j = _mm512_mask_add_epi32(j, up, j, one);
-        if (zero_code < 255) {
-            const __mmask16 positive = _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GT_OQ);
-            const __mmask16 at_zero = _mm512_mask_cmpeq_epi32_mask(positive, j, zero);
-            j = _mm512_mask_add_epi32(j, at_zero, j, one);
+        j = q8_round_up16(j, q, lo, hi, xv, q8_draw16(key, (uint64_t)(index0 + i)), zero_code);
+        _mm_mask_storeu_epi8(codes + i, lanes, _mm512_cvtepi32_epi8(j));
+    }
+}
+
+/* ---- Bucket tables: the count of keys <= q with one look-up and one comparison --------------
+ *
+ * codec/codes.py::bucket_table builds, for a tree's 255 keys, a table over buckets of |q|'s
+ * bit pattern u (u >> shift, clamped to the table's range) holding per bucket the count of
+ * keys below it and the bit remainder of the one key inside it (if any); layout [shift,
+ * base, n, halves, entries...], entry = count << 24 | remainder. The count is then
+ * count + (r' >= remainder), r' = u & mask, or mask - (u & mask) for a negative q (whose
+ * entries follow the positive ones when halves == 2; with halves == 1 no key is negative
+ * and a negative q counts as +0). The table is checked when it is built; the same counts as
+ * the trees (same codes, bit for bit), with no float operation at all. */
+typedef struct {
+    const int32_t *entries;
+    __m512i lo, hi, shift, base, n, mask;
+    int halves;
+} q8_buckets;
+
+Q8_AVX512 static inline q8_buckets q8_load_buckets(const int32_t *t) {
+    const int32_t shift = t[0], base = t[1], n = t[2], mask = (int32_t)((1u << shift) - 1u);
+    const q8_buckets b = {t + 4,
+                          _mm512_set1_epi32((int32_t)((uint32_t)base << shift)),
+                          _mm512_set1_epi32((int32_t)(((uint32_t)(base + n - 1) << shift) | (uint32_t)mask)),
+                          _mm512_set1_epi32(shift),
+                          _mm512_set1_epi32(base),
+                          _mm512_set1_epi32(n),
+                          _mm512_set1_epi32(mask),
+                          t[3]};
+    return b;
+}
+
+/* #{keys <= q} for 16 values of q in [-1, 1]. */
+Q8_AVX512 static inline __m512i q8_bucket_count(const q8_buckets *b, __m512 q) {
+    const __m512i bits = _mm512_castps_si512(q);
+    const __mmask16 negative = _mm512_movepi32_mask(bits);
+    __m512i u = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+    if (b->halves == 1) u = _mm512_mask_mov_epi32(u, negative, _mm512_setzero_si512());
+    u = _mm512_min_epu32(_mm512_max_epu32(u, b->lo), b->hi);
+    __m512i index = _mm512_sub_epi32(_mm512_srlv_epi32(u, b->shift), b->base);
+    __m512i r = _mm512_and_si512(u, b->mask);
+    if (b->halves == 2) {
+        index = _mm512_mask_add_epi32(index, negative, index, b->n);
+        r = _mm512_mask_xor_epi32(r, negative, r, b->mask);
+    }
+    const __m512i entry = _mm512_i32gather_epi32(index, b->entries, 4);
+    const __m512i count = _mm512_srli_epi32(entry, 24);
+    const __mmask16 above = _mm512_cmpge_epi32_mask(r, _mm512_and_si512(entry, _mm512_set1_epi32(0xffffff)));
+    return _mm512_mask_add_epi32(count, above, count, _mm512_set1_epi32(1));
+}
+
+/* One block's codes through a bucket table (same codes as the trees): values NULL, the
+ * nearest codes (the thresholds' table); else stochastic rounding (the table of
+ * values[1..255], and the values themselves). */
+Q8_AVX512 static inline void q8_encode_block_buckets_avx512(const float *x, int64_t len, float m,
+                                                            const int32_t *table, const float *values,
+                                                            uint8_t zero_code, uint32_t key, int64_t index0,
+                                                            uint8_t *codes) {
+    if (m == 0.0f) {
+        memset(codes, zero_code, (size_t)len);
+        return;
+    }
+    const q8_buckets b = q8_load_buckets(table);
+    const __m512 mv = _mm512_set1_ps(m);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 lanes = q8_lanes(len - i);
+        const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
+        const __m512 q = _mm512_div_ps(xv, mv);
+        __m512i j = q8_bucket_count(&b, q);
+        if (values) {
+            /* (values[j], values[j + 1]) as 64-bit pairs, j clamped to 254 (unused at j = 255) */
+            const __m512i pair = _mm512_min_epi32(j, _mm512_set1_epi32(254));
+            const __m512 p0 = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_castsi512_si256(pair), values, 4));
+            const __m512 p1 = _mm512_castpd_ps(_mm512_i32gather_pd(_mm512_extracti64x4_epi64(pair, 1), values, 4));
+            const __m512 lo = _mm512_permutex2var_ps(p0, even, p1);
+            const __m512 hi = _mm512_permutex2var_ps(p0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), p1);
+            j = q8_round_up16(j, q, lo, hi, xv, q8_draw16(key, (uint64_t)(index0 + i)), zero_code);
         }
         _mm_mask_storeu_epi8(codes + i, lanes, _mm512_cvtepi32_epi8(j));
     }

@@ -33,6 +33,7 @@
 #define Q8_SLOTS 3
 #define Q8_HYPER 12 /* per-step constants of a rule: h[0..11] (unused ones are 0) */
 #define Q8_FP32_BLOCK 1024 /* elements per block of a parameter whose state is all fp32 */
+#define Q8_PREFETCH 4096 /* elements ahead of the block in hand that step_blocks asks for */
 #define Q8_OK (-1)
 #define Q8_SKIPPED (-2)
 
@@ -45,8 +46,10 @@ typedef struct {
     uint8_t *codes;      /* 8-bit state: codes, */
     float *absmax;       /* one absmax per block, */
     const float *table;  /* the table it is stored in (decoding), */
-    const float *tree;   /* and the search tree it is encoded with (thresholds or values[1..255]) */
-    float value0;        /* values[0] of the encoding table (stochastic rounding) */
+    const float *tree;   /* and the search tree it is encoded with (thresholds or values[1..255]), */
+    const int32_t *buckets; /* the bucket table of the same keys (NULL: none; the tree then), */
+    const float *values; /* the values of the encoding table (stochastic rounding), */
+    float value0;        /* and values[0] */
     uint8_t zero_code;
 } q8_slot;
 
@@ -292,6 +295,11 @@ static inline __attribute__((always_inline)) int encode_slot(const q8_slot *s, c
     if (!finite) return 0;
     s->absmax[b] = m;
 #if Q8_HAVE_AVX512
+    if (avx512 && s->buckets) {
+        q8_encode_block_buckets_avx512(x, len, m, s->buckets, s->kind == SLOT_NEAREST ? NULL : s->values,
+                                       s->zero_code, q->key, q->offset + start, s->codes + start);
+        return 1;
+    }
     if (avx512) {
         if (s->kind == SLOT_NEAREST)
             q8_encode_block_avx512(x, len, m, s->tree, s->zero_code, s->codes + start);
@@ -364,8 +372,7 @@ static inline __attribute__((always_inline)) float *load_block(void *src, int dt
 }
 
 /* Pass 1: a parameter whose gradient holds NaN or inf gets status Q8_SKIPPED. */
-Q8_CLONES static int64_t check_blocks(const void *job, int64_t b0, int64_t b1) {
-    const q8_call *c = job;
+static inline __attribute__((always_inline)) int64_t check_blocks(const q8_call *c, int64_t b0, int64_t b1) {
     float buf[Q8_MAX_BLOCKSIZE];
     FOR_BLOCKS(c, b0, b1, q, i, b) {
         int64_t len;
@@ -377,6 +384,25 @@ Q8_CLONES static int64_t check_blocks(const void *job, int64_t b0, int64_t b1) {
     return -1;
 }
 
+/* Ask for every stream's elements [start, end) of a parameter (its values, gradient and
+ * state) ahead of their use, into L2: with the hardware prefetcher alone the block loop
+ * waited on memory at each block's first loads (perf: a third of the step's samples on the
+ * loads of p and g), its phases (decode, rule, encode) touching the streams at different
+ * times; with these requests a large AdamW step took 16-39% less CPU time (BENCHMARKS.md). */
+static inline void prefetch_elements(const q8_param *q, int64_t start, int64_t end) {
+    if (end > q->n) end = q->n;
+    const int psize = q->p_dtype == DT_FP32 ? 4 : 2, gsize = q->g_dtype == DT_FP32 ? 4 : 2;
+    for (int64_t e = start; e < end; e += 16) { /* one 64-byte line of fp32 per 16 elements */
+        __builtin_prefetch((const char *)q->p + e * psize, 1, 2);
+        __builtin_prefetch((const char *)q->g + e * gsize, 0, 2);
+        for (int k = 0; k < Q8_SLOTS; k++) {
+            const q8_slot *s = &q->s[k];
+            if (s->kind == SLOT_FP32) __builtin_prefetch(s->data + e, 1, 2);
+            else if (s->kind != SLOT_ABSENT && (e - start) % 64 == 0) __builtin_prefetch(s->codes + e, 1, 2);
+        }
+    }
+}
+
 /* The step of blocks [b0, b1) of the call with `rule`: the skeleton every optimizer shares. */
 static inline __attribute__((always_inline)) int64_t step_blocks(const q8_call *c, int64_t b0, int64_t b1,
                                                                  q8_rule_fn rule, int avx512) {
@@ -385,6 +411,7 @@ static inline __attribute__((always_inline)) int64_t step_blocks(const q8_call *
         if (c->status[i] == Q8_SKIPPED) continue;
         int64_t len;
         const int64_t start = q8_block_start(&q->layout, b, &len);
+        prefetch_elements(q, start + Q8_PREFETCH, start + Q8_PREFETCH + len);
         float *restrict p = load_block(q->p, q->p_dtype, 0, start, len, pbuf);
         const float *restrict g = load_block((void *)q->g, q->g_dtype, q->negate, start, len, gbuf);
         for (int k = 0; k < Q8_SLOTS; k++) decode_slot(&q->s[k], b, start, len, s[k], avx512);
@@ -444,12 +471,18 @@ static inline __attribute__((always_inline)) int64_t norm_blocks(const q8_call *
 }
 
 /* x86-64: an AVX-512 build of each loop chosen at run time where the CPU has it, and a
- * portable one (an AVX2 clone where available); the same IEEE operations in each. */
+ * portable one (an AVX2 clone where available); the same IEEE operations in each. The
+ * AVX-512 build encodes through the tables' bucket tables where they have one (one look-up
+ * and one integer comparison per element), the portable one through the search trees:
+ * the same codes (codec/q8_codec.h). */
 #if Q8_HAVE_AVX512
 #define Q8_FAST Q8_AVX512
 #else
 #define Q8_FAST
 #endif
+
+Q8_FAST static int64_t check_fast(const void *c, int64_t b0, int64_t b1) { return check_blocks(c, b0, b1); }
+Q8_CLONES static int64_t check_portable(const void *c, int64_t b0, int64_t b1) { return check_blocks(c, b0, b1); }
 
 /* Plug a rule into the shared loops: name##_fast (AVX-512) and name##_portable. */
 #define Q8_RULE(name, rule)                                                                        \
@@ -507,7 +540,7 @@ enum {
     F_G, F_G_DTYPE, F_STEP, F_H, F_TRUST, /* per step */
     F_P, F_P_DTYPE, F_NEGATE, F_N, F_ROW_LENGTH, F_BLOCKSIZE, F_OFFSET, F_SEED, F_SLOTS
 };
-enum { S_KIND, S_DATA, S_ABSMAX, S_TABLE, S_TREE, S_VALUE0, S_ZERO, S_FIELDS };
+enum { S_KIND, S_DATA, S_ABSMAX, S_TABLE, S_TREE, S_BUCKETS, S_VALUES, S_VALUE0, S_ZERO, S_FIELDS };
 #define RECORD (F_SLOTS + Q8_SLOTS * S_FIELDS)
 
 static int parse_params(const int64_t *rec, int64_t nparams, q8_param *params, int64_t *first_block) {
@@ -533,7 +566,8 @@ static int parse_params(const int64_t *rec, int64_t nparams, q8_param *params, i
             const uint32_t v0 = (uint32_t)f[S_VALUE0];
             memcpy(&value0, &v0, 4);
             q->s[k] = (q8_slot){(int)f[S_KIND], (float *)f[S_DATA], (uint8_t *)f[S_DATA], (float *)f[S_ABSMAX],
-                                (const float *)f[S_TABLE], (const float *)f[S_TREE], value0, (uint8_t)f[S_ZERO]};
+                                (const float *)f[S_TABLE], (const float *)f[S_TREE], (const int32_t *)f[S_BUCKETS],
+                                (const float *)f[S_VALUES], value0, (uint8_t)f[S_ZERO]};
         }
         first_block[i] = total;
         total += q->nblocks;
@@ -591,9 +625,10 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
         release(&r);
         return NULL;
     }
-    const q8_blocks_fn fn = RULES[rule].step[use_simd && q8_has_avx512()];
+    const int fast = use_simd && q8_has_avx512();
+    const q8_blocks_fn fn = RULES[rule].step[fast];
     Py_BEGIN_ALLOW_THREADS
-    q8_parallel_blocks(check_blocks, &r.call, 0, r.total, threads);
+    q8_parallel_blocks(fast ? check_fast : check_portable, &r.call, 0, r.total, threads);
     q8_parallel_blocks(fn, &r.call, 0, r.total, threads);
     Py_END_ALLOW_THREADS
     release(&r);
@@ -628,6 +663,41 @@ static PyObject *py_norm_pass(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* One block through encode_slot, the encoder the step uses (tests compare its bucket-table
+ * and tree forms on chosen values). */
+static PyObject *py_encode_block(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, codes = {0};
+    long long kind, tree, buckets, values, value0_bits, zero_code, key, index0;
+    if (!PyArg_ParseTuple(args, "y*w*LLLLLLLL", &x, &codes, &kind, &tree, &buckets, &values, &value0_bits,
+                          &zero_code, &key, &index0))
+        return NULL;
+    const int64_t len = (int64_t)(x.len / 4);
+    PyObject *result = NULL;
+    if (len < 1 || len > Q8_MAX_BLOCKSIZE || codes.len != (Py_ssize_t)len ||
+        (kind != SLOT_NEAREST && kind != SLOT_STOCHASTIC)) {
+        PyErr_SetString(PyExc_ValueError, "encode_block: 1..4096 fp32 values, as many codes, an 8-bit slot kind");
+    } else {
+        float absmax = 0.0f, value0;
+        const uint32_t v0 = (uint32_t)value0_bits;
+        memcpy(&value0, &v0, 4);
+        const q8_slot slot = {(int)kind, NULL, codes.buf, &absmax, NULL, (const float *)tree,
+                              (const int32_t *)buckets, (const float *)values, value0, (uint8_t)zero_code};
+        q8_param q = {0};
+        q.key = (uint32_t)key;
+        q.offset = index0;
+        int finite;
+        Py_BEGIN_ALLOW_THREADS
+        Q8_SAVE_FP_MODE
+        finite = encode_slot(&slot, &q, 0, 0, len, x.buf, use_simd && q8_has_avx512());
+        Q8_RESTORE_FP_MODE
+        Py_END_ALLOW_THREADS
+        result = finite ? PyFloat_FromDouble(absmax) : Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&codes);
+    return result;
+}
+
 static PyObject *py_set_simd(PyObject *self, PyObject *args) {
     int enabled, before = use_simd;
     if (!PyArg_ParseTuple(args, "p", &enabled)) return NULL;
@@ -650,6 +720,9 @@ static PyMethodDef methods[] = {
     {"norm_pass", py_norm_pass, METH_VARARGS,
      "norm_pass(rule, pass, records, status, maxes, scales, sums, threads): pass 0 fills maxes (fp32, 2 per "
      "parameter, preset to 0), pass 1 adds the exact squares' sums (int64 hi, lo per norm) for the given scales"},
+    {"encode_block", py_encode_block, METH_VARARGS,
+     "encode_block(x, codes, kind, tree, buckets, values, value0_bits, zero_code, key, index0) -> absmax or None: "
+     "one block of fp32 x encoded as the step encodes a slot (addresses as in a record; buckets 0: the tree)"},
     {"rule_index", py_rule_index, METH_VARARGS, "rule_index(name) -> the rule's number, or -1"},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(enabled) -> the previous setting: whether the AVX-512 loops run where the CPU has them (tests "

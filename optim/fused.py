@@ -171,23 +171,33 @@ def _bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def _code_fields(target: Code) -> tuple[int, int, int, int]:
+def _code_fields(target: Code) -> tuple[int, ...]:
     """What a slot's C record takes from the table it is encoded in: kind, encode tree,
-    values[0] bits, zero code (the same for every parameter of a group)."""
-    tree = target.search_trees[0 if target.signed else 1]
+    its bucket table (0: none), the values, values[0] bits, zero code (the same for every
+    parameter of a group)."""
+    keys = 0 if target.signed else 1  # nearest: the thresholds; stochastic: values[1..255]
+    buckets = target.bucket_tables[keys]
     kind = _SLOT_KINDS["nearest" if target.signed else "stochastic"]
-    return kind, tree.data_ptr(), _bits(float(target.values[0])), target.zero_index
+    return (
+        kind,
+        target.search_trees[keys].data_ptr(),
+        0 if buckets is None else buckets.data_ptr(),
+        target.values.data_ptr(),
+        _bits(float(target.values[0])),
+        target.zero_index,
+    )
 
 
-def _slot_fields(entry, fields: tuple[int, int, int, int] | None) -> list[int]:
+def _slot_fields(entry, fields: tuple[int, ...] | None) -> list[int]:
     """One slot of a C record: kind, data (fp32 values or codes), absmax, decode table,
-    encode tree, values[0] bits, zero code (`fields`: `_code_fields` of its table)."""
+    encode tree, bucket table, values, values[0] bits, zero code (`fields`: `_code_fields`
+    of its table)."""
     if entry is None:
-        return [0] * 7
+        return [0] * 9
     if not isinstance(entry, QTensor):
-        return [_SLOT_KINDS["fp32"], entry.data_ptr(), 0, 0, 0, 0, 0]
-    kind, tree, value0, zero = fields
-    return [kind, entry.codes.data_ptr(), entry.absmax.data_ptr(), entry.code.values.data_ptr(), tree, value0, zero]
+        return [_SLOT_KINDS["fp32"], entry.data_ptr(), *[0] * 7]
+    kind, *encoding = fields
+    return [kind, entry.codes.data_ptr(), entry.absmax.data_ptr(), entry.code.values.data_ptr(), *encoding]
 
 
 def _layout(entries: list, n: int) -> tuple[int, int] | None:
@@ -210,7 +220,7 @@ def cpu_step(opt, work: list) -> None:
         if sharded and not all_finite(grad):  # every rank skips the same parameters
             warn_skipped(opt, p)
             continue
-        local_p, g = (local(p).detach(), local(grad).detach()) if sharded else (p.detach(), grad.detach())
+        local_p, g = (local(p), local(grad)) if sharded else (p, grad)  # the step runs under no_grad
         target = local_p if local_p.is_contiguous() else local_p.contiguous()
         g = g if g.is_contiguous() else g.contiguous()
         if id(group) not in per_group:
