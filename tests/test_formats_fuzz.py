@@ -30,8 +30,9 @@ FUZZ_EXAMPLES = int(os.environ.get("Q8_FUZZ_EXAMPLES", "2000"))
 
 @functools.cache
 def _originals() -> dict[str, bytes | object]:
-    """Small valid files covering every encoding (raw, planes, blockwise, zstd or not) and a
-    nested state, with what they must load to."""
+    """Small valid files covering every encoding (raw, planes, blockwise, zstd or not), a
+    nested state and an optimizer file (8-bit state stored as is, read in batches), with
+    what they must load to."""
     g = torch.Generator().manual_seed(0)
     tensors = {
         "planes": torch.randn(1500, generator=g) * 0.02,
@@ -51,6 +52,12 @@ def _originals() -> dict[str, bytes | object]:
         q8.save(state, Path(d) / "s.q8")
         out["tensors"] = ((Path(d) / "t.q8").read_bytes(), tensors)
         out["state"] = ((Path(d) / "s.q8").read_bytes(), state)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+        opt = q8.optim.AdamW8bit(model.parameters(), min_8bit_size=1024, blocksize=256)
+        model(torch.randn(4, 64, generator=g)).square().sum().backward()
+        opt.step()
+        q8.optim.save_optimizer(opt, Path(d) / "o.q8")
+        out["optimizer"] = ((Path(d) / "o.q8").read_bytes(), q8.optim.load_optimizer_state_dict(Path(d) / "o.q8"))
     for name, build in hostile.CASES.items():  # expected None: each must fail to load, until mutated
         out[name] = (build()[0], None)
     return out
@@ -104,7 +111,7 @@ def test_mutated_files_load_identical_or_raise_format_error(tmp_path_factory, da
     blob, expected = _originals()[which]
     path = tmp_path_factory.getbasetemp() / "fuzz.q8"
     path.write_bytes(_mutate(data, blob))
-    load = q8.load_file if which == "tensors" else q8.load
+    load = {"tensors": q8.load_file, "optimizer": q8.optim.load_optimizer_state_dict}.get(which, q8.load)
     try:
         loaded = load(path)
     except q8.FormatError as e:
