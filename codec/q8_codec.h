@@ -314,6 +314,34 @@ Q8_AVX512 static inline void q8_decode_block_avx512(const uint8_t *codes, int64_
     }
 }
 
+/* x / m for 16 lanes, the same binary32 quotients as _mm512_div_ps(x, m) without the divider
+ * (the step's bottleneck): x * RN64(1 / m) in binary64, rounded to binary32. Why that is the
+ * correctly rounded quotient: with x = X 2^a, m = M 2^b (X, M < 2^24 integers), a binary32
+ * rounding midpoint T 2^c (T < 2^25 odd) is never x / m (T M would need 24 bits), and
+ * |x / m - T 2^c| / (T 2^c) >= 1 / (T M) > 2^-49, while the binary64 quotient is within
+ * 2^-52 relative of x / m: both lie on the same side of every midpoint. That bound needs a
+ * normal binary32 result; lanes whose quotient is subnormal (rare: |x| < 2^-126 m) take the
+ * division. `inv` is RN64(1 / m) in every lane. */
+Q8_AVX512 static inline __m512 q8_quotient16(__m512 x, __m512 m, __m512d inv) {
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), inv));
+    const __m256 hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1)), inv));
+    const __m512 q = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+    const __m512i mag = _mm512_and_si512(_mm512_castps_si512(q), _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 subnormal = _mm512_test_epi32_mask(mag, mag) &
+                                _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(0x00800000));
+    return subnormal ? _mm512_mask_div_ps(q, subnormal, x, m) : q;
+}
+
+/* q8_quotient16 over an array (the encoders' quotients, for tests). */
+Q8_AVX512 static inline void q8_quotients_avx512(const float *x, int64_t len, float m, float *out) {
+    const __m512 mv = _mm512_set1_ps(m);
+    const __m512d inv = _mm512_set1_pd(1.0 / (double)m);
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 lanes = q8_lanes(len - i);
+        _mm512_mask_storeu_ps(out + i, lanes, q8_quotient16(_mm512_maskz_loadu_ps(lanes, x + i), mv, inv));
+    }
+}
+
 Q8_AVX512 static inline void q8_encode_block_avx512(const float *x, int64_t len, float m, const float *tree,
                                                     uint8_t zero_code, uint8_t *codes) {
     if (m == 0.0f) {
@@ -321,9 +349,10 @@ Q8_AVX512 static inline void q8_encode_block_avx512(const float *x, int64_t len,
         return;
     }
     const __m512 mv = _mm512_set1_ps(m);
+    const __m512d inv = _mm512_set1_pd(1.0 / (double)m);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 lanes = q8_lanes(len - i);
-        const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, x + i), mv);
+        const __m512 q = q8_quotient16(_mm512_maskz_loadu_ps(lanes, x + i), mv, inv);
         __m512i j = _mm512_setzero_si512();
         for (int k = 0; k < 8; k++) {
             const __mmask16 le = _mm512_cmp_ps_mask(q8_tree_level(tree, k, j), q, _CMP_LE_OQ);
@@ -380,11 +409,12 @@ Q8_AVX512 static inline void q8_encode_block_stochastic_avx512(const float *x, i
         return;
     }
     const __m512 mv = _mm512_set1_ps(m);
+    const __m512d inv = _mm512_set1_pd(1.0 / (double)m);
     const __m512i one = _mm512_set1_epi32(1);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 lanes = q8_lanes(len - i);
         const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
-        const __m512 q = _mm512_div_ps(xv, mv);
+        const __m512 q = q8_quotient16(xv, mv, inv);
         __m512i j = _mm512_setzero_si512();
         __m512 lo = _mm512_set1_ps(value0), hi = lo;
         for (int k = 0; k < 8; k++) {
@@ -460,11 +490,12 @@ Q8_AVX512 static inline void q8_encode_block_buckets_avx512(const float *x, int6
     }
     const q8_buckets b = q8_load_buckets(table);
     const __m512 mv = _mm512_set1_ps(m);
+    const __m512d inv = _mm512_set1_pd(1.0 / (double)m);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int64_t i = 0; i < len; i += 16) {
         const __mmask16 lanes = q8_lanes(len - i);
         const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
-        const __m512 q = _mm512_div_ps(xv, mv);
+        const __m512 q = q8_quotient16(xv, mv, inv);
         __m512i j = q8_bucket_count(&b, q);
         if (values) {
             /* (values[j], values[j + 1]) as 64-bit pairs, j clamped to 254 (unused at j = 255) */

@@ -698,6 +698,36 @@ static PyObject *py_encode_block(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* Test entry: the encoders' quotients x / m (q8_quotient16 where the CPU has AVX-512, else
+ * the division), to compare with the division bit for bit. */
+static PyObject *py_quotients(PyObject *self, PyObject *args) {
+    Py_buffer x = {0}, out = {0};
+    float m;
+    if (!PyArg_ParseTuple(args, "y*w*f", &x, &out, &m)) return NULL;
+    PyObject *result = NULL;
+    if (out.len != x.len || x.len % 4 || !(m > 0.0f) || isinf(m)) {
+        PyErr_SetString(PyExc_ValueError, "quotients: fp32 x, an fp32 out of its size, a finite m > 0");
+    } else {
+        const float *xs = x.buf;
+        float *qs = out.buf;
+        const int64_t len = (int64_t)(x.len / 4);
+        Q8_SAVE_FP_MODE
+#if Q8_HAVE_AVX512
+        if (use_simd && q8_has_avx512()) {
+            q8_quotients_avx512(xs, len, m, qs);
+        } else
+#endif
+        {
+            for (int64_t i = 0; i < len; i++) qs[i] = xs[i] / m;
+        }
+        Q8_RESTORE_FP_MODE
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_set_simd(PyObject *self, PyObject *args) {
     int enabled, before = use_simd;
     if (!PyArg_ParseTuple(args, "p", &enabled)) return NULL;
@@ -723,6 +753,8 @@ static PyMethodDef methods[] = {
     {"encode_block", py_encode_block, METH_VARARGS,
      "encode_block(x, codes, kind, tree, buckets, values, value0_bits, zero_code, key, index0) -> absmax or None: "
      "one block of fp32 x encoded as the step encodes a slot (addresses as in a record; buckets 0: the tree)"},
+    {"quotients", py_quotients, METH_VARARGS,
+     "quotients(x, out, m): out = x / m as the encoders compute it (tests compare it with the division)"},
     {"rule_index", py_rule_index, METH_VARARGS, "rule_index(name) -> the rule's number, or -1"},
     {"set_simd", py_set_simd, METH_VARARGS,
      "set_simd(enabled) -> the previous setting: whether the AVX-512 loops run where the CPU has them (tests "

@@ -109,3 +109,38 @@ def test_bucket_table_is_none_where_one_comparison_cannot_decide():
     assert table is not None and table[0] == 0 and table.numel() - 4 <= BUCKET_ENTRIES
     q = _neighbours(torch.cat([keys, one[None], -keys]))
     assert torch.equal(bucket_counts(table, q), torch.searchsorted(keys, q, right=True))
+
+
+def _quotients(x: torch.Tensor, m: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _native.quotients(x.numpy().tobytes(), out.numpy(), m)
+    return out
+
+
+@pytest.mark.skipif(not _native.AVX512, reason="the binary64 quotient is the AVX-512 encoders'")
+def test_encoder_quotients_are_the_division_bit_for_bit():
+    """x / absmax without the divider (codec/q8_codec.h::q8_quotient16) on values whose exact
+    quotients lie next to rounding midpoints, on subnormal quotients (where it divides) and on
+    random fp32 over every exponent, for absmax of every size."""
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(0, 0x7F800000, (20000,), generator=g, dtype=torch.int64).to(torch.int32)
+    randoms = bits.view(torch.float32)
+    ms = [6.0, 3.0, 0.7372, 1.0 / 3.0, 1e-30, 3e-38, 1.5e-40, 7.1e25, float(torch.finfo(torch.float32).max)]
+    ms += (torch.rand(40, generator=g, dtype=torch.float64) * 60 - 30).exp2().float().tolist()
+    for m in ms:
+        mt = torch.tensor(m, dtype=torch.float32)
+        # x = m * (a binary32 midpoint), rounded, and its neighbours: quotients next to midpoints
+        mids = (torch.rand(3000, generator=g) * 2 - 1).double()
+        mids = mids + torch.sign(mids) * mids.abs() * 2.0**-24
+        near = _neighbours((mids * mt.double()).float())
+        tiny = torch.tensor([3 * 2.0**-149, 2.0**-149, 5 * 2.0**-149, 2.0**-126, 2.0**-127, 1e-42]) * (m / 6.0)
+        x = torch.cat([near, -near, randoms[randoms.abs() <= mt], -randoms[randoms.abs() <= mt], tiny, -tiny, mt[None]])
+        x = x[x.isfinite() & (x.abs() <= mt)]
+        got, want = _quotients(x, m), x / mt
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), f"absmax {m!r}"
+    # subnormal ties: T M 2^-149 / (2 M) = T 2^-150 exactly, halfway between two subnormals
+    # (to even); for M = 49 and these T the binary64 product x * RN64(1 / m) misses the tie
+    # and would round the other way
+    for big in (5, 49, 51):
+        ties = torch.tensor([t * big * 2.0**-149 for t in (1, 3, 7, 15)])
+        assert torch.equal(_quotients(ties, 2.0 * big), ties / torch.tensor(2.0 * big)), big
